@@ -1,0 +1,442 @@
+"""Gemma 2 decoder in Flax linen.
+
+Dimension letters used in names and einsums:
+  B batch, T query length, S key length, N query heads, K kv heads, G = N/K query heads per
+  kv head, H head dim, D model dim, F MLP hidden dim, V vocabulary, C a small stacked axis
+  (k/v, gate/up).
+
+Parameters carry logical axis names (embed, vocab, heads, kv_heads, head_dim, mlp, layers);
+`gemma_jax.sharding` maps them onto mesh axes. Layers run as `nn.scan` over (local, global)
+pairs, so a 46-layer model compiles like a 2-layer one. Parameter tree (scan_layers=True):
+
+  embedder/input_embedding          (V, D)
+  layers/{local,global}/<block>     every leaf with a leading axis of num_layers // 2
+  layer_{L-1}/<block>               only when num_layers is odd (a trailing local layer)
+  final_norm/scale                  (D,)
+
+with <block> = pre_attention_norm/scale, attn/{q_einsum (N,D,H), kv_einsum (2,K,D,H),
+attn_vec_einsum (N,H,D)}/w, post_attention_norm/scale, pre_ffw_norm/scale,
+mlp/{gating_einsum (2,F,D), linear (F,D)}/w, post_ffw_norm/scale. With scan_layers=False the
+blocks are `layer_{i}` for every i, the official checkpoint's own naming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "gemma2_2b": dict(num_layers=26, embed_dim=2304, hidden_dim=9216, num_heads=8,
+                      num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256),
+    "gemma2_9b": dict(num_layers=42, embed_dim=3584, hidden_dim=14336, num_heads=16,
+                      num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256),
+    # 27B scales queries by (D/N)^-0.5 = 144^-0.5, not head_dim^-0.5.
+    "gemma2_27b": dict(num_layers=46, embed_dim=4608, hidden_dim=36864, num_heads=32,
+                       num_kv_heads=16, head_dim=128, query_pre_attn_scalar=144),
+    # Small shapes for CPU runs; vocab is set from the tokenizer at train time.
+    "gemma2_tiny": dict(num_layers=4, embed_dim=128, hidden_dim=512, num_heads=4,
+                        num_kv_heads=2, head_dim=32, query_pre_attn_scalar=32,
+                        vocab_size=2048, sliding_window=64),
+    "gemma2_test": dict(num_layers=3, embed_dim=64, hidden_dim=128, num_heads=4,
+                        num_kv_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                        vocab_size=512, sliding_window=8),
+}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Gemma 2 shape and numerics; hashable so it can be a static jit argument."""
+
+    num_layers: int
+    embed_dim: int
+    hidden_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int = 256128
+    sliding_window: int = 4096
+    query_pre_attn_scalar: float = 256.0
+    attn_softcap: float = 50.0  # 0 disables
+    final_softcap: float = 30.0  # 0 disables
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    max_seq_len: int = 8192
+    dtype: str = "float32"  # compute
+    param_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        for field in ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads",
+                      "head_dim", "vocab_size", "sliding_window"):
+            if int(getattr(self, field)) <= 0:
+                raise ValueError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in _DTYPES:
+                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}; "
+                                 f"choose one of {sorted(_DTYPES)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        """The named preset (gemma2_2b, gemma2_9b, gemma2_27b, gemma2_tiny, gemma2_test)."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(_PRESETS)}")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    @staticmethod
+    def presets() -> list[str]:
+        """Names accepted by from_preset."""
+        return sorted(_PRESETS)
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON files."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Inverse of to_dict; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}")
+        return cls(**d)
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def is_local(self, layer: int) -> bool:
+        """Layer 0 is local (sliding window); layers alternate local/global."""
+        return layer % 2 == 0
+
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once: it is tied)."""
+        d, f, n, k, h = self.embed_dim, self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim
+        block = n * d * h * 2 + 2 * k * d * h + 3 * d * f + 4 * d
+        return self.vocab_size * d + self.num_layers * block + d
+
+    def flops_per_token(self, seq_len: int, *, training: bool = True) -> float:
+        """Model FLOPs per token for causal sequences of seq_len, counting only visible keys.
+
+        Local layers see at most sliding_window keys, so long sequences cost less than a
+        full-attention count would claim. Training is 3x the forward (forward + backward).
+        """
+        d, f, n, k, h = self.embed_dim, self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim
+        matmul = 2 * (2 * n * d * h + 2 * k * d * h + 3 * d * f)
+        t, w = seq_len, self.sliding_window
+        global_keys = (t + 1) / 2
+        local_keys = global_keys if t <= w else (w * (w + 1) / 2 + (t - w) * w) / t
+        attention = sum(4 * n * h * (local_keys if self.is_local(i) else global_keys)
+                        for i in range(self.num_layers))
+        forward = self.num_layers * matmul + attention + 2 * d * self.vocab_size
+        return forward * (3 if training else 1)
+
+
+# ----------------------------------------------------------------------------- primitives
+
+
+def softcap(x, cap: float):
+    """cap * tanh(x / cap); identity when cap is 0."""
+    return jnp.tanh(x / cap) * cap if cap else x
+
+
+def apply_rope(x_BTNH, positions_BT, base: float):
+    """Rotary embedding, half-split convention, angles in float32."""
+    h = x_BTNH.shape[-1]
+    inv_freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+def segment_positions(segment_ids_BT):
+    """Positions that restart at 0 where the segment id changes (packed sequences)."""
+    t = segment_ids_BT.shape[1]
+    idx_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_BT.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BT[:, :1], bool),
+         segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    start_idx_BT = jax.lax.cummax(jnp.where(starts, idx_BT, 0), axis=1)
+    return idx_BT - start_idx_BT
+
+
+def attention_masks(segment_ids_BT, sliding_window: int):
+    """(local, global) boolean [B, T, S] masks: causal, same segment, local also windowed."""
+    t = segment_ids_BT.shape[1]
+    q_T1 = jnp.arange(t)[:, None]
+    k_1S = jnp.arange(t)[None, :]
+    same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    global_BTS = same_BTS & (k_1S <= q_T1)[None]
+    local_BTS = global_BTS & (q_T1 - k_1S < sliding_window)[None]
+    return local_BTS, global_BTS
+
+
+def final_logits(config: ModelConfig, x_BTD, table_VD):
+    """Tied-embedding projection with the final soft-cap, in float32."""
+    logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, table_VD.astype(x_BTD.dtype),
+                            preferred_element_type=jnp.float32)
+    return softcap(logits_BTV, config.final_softcap)
+
+
+def _init(axes, stddev=0.02):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class Einsum(nn.Module):
+    """One weight `w` contracted with the input by an einsum equation."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, eqn: str, x):
+        w = self.param("w", _init(self.axes), self.shape, self.config.weight_dtype)
+        return jnp.einsum(eqn, x, w.astype(self.config.compute_dtype))
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+                           (x.shape[-1],), self.config.weight_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)
+        return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE and the attention-logit soft-cap."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, mask_BTS):
+        c = self.config
+        n, k, g, h, d = c.num_heads, c.num_kv_heads, c.num_groups, c.head_dim, c.embed_dim
+        q_BTNH = Einsum((n, d, h), ("heads", "embed", "head_dim"), c, name="q_einsum")("BTD,NDH->BTNH", x_BTD)
+        k_BSKH, v_BSKH = Einsum((2, k, d, h), (None, "kv_heads", "embed", "head_dim"), c,
+                                name="kv_einsum")("BSD,CKDH->CBSKH", x_BTD)
+        q_BTNH = apply_rope(q_BTNH, positions_BT, c.rope_base)
+        k_BSKH = apply_rope(k_BSKH, positions_BT, c.rope_base)
+        q_BTNH = q_BTNH * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q_BTNH.dtype)
+        b, t = x_BTD.shape[:2]
+        q_BTKGH = q_BTNH.reshape(b, t, k, g, h)
+        logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
+                                  preferred_element_type=jnp.float32)
+        # The cap applies before masking, as in the reference implementations.
+        logits_BKGTS = softcap(logits_BKGTS, c.attn_softcap)
+        logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+        probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+        enc_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+        enc_BTNH = enc_BTKGH.reshape(b, t, n, h)
+        return Einsum((n, h, d), ("heads", "head_dim", "embed"), c, name="attn_vec_einsum")(
+            "BTNH,NHD->BTD", enc_BTNH)
+
+
+class MLP(nn.Module):
+    """GeGLU feed-forward with tanh-approximated gelu."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        c = self.config
+        gate_BTF, up_BTF = Einsum((2, c.hidden_dim, c.embed_dim), (None, "mlp", "embed"), c,
+                                  name="gating_einsum")("BTD,CFD->CBTF", x_BTD)
+        h_BTF = jax.nn.gelu(gate_BTF, approximate=True) * up_BTF
+        h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
+        return Einsum((c.hidden_dim, c.embed_dim), ("mlp", "embed"), c, name="linear")("BTF,FD->BTD", h_BTF)
+
+
+class Block(nn.Module):
+    """One decoder layer with Gemma 2's sandwich norms."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, mask_BTS):
+        c = self.config
+        attn_BTD = Attention(c, name="attn")(RMSNorm(c, name="pre_attention_norm")(x_BTD), positions_BT, mask_BTS)
+        x_BTD = x_BTD + RMSNorm(c, name="post_attention_norm")(attn_BTD)
+        mlp_BTD = MLP(c, name="mlp")(RMSNorm(c, name="pre_ffw_norm")(x_BTD))
+        x_BTD = x_BTD + RMSNorm(c, name="post_ffw_norm")(mlp_BTD)
+        return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+
+
+class LayerPair(nn.Module):
+    """A local (sliding-window) layer followed by a global one: the unit that is scanned."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, local_mask_BTS, global_mask_BTS):
+        x_BTD = Block(self.config, name="local")(x_BTD, positions_BT, local_mask_BTS)
+        x_BTD = Block(self.config, name="global")(x_BTD, positions_BT, global_mask_BTS)
+        return x_BTD, None
+
+
+class Embedder(nn.Module):
+    """Token embedding, scaled by sqrt(D), tied with the output projection."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.input_embedding = self.param(
+            "input_embedding", _init(("vocab", "embed")), (c.vocab_size, c.embed_dim), c.weight_dtype)
+
+    def encode(self, tokens_BT):
+        c = self.config
+        x_BTD = jnp.take(self.input_embedding, tokens_BT, axis=0).astype(c.compute_dtype)
+        # The scale is rounded to the activation dtype first (bf16: 48.0 for 2B), as in the reference.
+        return x_BTD * jnp.asarray(np.sqrt(c.embed_dim), c.compute_dtype)
+
+    def decode(self, x_BTD):
+        return final_logits(self.config, x_BTD, self.input_embedding)
+
+
+class Transformer(nn.Module):
+    """Gemma 2: tokens [B, T] -> float32 logits [B, T, V] (or final hidden states)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, return_hidden=False):
+        c = self.config
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones_like(tokens_BT, jnp.int32)
+        if positions_BT is None:
+            positions_BT = segment_positions(segment_ids_BT)
+        local_BTS, global_BTS = attention_masks(segment_ids_BT, c.sliding_window)
+        embedder = Embedder(c, name="embedder")
+        x_BTD = nn.with_logical_constraint(embedder.encode(tokens_BT), ("batch", "length", "embed"))
+
+        policy = REMAT_POLICIES[c.remat]
+        if c.scan_layers:
+            pair = LayerPair if c.remat == "none" else nn.remat(LayerPair, policy=policy, prevent_cse=False)
+            scanned = nn.scan(
+                pair, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers // 2,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BTD, _ = scanned(c, name="layers")(x_BTD, positions_BT, local_BTS, global_BTS)
+            tail = [c.num_layers - 1] if c.num_layers % 2 else []
+        else:
+            tail = range(c.num_layers)
+        block = Block if c.remat == "none" else nn.remat(Block, policy=policy)
+        for i in tail:
+            mask_BTS = local_BTS if c.is_local(i) else global_BTS
+            x_BTD = block(c, name=f"layer_{i}")(x_BTD, positions_BT, mask_BTS)
+
+        x_BTD = RMSNorm(c, name="final_norm")(x_BTD)
+        return x_BTD if return_hidden else embedder.decode(x_BTD)
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+def init_params(config: ModelConfig, rng) -> Params:
+    """Random parameters (plain arrays, no sharding metadata)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(Transformer(config).init(rng, tokens)["params"])
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """ShapeDtypeStruct tree of the parameters, computed without allocating them."""
+    return nn.unbox(jax.eval_shape(functools.partial(init_params, config), jax.random.key(0)))
+
+
+def param_axes(config: ModelConfig) -> Params:
+    """Tree of logical PartitionSpecs, one per parameter (e.g. P('layers', 'heads', 'embed', 'head_dim'))."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    boxed = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens)["params"]
+    return nn.get_partition_spec(boxed)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _logits(config, params, tokens, segment_ids, positions):
+    return Transformer(config).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def logits(config: ModelConfig, params: Params, tokens, *, segment_ids=None, positions=None):
+    """float32 logits [batch, length, vocab] of the model on `tokens` [batch, length]."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    positions = None if positions is None else jnp.asarray(positions, jnp.int32)
+    return _logits(config, params, tokens, segment_ids, positions)
+
+
+# ----------------------------------------------------------------------------- layer tree surgery
+# Checkpoints on disk (official, HF) name every layer separately, while the scanned model wants
+# one array per leaf with a leading layer axis: even layers go to `local`, odd to `global`, and
+# an odd-numbered final layer stays outside the scan because a pair would be incomplete.
+
+
+def stack_layers(config: ModelConfig, params: Params, stack=None) -> Params:
+    """Unrolled tree (layer_0, layer_1, ...) -> scanned tree (layers/local, layers/global)."""
+    stack = stack or (lambda xs: jnp.stack(xs))
+    out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    pairs = config.num_layers // 2
+    out["layers"] = {
+        "local": jax.tree.map(lambda *xs: stack(xs), *[params[f"layer_{2 * i}"] for i in range(pairs)]),
+        "global": jax.tree.map(lambda *xs: stack(xs), *[params[f"layer_{2 * i + 1}"] for i in range(pairs)]),
+    }
+    if config.num_layers % 2:
+        out[f"layer_{config.num_layers - 1}"] = params[f"layer_{config.num_layers - 1}"]
+    return out
+
+
+def unstack_layers(config: ModelConfig, params: Params) -> Params:
+    """Scanned tree -> unrolled tree with one `layer_{i}` entry per layer."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(config.num_layers // 2):
+        out[f"layer_{2 * i}"] = jax.tree.map(lambda x: x[i], params["layers"]["local"])
+        out[f"layer_{2 * i + 1}"] = jax.tree.map(lambda x: x[i], params["layers"]["global"])
+    return out

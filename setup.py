@@ -1,0 +1,47 @@
+"""gemma_jax: fine-tune Gemma 2 in JAX/Flax, from a CPU laptop to a TPU pod slice."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="gemma_jax",
+    version="0.1.0",
+    description="Fine-tune Gemma 2 (2B, 9B, 27B) in JAX/Flax with exact reference numerics.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["gemma_jax", "gemma_jax.*"]),
+    install_requires=[
+        "jax>=0.6.0",
+        "flax>=0.10.4",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "ml-collections>=1.0.0",
+        "sentencepiece>=0.2.0",
+        "safetensors>=0.4.0",
+        "numpy>=1.26",
+        "absl-py>=2.0",
+        "grain>=0.2.10",  # checkpointable data iterators
+        "ml_dtypes>=0.4.0",  # bfloat16 in numpy (safetensors, checkpoints)
+        "tqdm>=4.60",  # progress bar
+        "tensorboardX>=2.6",  # TensorBoard events without TensorFlow
+        "matplotlib>=3.7",  # loss curves in WORKDIR/plots
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8.0",
+            "torch==2.13.0",  # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
+            "transformers>=4.44",
+            "tensorflow-datasets>=4.9.4",  # array_record datasets, no TensorFlow needed
+        ],
+        "tpu": ["jax[tpu]>=0.6.0"],
+        "gpu": ["jax[cuda12]>=0.6.0"],
+        # keras-nlp pulls full TensorFlow through tensorflow-text; see README for a lighter recipe.
+        "keras": ["keras>=3.5", "keras-hub>=0.18", "keras-nlp>=0.18", "h5py"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
