@@ -1,0 +1,253 @@
+"""SentencePiece tokenizer, special tokens and the Gemma 2 chat format (host side: no jax)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+import sys
+from collections.abc import Mapping
+
+import numpy as np
+import sentencepiece as spm
+
+USER, MODEL = "user", "model"
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+_ROLES = {"user": USER, "assistant": MODEL, "model": MODEL}
+# Where a directory may hold the model: official/HF downloads, then a Keras preset.
+_CANDIDATES = ("tokenizer.model", os.path.join("assets", "tokenizer", "vocabulary.spm"))
+# SentencePiece silently drops training sentences longer than max_sentence_length bytes.
+_MAX_SENTENCE_BYTES = 16384
+
+
+def normalize_turns(messages) -> list[dict]:
+    """Maps chat messages onto Gemma turns."""
+    turns, system = [], None
+    for i, m in enumerate(messages):
+        if not (isinstance(m, Mapping) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise ValueError(f"message {i}: expected {{'role': str, 'content': str}}, got {m!r}")
+        role, content = m["role"], m["content"]
+        if role == "system":
+            if i != 0:
+                raise ValueError(f"message {i}: a system message is only allowed first")
+            system = content
+            continue
+        if role not in _ROLES:
+            raise ValueError(f"message {i}: unknown role {role!r} "
+                             "(expected system, user, assistant or model)")
+        expected = USER if len(turns) % 2 == 0 else MODEL
+        if _ROLES[role] != expected:
+            raise ValueError(f"message {i}: expected a {expected} turn, got role {role!r} "
+                             "(turns must alternate user/model, starting with user)")
+        if system is not None and not turns:
+            # Gemma has no system role; its own chat template folds it into the first user turn.
+            content = system + "\n\n" + content
+        turns.append({"role": expected, "content": content})
+    if not turns:
+        raise ValueError("no user turn: a chat needs at least one user message")
+    return turns
+
+
+def _resolve(path: str) -> str:
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        for c in _CANDIDATES:
+            if os.path.isfile(os.path.join(path, c)):
+                return os.path.join(path, c)
+    raise FileNotFoundError(
+        f"no SentencePiece tokenizer at {path!r} (a file, or a directory holding "
+        f"{' or '.join(_CANDIDATES)}). Gemma's tokenizer.model ships next to the official "
+        "weights (Kaggle google/gemma-2/flax/...) and in the Hugging Face repos "
+        "(google/gemma-2-2b, ...); for tiny models train one with "
+        "`python -m gemma_jax.tokenizer train`.")
+
+
+def _check_generation_prompt(turns, add_generation_prompt):
+    if add_generation_prompt and turns[-1]["role"] == MODEL:
+        raise ValueError("add_generation_prompt needs the chat to end with a user turn "
+                         "(it would open a second model turn in a row)")
+
+
+class Tokenizer:
+    """SentencePiece tokenizer with Gemma's special ids and turn format."""
+
+    def __init__(self, path: str):
+        self.path = _resolve(os.fspath(path))
+        self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.vocab_size = self._sp.vocab_size()
+        self.pad_id, self.eos_id = self._sp.pad_id(), self._sp.eos_id()
+        self.bos_id, self.unk_id = self._sp.bos_id(), self._sp.unk_id()
+        self.start_of_turn_id = self._special(START_OF_TURN)
+        self.end_of_turn_id = self._special(END_OF_TURN)
+        self._dropped = {self.pad_id, self.bos_id, self.eos_id}
+
+    def _special(self, piece: str) -> int:
+        i = self._sp.piece_to_id(piece)
+        # piece_to_id answers unk_id for an unknown piece instead of failing.
+        if self._sp.id_to_piece(i) != piece:
+            raise ValueError(f"tokenizer {self.path!r} has no {piece!r} piece, so it is not "
+                             "Gemma-style (see train_sentencepiece for the recipe)")
+        return i
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+    def encode(self, text: str, *, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+        """Text -> ids, BOS first by default."""
+        return self._sp.encode(text, add_bos=add_bos, add_eos=add_eos)
+
+    def decode(self, ids) -> str:
+        """Ids (list or 1-D array) -> text, dropping pad/bos/eos."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 1:
+            raise ValueError(f"decode expects a 1-D sequence of ids, got shape {ids.shape}")
+        return self._sp.decode([int(i) for i in ids if int(i) not in self._dropped])
+
+    def id_to_piece(self, i) -> str:
+        """Id -> piece string."""
+        return self._sp.id_to_piece(int(i))
+
+    def piece_to_id(self, piece) -> int:
+        """Piece string -> id (unk_id if absent)."""
+        return self._sp.piece_to_id(piece)
+
+    def format_chat(self, turns, *, add_generation_prompt: bool = False) -> str:
+        """Chat messages -> Gemma turn-format text, starting with "<bos>"."""
+        turns = normalize_turns(turns)
+        _check_generation_prompt(turns, add_generation_prompt)
+        text = "<bos>" + "".join(
+            f"{START_OF_TURN}{t['role']}\n{t['content']}{END_OF_TURN}\n" for t in turns)
+        return text + (f"{START_OF_TURN}{MODEL}\n" if add_generation_prompt else "")
+
+    def encode_chat(self, turns, *, add_generation_prompt: bool = False,
+                    train_on_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Chat -> (int32 ids, bool loss mask on model contents and their <end_of_turn>)."""
+        turns = normalize_turns(turns)
+        _check_generation_prompt(turns, add_generation_prompt)
+        ids, mask = [self.bos_id], [False]
+        newline = self.encode("\n", add_bos=False)
+        for t in turns:
+            is_model = t["role"] == MODEL
+            header = self.encode(t["role"] + "\n", add_bos=False)
+            # Header and content are encoded together, as in encode(format_chat(...)); the
+            # special pieces around them are atomic, so nothing merges across segments.
+            body = self.encode(t["role"] + "\n" + t["content"], add_bos=False)
+            # Content starting with whitespace may merge with the header's "\n" into one piece;
+            # that piece counts as content, since the model has to produce it.
+            k = 0
+            while k < min(len(header), len(body)) and header[k] == body[k]:
+                k += 1
+            ids += [self.start_of_turn_id] + body + [self.end_of_turn_id] + newline
+            mask += [False] * (1 + k) + [is_model] * (len(body) - k + 1) + [False] * len(newline)
+        if add_generation_prompt:
+            prompt = [self.start_of_turn_id] + self.encode(MODEL + "\n", add_bos=False)
+            ids, mask = ids + prompt, mask + [False] * len(prompt)
+        mask = np.asarray(mask, dtype=bool)
+        if train_on_prompt:
+            mask[1:] = True
+        return np.asarray(ids, dtype=np.int32), mask
+
+    def encode_text(self, text) -> tuple[np.ndarray, np.ndarray]:
+        """Raw document -> ([bos] + ids + [eos], mask True on all but BOS)."""
+        ids = [self.bos_id] + self.encode(text, add_bos=False) + [self.eos_id]
+        mask = np.ones(len(ids), dtype=bool)
+        mask[0] = False
+        return np.asarray(ids, dtype=np.int32), mask
+
+
+def _sentences(texts):
+    """Splits texts at line ends into chunks SentencePiece will not drop as too long."""
+    limit = _MAX_SENTENCE_BYTES // 4  # in chars: UTF-8 takes at most 4 bytes per char
+    for text in texts:
+        chunk = ""
+        for line in text.splitlines(keepends=True):
+            if chunk and len(chunk) + len(line) > limit:
+                yield chunk
+                chunk = ""
+            while len(line) > limit:
+                yield line[:limit]
+                line = line[limit:]
+            chunk += line
+        if chunk:
+            yield chunk
+
+
+def train_sentencepiece(texts, model_path: str, *, vocab_size: int = 2048) -> str:
+    """Trains a small Gemma-style SentencePiece model (for tiny configs and tests)."""
+    buf = io.BytesIO()
+    spm.set_random_generator_seed(0)  # sampling of large inputs is random; keep bytes stable
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(texts), model_writer=buf, model_type="bpe",
+        vocab_size=vocab_size, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=[START_OF_TURN, END_OF_TURN], byte_fallback=True,
+        character_coverage=1.0, hard_vocab_limit=False, split_digits=True,
+        # Without these three the round trip loses newlines and repeated spaces.
+        normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        max_sentence_length=_MAX_SENTENCE_BYTES, input_sentence_size=2_000_000,
+        shuffle_input_sentence=True, minloglevel=1)
+    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+    with open(model_path, "wb") as f:
+        f.write(buf.getvalue())
+    return model_path
+
+
+def _strings(x):
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, Mapping):
+        for v in x.values():
+            yield from _strings(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _strings(v)
+
+
+def read_texts(patterns: str):
+    """Yields the texts of files matching comma-separated globs (all strings of JSON records)."""
+    files = []
+    for p in filter(None, (s.strip() for s in patterns.split(","))):
+        matched = sorted(glob.glob(os.path.expanduser(p), recursive=True))
+        if not matched:
+            raise FileNotFoundError(f"no files match {p!r}")
+        files += matched
+    for path in files:
+        ext = os.path.splitext(path)[1].lower()
+        with open(path, encoding="utf-8", newline="" if ext in (".csv", ".tsv") else None) as f:
+            if ext == ".jsonl":
+                for line in f:
+                    if line.strip():
+                        yield from _strings(json.loads(line))
+            elif ext == ".json":
+                yield from _strings(json.load(f))
+            elif ext in (".csv", ".tsv"):
+                for row in csv.reader(f, delimiter="\t" if ext == ".tsv" else ","):
+                    yield from row
+            elif ext in (".txt", ".md"):
+                yield f.read()
+            else:
+                raise ValueError(f"{path}: unsupported extension {ext!r} "
+                                 "(expected .jsonl .json .csv .tsv .txt .md)")
+
+
+def main(argv=None):
+    """CLI: `python -m gemma_jax.tokenizer train --input=GLOB[,GLOB] --output=PATH`."""
+    parser = argparse.ArgumentParser(prog="python -m gemma_jax.tokenizer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a small Gemma-style SentencePiece model")
+    train.add_argument("--input", required=True, help="comma-separated globs of data files")
+    train.add_argument("--output", required=True, help="path of the tokenizer.model to write")
+    train.add_argument("--vocab_size", type=int, default=2048)
+    args = parser.parse_args(argv)
+    train_sentencepiece(read_texts(args.input), args.output, vocab_size=args.vocab_size)
+    print(f"wrote {args.output} (vocab_size={Tokenizer(args.output).vocab_size})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
