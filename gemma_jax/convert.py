@@ -1,0 +1,55 @@
+"""Converts Gemma 2 weights between formats.
+
+  python -m gemma_jax.convert --input=PATH --output=PATH --to={hf,official,gemma_jax,keras} \
+      [--dtype=float32|bfloat16] [--gating_layout=DF|FD] [--overwrite]
+
+The input format is detected (HF, official Flax/Orbax, KerasHub, gemma_jax, training workdir);
+a tokenizer.model found in or beside the input is copied into the output.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+flags.DEFINE_string("input", None, "Checkpoint directory to read (any supported format).")
+flags.DEFINE_string("output", None, "Directory to write.")
+flags.DEFINE_enum("to", None, ["hf", "official", "gemma_jax", "keras"], "Output format.")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Weight dtype (default: as stored).")
+flags.DEFINE_enum("gating_layout", None, ["DF", "FD"],
+                  "Official output only: MLP gating layout (default: DF for the 2B shape, else FD).")
+flags.DEFINE_integer("max_shard_bytes", 5 * 10**9, "HF output only: largest safetensors shard.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing official/gemma_jax output directory.")
+flags.mark_flags_as_required(["input", "output", "to"])
+FLAGS = flags.FLAGS
+
+
+def convert(input_path: str, output_path: str, to: str, *, dtype=None, gating_layout=None,
+            max_shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> str:
+    """Loads `input_path`, writes it as `to` into `output_path`; returns a summary line."""
+    from gemma_jax import checkpoint
+
+    fmt = checkpoint.detect_format(input_path)
+    config, params = checkpoint.load(input_path, dtype=dtype)
+    kwargs = {}
+    if to == "official" and gating_layout:
+        kwargs["gating_layout"] = gating_layout
+    if to == "hf":
+        kwargs["max_shard_bytes"] = max_shard_bytes
+    tokenizer = checkpoint.find_tokenizer(input_path)
+    out = checkpoint.save(output_path, config, params, format=to, tokenizer=tokenizer,
+                          overwrite=overwrite, **kwargs)
+    return (f"converted {fmt} checkpoint {input_path} -> {to} checkpoint {out}: "
+            f"{config.num_layers} layers, embed_dim {config.embed_dim}, vocab rows {config.vocab_size}, "
+            f"{config.num_params():,} parameters in {config.param_dtype}"
+            + (f"; copied tokenizer.model from {tokenizer}" if tokenizer else "; no tokenizer.model found"))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    print(convert(FLAGS.input, FLAGS.output, FLAGS.to, dtype=FLAGS.dtype, gating_layout=FLAGS.gating_layout,
+                  max_shard_bytes=FLAGS.max_shard_bytes, overwrite=FLAGS.overwrite))
+
+
+if __name__ == "__main__":
+    app.run(main)

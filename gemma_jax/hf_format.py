@@ -1,0 +1,342 @@
+"""Hugging Face `Gemma2ForCausalLM` safetensors directories, read and written without torch.
+
+Safetensors is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets}} and the raw row-major tensor bytes. Reading parses the header and memory-maps
+each tensor, so BF16 works through ml_dtypes and a sharded load touches only the slices each
+device needs. Writing streams one tensor at a time (the header is computed from the config
+first), so exporting never holds more than one tensor on the host.
+
+Tree surgery: torch Linear weights are [out, in]; the model's einsum weights put heads first:
+  q_einsum (N,D,H)   <- q_proj (N*H, D) viewed (N,H,D), axes swapped
+  kv_einsum (2,K,D,H) <- k_proj, v_proj (K*H, D) likewise, k first
+  attn_vec_einsum (N,H,D) <- o_proj (D, N*H) viewed (D,N,H), D moved last
+  gating_einsum (2,F,D) <- gate_proj, up_proj (F, D) as is, gate first
+  linear (F,D) <- down_proj (D, F) transposed
+Both formats store the zero-centred RMSNorm scale, so norms copy unchanged; lm_head is tied.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from gemma_jax import checkpoint
+from gemma_jax.model import ModelConfig
+
+DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+          "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+          "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+          "BOOL": np.dtype(np.bool_)}
+CODES = {v: k for k, v in DTYPES.items()}
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+HF_VOCAB, OFFICIAL_VOCAB = 256000, 256128
+NORMS = {"pre_attention_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+         "pre_ffw_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+
+
+class SafetensorsFile:
+    """Header of one .safetensors file and memory-mapped views of its tensors."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            size = os.path.getsize(self.path)
+            if n > size - 8:
+                raise ValueError(f"{self.path}: header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+        self.data_start = 8 + n
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.tensors = header
+        for name, info in header.items():
+            if info["dtype"] not in DTYPES:
+                raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            want = math.prod(info["shape"]) * DTYPES[info["dtype"]].itemsize
+            if end - begin != want or self.data_start + end > size:
+                raise ValueError(f"{self.path}: tensor {name} spans bytes [{begin}, {end}) but its "
+                                 f"shape {info['shape']} needs {want} bytes")
+
+    def shape(self, name) -> tuple[int, ...]:
+        """Stored shape of tensor `name`."""
+        return tuple(self.tensors[name]["shape"])
+
+    def dtype(self, name) -> np.dtype:
+        """numpy dtype of tensor `name`."""
+        return DTYPES[self.tensors[name]["dtype"]]
+
+    def array(self, name) -> np.ndarray:
+        """Read-only memory map of one tensor (nothing is read until it is indexed)."""
+        info = self.tensors[name]
+        shape = tuple(info["shape"])
+        if math.prod(shape) == 0:
+            return np.zeros(shape, DTYPES[info["dtype"]])
+        return np.memmap(self.path, dtype=DTYPES[info["dtype"]], mode="r",
+                         offset=self.data_start + info["data_offsets"][0], shape=shape)
+
+
+class HFCheckpoint:
+    """A Hugging Face checkpoint directory: config.json plus one or several safetensors files."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        cfg = self.dir / "config.json"
+        if not cfg.is_file():
+            raise ValueError(f"{self.dir}: missing config.json")
+        self.config = json.loads(cfg.read_text())
+        self.files: dict[str, SafetensorsFile] = {}
+        if (self.dir / INDEX).is_file():
+            weight_map = json.loads((self.dir / INDEX).read_text())["weight_map"]
+            for fname in sorted(set(weight_map.values())):
+                if not (self.dir / fname).is_file():
+                    raise ValueError(f"{self.dir / INDEX} names {fname}, which does not exist")
+            self.where = dict(weight_map)
+        elif (self.dir / SINGLE).is_file():
+            self.where = {k: SINGLE for k in self._file(SINGLE).tensors}
+        else:
+            raise ValueError(f"{self.dir}: neither {SINGLE} nor {INDEX} found")
+
+    def _file(self, fname) -> SafetensorsFile:
+        if fname not in self.files:
+            self.files[fname] = SafetensorsFile(self.dir / fname)
+        return self.files[fname]
+
+    def __contains__(self, key) -> bool:
+        return key in self.where
+
+    def shape(self, key) -> tuple[int, ...]:
+        """Stored shape of `key`; a missing key is an error naming it and the checkpoint."""
+        if key not in self.where:
+            raise ValueError(f"missing tensor {key} in {self.dir} "
+                             f"({INDEX if (self.dir / INDEX).is_file() else SINGLE})")
+        f = self._file(self.where[key])
+        if key not in f.tensors:
+            raise ValueError(f"missing tensor {key} in {f.path} (the index maps it there)")
+        return f.shape(key)
+
+    def dtype(self, key) -> np.dtype:
+        """numpy dtype of `key` (missing keys raise like shape)."""
+        self.shape(key)
+        return self._file(self.where[key]).dtype(key)
+
+    def tensor(self, key, expected: tuple[int, ...]) -> np.ndarray:
+        """Memory-mapped `key` after checking its shape against `expected`."""
+        found = self.shape(key)
+        if tuple(found) != tuple(expected):
+            raise ValueError(f"tensor {key} in {self.where[key]}: expected shape {tuple(expected)}, "
+                             f"found {tuple(found)}")
+        return self._file(self.where[key]).array(key)
+
+
+def _get(hf: dict, key: str, default):
+    value = hf.get(key)
+    return default if value is None else value
+
+
+def config_from_hf(hf: dict, ck: HFCheckpoint, prefix: str) -> ModelConfig:
+    """ModelConfig of a Gemma2 config.json, checked against the shapes of the stored weights."""
+    where = f"{ck.dir / 'config.json'}"
+    if hf.get("model_type") != "gemma2":
+        raise ValueError(f"{where}: model_type={hf.get('model_type')!r}, expected 'gemma2'")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"{where}: hidden_activation={act!r}; Gemma 2 uses gelu_pytorch_tanh")
+    if hf.get("tie_word_embeddings") is False:
+        raise ValueError(f"{where}: tie_word_embeddings=false; untied output embeddings are not supported")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{where}: rope scaling {rope} is not supported (only default RoPE)")
+    layer_types = hf.get("layer_types")
+    n_layers = _get(hf, "num_hidden_layers", 26)
+    if layer_types is not None and list(layer_types) != [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(len(layer_types))]:
+        raise ValueError(f"{where}: layer_types {layer_types} is not Gemma 2's alternating "
+                         "sliding/full pattern starting with sliding")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{where}: use_bidirectional_attention is not supported")
+
+    d, n, k, h = (_get(hf, "hidden_size", 2304), _get(hf, "num_attention_heads", 8),
+                  _get(hf, "num_key_value_heads", 4), _get(hf, "head_dim", 256))
+    f, v = _get(hf, "intermediate_size", 9216), _get(hf, "vocab_size", HF_VOCAB)
+    emb_key = f"{prefix}embed_tokens.weight"
+    rows, cols = ck.shape(emb_key)
+    found_layers = sorted({int(m.group(1)) for key in ck.where
+                           if (m := re.match(rf"^{re.escape(prefix)}layers\.(\d+)\.", key))})
+    if len(found_layers) != n_layers or found_layers != list(range(len(found_layers))):
+        shown = f"layers {found_layers[0]}..{found_layers[-1]}" if found_layers else "no layers"
+        raise ValueError(f"config/weights disagree: {where} says num_hidden_layers={n_layers} but the "
+                         f"weights have {len(found_layers)} layers ({shown})")
+    if cols != d:
+        raise ValueError(f"config/weights disagree: hidden_size={d} in {where} but {emb_key} has "
+                         f"shape {(rows, cols)}")
+    if rows != v:
+        raise ValueError(f"config/weights disagree: vocab_size={v} in {where} but {emb_key} has {rows} rows")
+    p0 = f"{prefix}layers.0."
+    for key, dims, value in ((f"{p0}self_attn.q_proj.weight", "num_attention_heads*head_dim", (n, h)),
+                             (f"{p0}self_attn.k_proj.weight", "num_key_value_heads*head_dim", (k, h)),
+                             (f"{p0}mlp.gate_proj.weight", "intermediate_size", (f, 1))):
+        if n_layers and ck.shape(key)[0] != value[0] * value[1]:
+            shown = f"{value[0]}*{value[1]} = {value[0] * value[1]}" if value[1] != 1 else f"{value[0]}"
+            raise ValueError(f"config/weights disagree: {dims} = {shown} in {where} but {key} has "
+                             f"{ck.shape(key)[0]} rows (shape {ck.shape(key)})")
+    return ModelConfig(
+        num_layers=n_layers, embed_dim=d, hidden_dim=f, num_heads=n, num_kv_heads=k, head_dim=h,
+        vocab_size=rows, sliding_window=_get(hf, "sliding_window", 4096),
+        query_pre_attn_scalar=float(_get(hf, "query_pre_attn_scalar", 256)),
+        # Absent means HF's default cap; an explicit null disables the cap.
+        attn_softcap=float(hf.get("attn_logit_softcapping", 50.0) or 0.0),
+        final_softcap=float(hf.get("final_logit_softcapping", 30.0) or 0.0),
+        rope_base=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+        norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
+        max_seq_len=_get(hf, "max_position_embeddings", 8192),
+        param_dtype=checkpoint.dtype_name(ck.dtype(emb_key)))
+
+
+def read(directory) -> tuple[ModelConfig, dict]:
+    """(config, unrolled tree of lazy memory-mapped views) of a HF Gemma2 directory."""
+    ck = HFCheckpoint(directory)
+    prefix = "model." if "model.embed_tokens.weight" in ck or "embed_tokens.weight" not in ck else ""
+    c = config_from_hf(ck.config, ck, prefix)
+    d, f, n, k, h = c.embed_dim, c.hidden_dim, c.num_heads, c.num_kv_heads, c.head_dim
+    unrolled = {"embedder": {"input_embedding": ck.tensor(f"{prefix}embed_tokens.weight", (c.vocab_size, d))},
+                "final_norm": {"scale": ck.tensor(f"{prefix}norm.weight", (d,))}}
+    for i in range(c.num_layers):
+        p = f"{prefix}layers.{i}."
+        t = lambda name, shape: ck.tensor(p + name, shape)  # noqa: E731
+        heads_first = lambda w, heads: w.reshape(heads, h, d).transpose(0, 2, 1)  # noqa: E731
+        layer = {
+            "attn": {
+                "q_einsum": {"w": heads_first(t("self_attn.q_proj.weight", (n * h, d)), n)},
+                "kv_einsum": {"w": checkpoint.Stacked([
+                    heads_first(t("self_attn.k_proj.weight", (k * h, d)), k),
+                    heads_first(t("self_attn.v_proj.weight", (k * h, d)), k)])},
+                "attn_vec_einsum": {"w": t("self_attn.o_proj.weight", (d, n * h)).reshape(d, n, h).transpose(1, 2, 0)},
+            },
+            "mlp": {
+                "gating_einsum": {"w": checkpoint.Stacked([t("mlp.gate_proj.weight", (f, d)),
+                                                           t("mlp.up_proj.weight", (f, d))])},
+                "linear": {"w": t("mlp.down_proj.weight", (d, f)).T},
+            },
+        }
+        for ours, theirs in NORMS.items():
+            layer[ours] = {"scale": t(f"{theirs}.weight", (d,))}
+        unrolled[f"layer_{i}"] = layer
+    return c, unrolled
+
+
+def hf_config(config: ModelConfig, vocab_size: int) -> dict:
+    """config.json contents for Gemma2ForCausalLM."""
+    scalar = config.query_pre_attn_scalar
+    dtype = config.param_dtype
+    return {
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+        "vocab_size": vocab_size, "hidden_size": config.embed_dim,
+        "intermediate_size": config.hidden_dim, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,
+        "sliding_window": config.sliding_window,
+        "layer_types": ["sliding_attention" if config.is_local(i) else "full_attention"
+                        for i in range(config.num_layers)],
+        "attn_logit_softcapping": config.attn_softcap or None,
+        "final_logit_softcapping": config.final_softcap or None,
+        "rope_theta": config.rope_base,
+        "rope_parameters": {"rope_theta": config.rope_base, "rope_type": "default"},
+        "rms_norm_eps": config.norm_eps, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": config.max_seq_len, "tie_word_embeddings": True,
+        "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "use_cache": True,
+        "torch_dtype": dtype, "dtype": dtype,
+    }
+
+
+def write_safetensors(path, entries, metadata=None) -> None:
+    """Streams [(name, shape, numpy dtype, zero-arg producer)] into one safetensors file."""
+    header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
+    for name, shape, dtype, _ in entries:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keeps the data 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape, dtype, produce in entries:
+            arr = np.ascontiguousarray(produce(), dtype=dtype)
+            if arr.shape != tuple(shape):
+                raise ValueError(f"tensor {name}: expected shape {tuple(shape)}, got {arr.shape}")
+            f.write(arr.tobytes())
+
+
+def write(path, config: ModelConfig, params, *, max_shard_bytes: int = 5 * 10**9, dtype=None) -> None:
+    """Writes config.json and model.safetensors (or shards + index) for Gemma2ForCausalLM."""
+    import jax
+
+    dtype = np.dtype(checkpoint.dtype_name(dtype) or config.param_dtype)
+    config = config.replace(param_dtype=dtype.name)
+    src = checkpoint.unrolled_view(config, params, dtype=dtype, host=True)
+    d, f, n, k, h, v = (config.embed_dim, config.hidden_dim, config.num_heads, config.num_kv_heads,
+                        config.head_dim, config.vocab_size)
+    # HF Gemma 2 has exactly the tokenizer's 256000 rows; the official files pad to 256128 so the
+    # table shards evenly on TPUs. The padding rows are never produced by the tokenizer, so
+    # dropping them leaves every real token's logit unchanged.
+    rows = HF_VOCAB if v == OFFICIAL_VOCAB else v
+    entries = [("model.embed_tokens.weight", (rows, d), lambda: src["embedder"]["input_embedding"]()[:rows])]
+    for i in range(config.num_layers):
+        L, p = src[f"layer_{i}"], f"model.layers.{i}."
+        entries += [
+            (p + "self_attn.q_proj.weight", (n * h, d),
+             lambda L=L: L["attn"]["q_einsum"]["w"]().transpose(0, 2, 1).reshape(n * h, d)),
+            (p + "self_attn.k_proj.weight", (k * h, d),
+             lambda L=L: L["attn"]["kv_einsum"]["w"]()[0].transpose(0, 2, 1).reshape(k * h, d)),
+            (p + "self_attn.v_proj.weight", (k * h, d),
+             lambda L=L: L["attn"]["kv_einsum"]["w"]()[1].transpose(0, 2, 1).reshape(k * h, d)),
+            (p + "self_attn.o_proj.weight", (d, n * h),
+             lambda L=L: L["attn"]["attn_vec_einsum"]["w"]().transpose(2, 0, 1).reshape(d, n * h)),
+            (p + "mlp.gate_proj.weight", (f, d), lambda L=L: L["mlp"]["gating_einsum"]["w"]()[0]),
+            (p + "mlp.up_proj.weight", (f, d), lambda L=L: L["mlp"]["gating_einsum"]["w"]()[1]),
+            (p + "mlp.down_proj.weight", (d, f), lambda L=L: L["mlp"]["linear"]["w"]().T),
+        ]
+        entries += [(f"{p}{theirs}.weight", (d,), lambda L=L, o=ours: L[o]["scale"]())
+                    for ours, theirs in NORMS.items()]
+    entries.append(("model.norm.weight", (d,), lambda: src["final_norm"]["scale"]()))
+    entries = [(name, shape, dtype, fn) for name, shape, fn in entries]
+
+    shards, size = [[]], 0
+    for e in entries:
+        nbytes = math.prod(e[1]) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+    writer = jax.process_index() == 0
+    out = Path(path)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in list(out.glob("model*.safetensors")) + [out / INDEX]:
+            stale.unlink(missing_ok=True)
+        (out / "config.json").write_text(json.dumps(hf_config(config, rows), indent=2))
+    names = ([SINGLE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for fname, shard in zip(names, shards):
+        if writer:
+            write_safetensors(out / fname, shard)
+        else:  # other processes still take part in gathering sharded arrays
+            for *_, produce in shard:
+                produce()
+    if writer and len(shards) > 1:
+        index = {"metadata": {"total_size": sum(math.prod(e[1]) * dtype.itemsize for e in entries)},
+                 "weight_map": {e[0]: fname for fname, shard in zip(names, shards) for e in shard}}
+        (out / INDEX).write_text(json.dumps(index, indent=2))

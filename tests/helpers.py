@@ -1,0 +1,117 @@
+"""Shared test utilities: random small Hugging Face Gemma 2 models as references.
+
+The references are built straight from `transformers` (not through gemma_jax's own converters),
+so a mapping bug in gemma_jax cannot cancel out in a comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+
+def hf_config(config, **overrides):
+    """transformers.Gemma2Config with the dims of a gemma_jax ModelConfig (eager attention)."""
+    import transformers
+
+    kwargs = dict(
+        vocab_size=config.vocab_size, hidden_size=config.embed_dim, intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+        query_pre_attn_scalar=config.query_pre_attn_scalar, sliding_window=config.sliding_window,
+        attn_logit_softcapping=config.attn_softcap or None,
+        final_logit_softcapping=config.final_softcap or None,
+        rms_norm_eps=config.norm_eps, max_position_embeddings=config.max_seq_len,
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+        rope_parameters={"rope_theta": config.rope_base, "rope_type": "default"},
+        attn_implementation="eager")
+    kwargs.update(overrides)
+    return transformers.Gemma2Config(**kwargs)
+
+
+def make_hf_model(config, path=None, *, scale: float = 1.0, seed: int = 0, dtype: str = "float32",
+                  max_shard_size=None):
+    """A random float32 `Gemma2ForCausalLM` with the dims of `config`, saved to `path` if given.
+
+    Every weight (norm scales included, so swapped norms show) is random. Matrices get std
+    scale/sqrt(fan_in) and the embedding std scale, so scale ~3 drives the final logits far past
+    the 30 cap and attention logits past the 50 cap; scale 1 stays mostly below them.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.Gemma2ForCausalLM(hf_config(config)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.normal_(0.0, 0.3)
+            elif "embed_tokens" in name:
+                p.normal_(0.0, scale)
+            else:
+                p.normal_(0.0, scale / np.sqrt(p.shape[1]))
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+    if path is not None:
+        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(str(path), **kwargs)
+    return model
+
+
+def hf_logits(model, tokens, attention_mask=None) -> np.ndarray:
+    """float32 numpy logits of a Gemma2ForCausalLM (or a directory holding one) on `tokens`."""
+    import torch
+    import transformers
+
+    if isinstance(model, (str, os.PathLike)):
+        model = transformers.Gemma2ForCausalLM.from_pretrained(str(model), attn_implementation="eager").eval()
+    with torch.no_grad():
+        mask = None if attention_mask is None else torch.tensor(np.asarray(attention_mask), dtype=torch.long)
+        out = model(torch.tensor(np.asarray(tokens), dtype=torch.long), attention_mask=mask)
+    return out.logits.float().numpy()
+
+
+def hf_raw_final_logits(model, tokens) -> np.ndarray:
+    """Final logits before the soft-cap: final hidden state times the tied embedding."""
+    import torch
+
+    with torch.no_grad():
+        out = model.model(torch.tensor(np.asarray(tokens), dtype=torch.long))
+        return (out.last_hidden_state @ model.model.embed_tokens.weight.T).float().numpy()
+
+
+@contextlib.contextmanager
+def record_attention_logits():
+    """Collects max |q.k * scaling| (before the soft-cap) of every eager attention call."""
+    from transformers.models.gemma2 import modeling_gemma2 as mg
+
+    original = mg.eager_attention_forward
+    seen: list[float] = []
+
+    def wrapped(module, query, key, value, attention_mask, *args, scaling=None, **kwargs):
+        keys = mg.repeat_kv(key, module.num_key_value_groups)
+        raw = (query @ keys.transpose(2, 3)) * scaling
+        seen.append(float(raw.abs().max()))
+        return original(module, query, key, value, attention_mask, *args, scaling=scaling, **kwargs)
+
+    mg.eager_attention_forward = wrapped
+    try:
+        yield seen
+    finally:
+        mg.eager_attention_forward = original
+
+
+def read_safetensors_dir(path) -> dict[str, np.ndarray]:
+    """Every tensor of a HF directory (single file or shards) as numpy, via the safetensors package."""
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

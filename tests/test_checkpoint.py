@@ -1,0 +1,378 @@
+"""Weights in and out: parity with transformers, every format, round trips, sharded loads, errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+import helpers
+from gemma_jax import checkpoint, hf_format, model, official_format, sharding
+from gemma_jax.model import ModelConfig
+
+# Odd layer count, 2 query heads per kv head, query scale 24 != head_dim 16, window 8 < length.
+CFG_A = ModelConfig(num_layers=3, embed_dim=64, hidden_dim=128, num_heads=4, num_kv_heads=2, head_dim=16,
+                    query_pre_attn_scalar=24, vocab_size=512, sliding_window=8)
+# 4 query heads per kv head, window 5.
+CFG_B = ModelConfig(num_layers=4, embed_dim=32, hidden_dim=64, num_heads=8, num_kv_heads=2, head_dim=8,
+                    query_pre_attn_scalar=8, vocab_size=256, sliding_window=5)
+CAP_SCALE = 4.0  # weight scale that drives both soft-caps (checked in the parity test)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tokens_and_mask(config, batch=2, length=24, seed=1):
+    """Random tokens with the last row right-padded (pad id 0)."""
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(1, config.vocab_size, (batch, length))
+    mask = np.ones_like(tokens)
+    mask[-1, length - 7:] = 0
+    tokens[mask == 0] = 0
+    return tokens, mask
+
+
+def same_tree(a, b, exact=True):
+    flat_a, flat_b = checkpoint.flatten(a), checkpoint.flatten(b)
+    assert flat_a.keys() == flat_b.keys()
+    for k in flat_a:
+        x, y = np.asarray(flat_a[k]), np.asarray(flat_b[k])
+        assert x.shape == y.shape and x.dtype == y.dtype, k
+        assert np.array_equal(x, y) if exact else np.allclose(x, y), k
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_a")
+    helpers.make_hf_model(CFG_A, path, scale=CAP_SCALE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded_a(hf_dir):
+    return checkpoint.load(hf_dir)
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("config,scale,capped", [(CFG_A, CAP_SCALE, True), (CFG_B, CAP_SCALE, True),
+                                                 (CFG_A, 0.25, False)], ids=["gqa2-odd", "gqa4", "mild"])
+def test_parity_with_transformers(tmp_path, config, scale, capped):
+    hf_model = helpers.make_hf_model(config, tmp_path, scale=scale)
+    tokens, mask = tokens_and_mask(config)
+    assert tokens.shape[1] > config.sliding_window
+    with helpers.record_attention_logits() as attn_raw:
+        ref = helpers.hf_logits(hf_model, tokens, mask)
+    cfg, params = checkpoint.load(tmp_path)
+    assert cfg == config.replace(query_pre_attn_scalar=float(config.query_pre_attn_scalar))
+    out = np.asarray(model.logits(cfg, params, tokens))
+    valid = mask.astype(bool)
+    assert np.abs(out - ref)[valid].max() < 1e-4
+    if capped:  # the raw values really pass both caps, so a dropped or swapped cap would show
+        assert max(attn_raw) > 55  # attention cap is 50
+        assert np.abs(helpers.hf_raw_final_logits(hf_model, tokens)).max() > 60
+        assert np.abs(ref).max() > 29.9
+    else:
+        assert np.abs(ref).max() < 25
+
+
+def test_sharded_index_and_bf16(tmp_path, loaded_a):
+    hf_model = helpers.make_hf_model(CFG_A, tmp_path / "shards", scale=CAP_SCALE, max_shard_size="40KB")
+    assert (tmp_path / "shards" / hf_format.INDEX).is_file()
+    assert len(list((tmp_path / "shards").glob("*.safetensors"))) > 3
+    cfg, params = checkpoint.load(tmp_path / "shards")
+    same_tree(params, loaded_a[1])  # same seed as the single-file fixture
+
+    hf_model.to(dtype=__import__("torch").bfloat16).save_pretrained(tmp_path / "bf16")
+    cfg16, p16 = checkpoint.load(tmp_path / "bf16")
+    assert cfg16.param_dtype == "bfloat16"
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(p16))
+    cfg32, p32 = checkpoint.load(tmp_path / "bf16", dtype="float32")
+    assert cfg32.param_dtype == "float32"
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(p32))
+    same_tree(jax.tree.map(lambda x: x.astype(np.float32), p16), p32)
+    stored = hf_model.model.embed_tokens.weight.float().detach().numpy()
+    np.testing.assert_array_equal(np.asarray(p32["embedder"]["input_embedding"]), stored)
+    # bf16 is written back as BF16 and reads bit-exact.
+    checkpoint.save(tmp_path / "bf16_out", cfg16, p16, format="hf")
+    header = hf_format.SafetensorsFile(tmp_path / "bf16_out" / "model.safetensors")
+    assert header.tensors["model.embed_tokens.weight"]["dtype"] == "BF16"
+    orig, back = helpers.read_safetensors_dir(tmp_path / "bf16"), helpers.read_safetensors_dir(tmp_path / "bf16_out")
+    for k, v in back.items():
+        assert v.dtype == orig[k].dtype and np.array_equal(v.view(np.uint16), orig[k].view(np.uint16)), k
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_round_trip_hf_official_gemma_jax_hf(tmp_path, hf_dir, loaded_a):
+    cfg, params = loaded_a
+    checkpoint.save(tmp_path / "official", cfg, params, format="official")
+    assert checkpoint.detect_format(tmp_path / "official") == "official"
+    cfg1, p1 = checkpoint.load(tmp_path / "official")
+    assert cfg1 == cfg
+    checkpoint.save(tmp_path / "gj", cfg1, p1, format="gemma_jax")
+    assert checkpoint.detect_format(tmp_path / "gj") == "gemma_jax"
+    cfg2, p2 = checkpoint.load(tmp_path / "gj")
+    assert cfg2 == cfg
+    checkpoint.save(tmp_path / "hf", cfg2, p2, format="hf", max_shard_bytes=60_000)
+    assert (tmp_path / "hf" / hf_format.INDEX).is_file()
+    orig, back = helpers.read_safetensors_dir(hf_dir), helpers.read_safetensors_dir(tmp_path / "hf")
+    orig.pop("lm_head.weight", None)
+    assert orig.keys() == back.keys()
+    for k in orig:
+        assert back[k].dtype == np.float32 and np.array_equal(orig[k], back[k]), k
+    tokens, mask = tokens_and_mask(CFG_A)
+    np.testing.assert_array_equal(helpers.hf_logits(tmp_path / "hf", tokens, mask),
+                                  helpers.hf_logits(hf_dir, tokens, mask))
+    cfg_json = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg_json["query_pre_attn_scalar"] == 24 and cfg_json["architectures"] == ["Gemma2ForCausalLM"]
+
+
+def test_official_vocab_padding(tmp_path):
+    cfg = ModelConfig(num_layers=2, embed_dim=8, hidden_dim=16, num_heads=2, num_kv_heads=1, head_dim=4,
+                      vocab_size=256000)
+    rng = np.random.RandomState(0)  # numpy: jax's RNG takes ~20 s for a 256000-row table on CPU
+    params = jax.tree.map(lambda s: jax.numpy.asarray(rng.standard_normal(s.shape), np.float32),
+                          model.param_shapes(cfg))
+    checkpoint.save(tmp_path / "official", cfg, params, format="official")
+    meta = official_format.read_metadata(tmp_path / "official")
+    assert meta[("transformer/embedder", "input_embedding")][0] == (256128, 8)
+    cfg1, p1 = checkpoint.load(tmp_path / "official")
+    assert cfg1.vocab_size == 256128
+    table = np.asarray(p1["embedder"]["input_embedding"])
+    assert not table[256000:].any()
+    np.testing.assert_array_equal(table[:256000], np.asarray(params["embedder"]["input_embedding"]))
+    checkpoint.save(tmp_path / "hf", cfg1, p1, format="hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 256000
+    cfg2, p2 = checkpoint.load(tmp_path / "hf")
+    assert cfg2.vocab_size == 256000
+    same_tree(p2, params)
+
+
+def official_tree(config, layout, seed=0):
+    """Random weights in the official per-layer layout: {flat key: {leaf: array}}."""
+    rng = np.random.RandomState(seed)
+    d, f, n, k, h = config.embed_dim, config.hidden_dim, config.num_heads, config.num_kv_heads, config.head_dim
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    tree = {"transformer/embedder": {"input_embedding": r(config.vocab_size, d)},
+            "transformer/final_norm": {"scale": r(d)}}
+    for i in range(config.num_layers):
+        p = f"transformer/layer_{i}/"
+        tree.update({p + "attn/q_einsum": {"w": r(n, d, h)}, p + "attn/kv_einsum": {"w": r(2, k, d, h)},
+                     p + "attn/attn_vec_einsum": {"w": r(n, h, d)},
+                     p + "mlp/gating_einsum": {"w": r(2, d, f) if layout == "DF" else r(2, f, d)},
+                     p + "mlp/linear": {"w": r(f, d)}})
+        for norm in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
+            tree[p + norm] = {"scale": r(d)}
+    return tree
+
+
+def write_orbax(path, tree, writer):
+    import orbax.checkpoint as ocp
+
+    if writer == "pytree":
+        ocp.PyTreeCheckpointer().save(path, tree)
+    else:
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(path, tree)
+            ckpt.wait_until_finished()
+
+
+@pytest.mark.parametrize("layout,writer", [("DF", "pytree"), ("FD", "standard")])
+def test_official_checkpoint_written_by_hand(tmp_path, layout, writer):
+    cfg = CFG_A.replace(vocab_size=512 + 128)  # padded like 256000 + 128
+    tree = official_tree(cfg, layout)
+    kaggle = tmp_path / "kaggle"
+    write_orbax(kaggle / "gemma2-test", tree, writer)
+    (kaggle / "tokenizer.model").write_bytes(b"spm")
+    assert checkpoint.detect_format(kaggle) == "official"
+    assert checkpoint.find_tokenizer(kaggle / "gemma2-test") == str(kaggle / "tokenizer.model")
+    for where in (kaggle, kaggle / "gemma2-test"):
+        loaded_cfg, params = checkpoint.load(where)
+        # No sidecar and no published size: the query scale falls back to head_dim.
+        assert loaded_cfg == cfg.replace(query_pre_attn_scalar=16.0, sliding_window=4096)
+        for i in range(cfg.num_layers):
+            layer = params[f"layer_{i}"] if i == 2 else jax.tree.map(
+                lambda x: x[i // 2], params["layers"]["local" if i % 2 == 0 else "global"])
+            p = f"transformer/layer_{i}/"
+            np.testing.assert_array_equal(layer["attn"]["q_einsum"]["w"], tree[p + "attn/q_einsum"]["w"])
+            np.testing.assert_array_equal(layer["attn"]["kv_einsum"]["w"], tree[p + "attn/kv_einsum"]["w"])
+            np.testing.assert_array_equal(layer["attn"]["attn_vec_einsum"]["w"], tree[p + "attn/attn_vec_einsum"]["w"])
+            gating = tree[p + "mlp/gating_einsum"]["w"]
+            np.testing.assert_array_equal(layer["mlp"]["gating_einsum"]["w"],
+                                          gating.transpose(0, 2, 1) if layout == "DF" else gating)
+            np.testing.assert_array_equal(layer["mlp"]["linear"]["w"], tree[p + "mlp/linear"]["w"])
+            np.testing.assert_array_equal(layer["post_ffw_norm"]["scale"], tree[p + "post_ffw_norm"]["scale"])
+        np.testing.assert_array_equal(params["embedder"]["input_embedding"],
+                                      tree["transformer/embedder"]["input_embedding"])
+    # Written back in the same gating layout, the arrays are unchanged.
+    checkpoint.save(tmp_path / "again", loaded_cfg, params, format="official", gating_layout=layout)
+    import orbax.checkpoint as ocp
+    meta = ocp.PyTreeCheckpointer().metadata(tmp_path / "again").item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(meta))
+    again = ocp.PyTreeCheckpointer().restore(tmp_path / "again", args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    for key in tree:
+        for name in tree[key]:
+            np.testing.assert_array_equal(np.asarray(again[key][name]), tree[key][name])
+
+
+# ----------------------------------------------------------------------------- sharded, own formats
+
+
+def test_sharded_load_on_mesh(tmp_path, hf_dir, loaded_a):
+    cfg, params = loaded_a
+    mesh = sharding.make_mesh(1, 4, 2)
+    checkpoint.save(tmp_path / "official", cfg, params, format="official")
+    checkpoint.save(tmp_path / "gj", cfg, params, format="gemma_jax")
+    tokens, _ = tokens_and_mask(CFG_A)
+    expected_logits = np.asarray(model.logits(cfg, params, tokens))
+    for path in (hf_dir, tmp_path / "official", tmp_path / "gj"):
+        scfg, sparams = checkpoint.load(path, mesh=mesh)
+        assert scfg == cfg
+        want = checkpoint.flatten(sharding.param_shardings(cfg, mesh))
+        for k, x in checkpoint.flatten(sparams).items():
+            assert x.sharding.is_equivalent_to(want[k], x.ndim), (path, k, x.sharding, want[k])
+        assert not sparams["layers"]["local"]["mlp"]["gating_einsum"]["w"].sharding.is_fully_replicated
+        same_tree(sparams, params)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+            out = np.asarray(model.logits(scfg, sparams, tokens))
+        np.testing.assert_allclose(out, expected_logits, atol=1e-4)  # sharded sums reorder
+
+
+def test_gemma_jax_and_workdir(tmp_path, loaded_a):
+    import orbax.checkpoint as ocp
+
+    cfg, params = loaded_a
+    later = jax.tree.map(lambda x: x * 2, params)
+    workdir = tmp_path / "workdir"
+    with ocp.CheckpointManager(workdir / "checkpoints") as manager:
+        for step, p in ((10, params), (20, later)):
+            manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(p)))
+        manager.wait_until_finished()
+    checkpoint.write_model_json(workdir, cfg, fmt="workdir")
+    assert checkpoint.detect_format(workdir) == "workdir"
+    wcfg, wparams = checkpoint.load(workdir)
+    assert wcfg == cfg
+    same_tree(wparams, later)
+    _, first = checkpoint.load(workdir / "checkpoints" / "10")
+    same_tree(first, params)
+    _, bf16 = checkpoint.load(workdir, dtype="bfloat16")
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(bf16))
+    path = checkpoint.save(tmp_path / "gj", cfg, later, format="gemma_jax", tokenizer=__file__)
+    assert json.loads((Path(path) / "model.json").read_text())["format"] == "gemma_jax"
+    assert (Path(path) / "tokenizer.model").is_file()
+    same_tree(checkpoint.load(path)[1], later)
+    assert checkpoint.detect_format(Path(path) / "params") == "gemma_jax"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def rewrite_tensors(directory, edit):
+    """Applies `edit` to the tensors of a single-file HF dir and writes them back."""
+    from safetensors.numpy import load_file, save_file
+
+    f = Path(directory) / "model.safetensors"
+    tensors = load_file(str(f))
+    edit(tensors)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def edit_config(directory, **changes):
+    f = Path(directory) / "config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+
+
+def test_errors(tmp_path, hf_dir, loaded_a):
+    def copy(name):
+        shutil.copytree(hf_dir, tmp_path / name)
+        return tmp_path / name
+
+    bad = copy("missing")
+    rewrite_tensors(bad, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight in .*model\.safetensors"):
+        checkpoint.load(bad)
+
+    bad = copy("shape")
+    rewrite_tensors(bad, lambda t: t.update({"model.layers.1.mlp.down_proj.weight": np.zeros((64, 127), np.float32)}))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight.*expected shape \(64, 128\), found \(64, 127\)"):
+        checkpoint.load(bad)
+
+    bad = copy("layers")
+    edit_config(bad, num_hidden_layers=4, layer_types=None)
+    with pytest.raises(ValueError, match=r"num_hidden_layers=4 but the weights have 3 layers"):
+        checkpoint.load(bad)
+
+    bad = copy("heads")
+    edit_config(bad, num_attention_heads=5)
+    with pytest.raises(ValueError, match=r"num_attention_heads\*head_dim = 5\*16 = 80 .* has 64 rows"):
+        checkpoint.load(bad)
+
+    bad = copy("model_type")
+    edit_config(bad, model_type="gemma")
+    with pytest.raises(ValueError, match=r"model_type='gemma'"):
+        checkpoint.load(bad)
+
+    bad = copy("no_weights")
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"config\.json but no model\.safetensors"):
+        checkpoint.load(bad)
+
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"could not detect the checkpoint format .*weights\.bin.*config\.json"):
+        checkpoint.load(tmp_path / "unknown")
+    with pytest.raises(ValueError, match="does not exist"):
+        checkpoint.load(tmp_path / "nowhere")
+
+    cfg = CFG_A.replace(vocab_size=640)
+    tree = official_tree(cfg, "FD")
+    tree["transformer/layer_1/mlp/linear"]["w"] = np.zeros((128, 63), np.float32)
+    write_orbax(tmp_path / "off_shape", tree, "pytree")
+    with pytest.raises(ValueError, match=r"transformer/layer_1/mlp/linear/w .*expected shape \(128, 64\), found \(128, 63\)"):
+        checkpoint.load(tmp_path / "off_shape")
+    tree = official_tree(cfg, "FD")
+    del tree["transformer/layer_2/pre_ffw_norm"]
+    write_orbax(tmp_path / "off_missing", tree, "pytree")
+    with pytest.raises(ValueError, match=r"missing transformer/layer_2/pre_ffw_norm/scale"):
+        checkpoint.load(tmp_path / "off_missing")
+
+    gj = checkpoint.save(tmp_path / "gj", *loaded_a, format="gemma_jax")
+    checkpoint.write_model_json(gj, CFG_A.replace(embed_dim=32))
+    with pytest.raises(ValueError, match=r"embedder/input_embedding: expected shape \(512, 32\) .*found \(512, 64\)"):
+        checkpoint.load(gj)
+    with pytest.raises(ValueError, match="not empty"):
+        checkpoint.save(gj, *loaded_a, format="gemma_jax")
+    with pytest.raises(ValueError, match="unknown save format 'keras'"):
+        checkpoint.save(tmp_path / "k", *loaded_a, format="keras")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_convert_cli(tmp_path, hf_dir):
+    src = tmp_path / "src"
+    shutil.copytree(hf_dir, src)
+    (src / "tokenizer.model").write_bytes(b"spm-bytes")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def convert(*args):
+        run = subprocess.run([sys.executable, "-m", "gemma_jax.convert", *args], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run.stdout
+
+    out = convert(f"--input={src}", f"--output={tmp_path / 'off'}", "--to=official")
+    assert "official" in out and "tokenizer.model" in out
+    assert checkpoint.detect_format(tmp_path / "off") == "official"
+    convert(f"--input={tmp_path / 'off'}", f"--output={tmp_path / 'back'}", "--to=hf")
+    assert (tmp_path / "back" / "tokenizer.model").read_bytes() == b"spm-bytes"
+    orig, back = helpers.read_safetensors_dir(src), helpers.read_safetensors_dir(tmp_path / "back")
+    orig.pop("lm_head.weight", None)
+    assert orig.keys() == back.keys() and all(np.array_equal(orig[k], back[k]) for k in orig)
