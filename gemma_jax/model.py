@@ -233,7 +233,25 @@ class Einsum(nn.Module):
     @nn.compact
     def __call__(self, eqn: str, x):
         w = self.param("w", _init(self.axes), self.shape, self.config.weight_dtype)
-        return jnp.einsum(eqn, x, w.astype(self.config.compute_dtype))
+        w = w.astype(self.config.compute_dtype)
+        lhs, rest = eqn.split(",")
+        rhs, out = rest.split("->")
+        if rhs[0] == "C" and out[0] == "C":
+            # A stacked weight (k/v, gate/up) gives a tuple of separate products: one einsum
+            # with the stack axis in its output is ~3x slower to differentiate on XLA:CPU.
+            return tuple(self._project(f"{lhs},{rhs[1:]}->{out[1:]}", x, w[c]) for c in range(w.shape[0]))
+        return self._project(eqn, x, w)
+
+    @staticmethod
+    def _project(eqn, x, w):
+        lhs, rest = eqn.split(",")
+        out = rest.split("->")[1]
+        if lhs[:2] in ("BT", "BS") and out.startswith(lhs[:2]):
+            # Fold batch and length into one token axis: the weight gradient then contracts one
+            # axis instead of two, which XLA:CPU runs ~3x faster (the same math everywhere).
+            y = jnp.einsum("M" + eqn[2:].replace("->" + lhs[:2], "->M"), x.reshape(-1, *x.shape[2:]), w)
+            return y.reshape(*x.shape[:2], *y.shape[1:])
+        return jnp.einsum(eqn, x, w)
 
 
 class RMSNorm(nn.Module):
