@@ -1,0 +1,148 @@
+"""Base experiment config: every key and its default, in one place.
+
+Experiment files under `configs/` start from `base_config()` and change what they need. The
+config is locked, so a misspelled key on the command line or in a file is an error.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from gemma_jax import sharding
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All keys with their defaults."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict(dict(
+        preset="gemma2_tiny",  # a ModelConfig preset, or "" to give every dim explicitly
+        init_checkpoint="",  # any format gemma_jax.load reads; "" trains from scratch
+        dtype="bfloat16",  # compute
+        param_dtype="float32",  # master weights
+        remat="none",  # none | full | dots | dots_no_batch
+        scan_layers=True,
+        # Explicit dims: None takes the preset's (or the checkpoint's) value.
+        num_layers=config_dict.placeholder(int),
+        embed_dim=config_dict.placeholder(int),
+        hidden_dim=config_dict.placeholder(int),
+        num_heads=config_dict.placeholder(int),
+        num_kv_heads=config_dict.placeholder(int),
+        head_dim=config_dict.placeholder(int),
+        vocab_size=config_dict.placeholder(int),  # None: from the tokenizer (rounded up to 128)
+        sliding_window=config_dict.placeholder(int),
+        query_pre_attn_scalar=config_dict.placeholder(float),
+        attn_softcap=config_dict.placeholder(float),
+        final_softcap=config_dict.placeholder(float),
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        train="",  # files / globs, comma separated, or tfds:name[/config]:split
+        eval="",
+        eval_fraction=0.0,  # held out from train when data.eval is empty
+        tokenizer="",  # tokenizer.model; "" looks beside model.init_checkpoint
+        seq_len=512,
+        packing=True,
+        overlong="truncate",  # truncate | drop
+        train_on_prompt=False,
+        skip_invalid=False,
+        field_map="",  # e.g. "input=text,output=summary"
+        default_instruction="",
+        text_split="line",  # line | paragraph (plain-text files)
+        num_epochs=0,  # 0 repeats until train.steps
+        tfds_data_dir="",
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000,
+        batch_size=8,  # global, in sequences, per optimizer step
+        grad_accum=1,  # micro-batches per step; batch_size must divide by it
+        log_every=10,
+        eval_every=0,  # 0: only at the end
+        eval_batches=0,  # 0: the whole eval set
+        seed=0,
+        loss_chunk=1024,  # tokens per logits chunk in the loss (bounds [chunk, vocab] f32 memory)
+        export_format="",  # hf | official | gemma_jax: written to workdir/export at the end
+        progress=True,  # progress bar on stdout
+    ))
+
+    c.opt = ml_collections.ConfigDict(dict(
+        lr=2e-5,
+        schedule="cosine",  # cosine | linear | constant (all after warmup)
+        warmup_steps=100,
+        min_lr_ratio=0.1,  # final lr as a fraction of opt.lr (cosine, linear)
+        weight_decay=0.01,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        grad_clip=1.0,  # global norm; 0 disables
+        decay_embeddings=False,
+        decay_norms=False,
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=1, fsdp=-1, tensor=1,  # -1 fills with the remaining devices
+        rules=tuple((name, axes) for name, axes in sharding.DEFAULT_RULES),
+    ))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=500,
+        keep=2,
+        async_save=True,
+    ))
+    return c
+
+
+def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Freezes the key set so typos fail."""
+    c.lock()
+    return c
+
+
+# Full fine-tuning hyperparameters per model size (AdamW, f32 master weights, bf16 compute).
+# Memory at ~16 bytes/param (weights + Adam) needs: 2B ~39 GiB, 9B ~138 GiB, 27B ~406 GiB
+# across the mesh, hence fsdp over every device and full remat for the larger two.
+_SIZES = {
+    "2b": dict(preset="gemma2_2b", lr=2e-5, batch_size=16, seq_len=2048, remat="dots_no_batch"),
+    "9b": dict(preset="gemma2_9b", lr=1e-5, batch_size=16, seq_len=2048, remat="full"),
+    "27b": dict(preset="gemma2_27b", lr=1e-5, batch_size=16, seq_len=2048, remat="full"),
+}
+
+
+def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: dict) -> ml_collections.ConfigDict:
+    """An experiment config for variant `arg`: "tiny" (shipped sample data, CPU) or "2b"/"9b"/"27b".
+
+    `full` holds the data keys of the real public dataset used by the full-size variants and may
+    give `epochs` (converted to steps from `examples`, the dataset's size).
+    """
+    c = base_config()
+    if arg == "tiny":
+        c.model.preset = "gemma2_tiny"
+        c.model.dtype = "float32"  # bf16 is slower than f32 on CPUs
+        c.data.train, c.data.eval = tiny_train, tiny_eval
+        c.data.tokenizer = "data/tokenizer.model"
+        c.data.seq_len = 256
+        c.train.steps, c.train.batch_size, c.train.log_every, c.train.eval_every = 300, 8, 25, 100
+        c.opt.lr, c.opt.warmup_steps, c.opt.weight_decay = 3e-3, 20, 0.01
+        c.checkpoint.every_steps = 100
+        c.train.export_format = "hf"
+    elif arg in _SIZES:
+        s = _SIZES[arg]
+        c.model.preset = s["preset"]
+        c.model.init_checkpoint = f"weights/gemma2-{arg}-it"
+        c.model.remat = s["remat"]
+        c.data.seq_len = s["seq_len"]
+        c.train.batch_size = s["batch_size"]
+        c.opt.lr, c.opt.warmup_steps = s["lr"], 100
+        full = dict(full)
+        epochs, examples = full.pop("epochs", 2), full.pop("examples", 0)
+        for k, v in full.items():
+            c.data[k] = v
+        if examples:
+            c.train.steps = max(1, epochs * examples // c.train.batch_size)
+        c.train.log_every, c.train.eval_every, c.train.eval_batches = 10, 500, 50
+        c.checkpoint.every_steps = 500
+    else:
+        raise ValueError(f"unknown variant {arg!r} of configs/{domain}.py; choose tiny, 2b, 9b or 27b")
+    return lock(c)
