@@ -126,8 +126,9 @@ def make_optimizer(opt, steps: int) -> optax.GradientTransformation:
 def chunked_cross_entropy(config: ModelConfig, hidden_BTD, table_VD, targets_BT, mask_BT, chunk: int):
     """Sums of masked token losses and correct predictions, computed `chunk` tokens at a time.
 
-    The [tokens, vocab] float32 logits exist for one chunk at a time, forward and backward
-    (each chunk is rematerialised), so a 256k vocabulary never needs [batch, length, vocab].
+    The [tokens, vocab] float32 logits exist for one chunk at a time, so a 256k vocabulary
+    never needs [batch, length, vocab]. The gradient is formed in the same pass (see
+    `_fused_ce`), so unlike rematerialising each chunk the logits are computed only once.
     """
     d = hidden_BTD.shape[-1]
     x_ND = hidden_BTD.reshape(-1, d)
@@ -138,20 +139,59 @@ def chunked_cross_entropy(config: ModelConfig, hidden_BTD, table_VD, targets_BT,
     if pad:
         x_ND = jnp.pad(x_ND, ((0, pad), (0, 0)))
         y_N, m_N = jnp.pad(y_N, (0, pad)), jnp.pad(m_N, (0, pad))
-    xs = (x_ND.reshape(-1, chunk, d), y_N.reshape(-1, chunk), m_N.reshape(-1, chunk))
+    loss_sum, correct, _, _ = _fused_ce(config, chunk, x_ND, table_VD, y_N, m_N)
+    return loss_sum, correct
 
-    @jax.checkpoint
+
+def _ce_chunks(config: ModelConfig, chunk: int, x_ND, table_VD, y_N, m_N):
+    """Loss sum, correct count, d(loss)/d(hidden) and d(loss)/d(table), one chunk at a time.
+
+    The loss is the last operation of the step, so its gradient can be formed while each
+    chunk's logits are at hand: softmax minus one-hot, times the soft-cap's derivative.
+    """
+    d = x_ND.shape[-1]
+    cap = config.final_softcap
+
     def one(carry, xs):
+        loss, hits, dtable_VD = carry
         x_CD, y_C, m_C = xs
         logits_CV = model_lib.final_logits(config, x_CD[None], table_VD)[0]
         logz_C = jax.nn.logsumexp(logits_CV, axis=-1)
         true_C = jnp.take_along_axis(logits_CV, y_C[:, None], axis=-1)[:, 0]
-        correct_C = (jnp.argmax(logits_CV, axis=-1) == y_C).astype(jnp.float32)
-        loss, hits = carry
-        return (loss + jnp.sum((logz_C - true_C) * m_C), hits + jnp.sum(correct_C * m_C)), None
+        hits = hits + jnp.sum((jnp.argmax(logits_CV, axis=-1) == y_C) * m_C)
+        dlogits_CV = jnp.exp(logits_CV - logz_C[:, None]) * m_C[:, None]
+        dlogits_CV = dlogits_CV.at[jnp.arange(y_C.shape[0]), y_C].add(-m_C)
+        if cap:  # d(cap * tanh(z / cap)) / dz = 1 - (capped / cap)^2
+            dlogits_CV = dlogits_CV * (1.0 - jnp.square(logits_CV / cap))
+        dx_CD = jnp.einsum("CV,VD->CD", dlogits_CV, table_VD, preferred_element_type=jnp.float32)
+        dtable_VD = dtable_VD + jnp.einsum("CV,CD->VD", dlogits_CV, x_CD.astype(jnp.float32))
+        loss = loss + jnp.sum((logz_C - true_C) * m_C)
+        return (loss, hits, dtable_VD), dx_CD.astype(x_CD.dtype)
 
-    (loss_sum, correct), _ = jax.lax.scan(one, (jnp.float32(0), jnp.float32(0)), xs)
-    return loss_sum, correct
+    xs = (x_ND.reshape(-1, chunk, d), y_N.reshape(-1, chunk), m_N.reshape(-1, chunk))
+    init = (jnp.float32(0), jnp.float32(0), jnp.zeros(table_VD.shape, jnp.float32))
+    (loss, hits, dtable_VD), dx = jax.lax.scan(one, init, xs)
+    return loss, hits, dx.reshape(x_ND.shape), dtable_VD.astype(table_VD.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_ce(config, chunk, x_ND, table_VD, y_N, m_N):
+    return _ce_chunks(config, chunk, x_ND, table_VD, y_N, m_N)
+
+
+def _fused_ce_fwd(config, chunk, x_ND, table_VD, y_N, m_N):
+    out = _ce_chunks(config, chunk, x_ND, table_VD, y_N, m_N)
+    return out, (out[2], out[3], y_N, m_N)
+
+
+def _fused_ce_bwd(config, chunk, residuals, cotangents):
+    dx_ND, dtable_VD, y_N, m_N = residuals
+    g = cotangents[0]  # only the loss sum is differentiated; counts and the gradients are outputs
+    return (dx_ND * g.astype(dx_ND.dtype), dtable_VD * g.astype(dtable_VD.dtype),
+            np.zeros(y_N.shape, jax.dtypes.float0), jnp.zeros_like(m_N))
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def loss_fn(params, batch, *, config: ModelConfig, chunk: int):
