@@ -39,9 +39,11 @@ _DIMS = ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "
 # ----------------------------------------------------------------------------- model and tokenizer
 
 
-def find_tokenizer(cfg) -> Tokenizer:
-    """data.tokenizer, or a tokenizer.model in or beside model.init_checkpoint."""
-    path = cfg.data.tokenizer or (cfg.model.init_checkpoint and checkpoint.find_tokenizer(cfg.model.init_checkpoint))
+def find_tokenizer(cfg, workdir: str = "") -> Tokenizer:
+    """data.tokenizer, else the copy a run keeps in its workdir, else one beside model.init_checkpoint."""
+    kept = os.path.join(workdir, "tokenizer.model") if workdir else ""
+    path = (cfg.data.tokenizer or (kept if os.path.isfile(kept) else "")
+            or (cfg.model.init_checkpoint and checkpoint.find_tokenizer(cfg.model.init_checkpoint)))
     if not path:
         raise FileNotFoundError(
             "no tokenizer: set data.tokenizer to a tokenizer.model (it ships with the Gemma 2 "
@@ -366,10 +368,17 @@ class _Preemption:
 
     def __init__(self):
         self.requested = False
+        self._previous = None
         try:
-            signal.signal(signal.SIGTERM, self._handle)
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. some notebook runners)
             pass
+
+    def restore(self):
+        """Puts back the SIGTERM handler run() found, so SIGTERM stops the process again."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and stopping")
@@ -395,16 +404,19 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
     `stop_after` ends this invocation after that many steps (as a kill would, but after a
     checkpoint), without changing the schedule: the next run resumes where this one stopped.
     """
-    tokenizer = find_tokenizer(cfg)
+    resuming = train_checkpoints.has_train_checkpoint(workdir)
+    # Before the tokenizer lookup: a missing checkpoint also means no tokenizer beside it, and
+    # "weights not downloaded" is the error the user needs to see.
+    if cfg.model.init_checkpoint and not resuming and not os.path.exists(cfg.model.init_checkpoint):
+        raise FileNotFoundError(
+            f"model.init_checkpoint={cfg.model.init_checkpoint!r} does not exist. Download Gemma 2 "
+            "weights first: Kaggle google/gemma-2/flax (official) or Hugging Face google/gemma-2-2b "
+            "(safetensors; accept the license, then `huggingface-cli download google/gemma-2-2b`).")
+    tokenizer = find_tokenizer(cfg, workdir)
     mesh = sharding.mesh_from_config(cfg.mesh)
     rules = sharding.rules_from_config(cfg.mesh)
     loaded_params = None
-    if cfg.model.init_checkpoint and not train_checkpoints.has_train_checkpoint(workdir):
-        if not os.path.exists(cfg.model.init_checkpoint):
-            raise FileNotFoundError(
-                f"model.init_checkpoint={cfg.model.init_checkpoint!r} does not exist. Download Gemma 2 "
-                "weights first: Kaggle google/gemma-2/flax (official) or Hugging Face google/gemma-2-2b "
-                "(safetensors; accept the license, then `huggingface-cli download google/gemma-2-2b`).")
+    if cfg.model.init_checkpoint and not resuming:
         loaded, loaded_params = checkpoint.load(cfg.model.init_checkpoint, dtype=cfg.model.param_dtype,
                                                 mesh=mesh, rules=rules)
         config = model_config(cfg, tokenizer, loaded)
@@ -433,6 +445,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
     start = int(jax.device_get(state["step"]))
     steps = int(cfg.train.steps)
     end = steps if stop_after is None else min(steps, start + stop_after)
+    if start >= steps:
+        logging.warning("%s is already at step %d of train.steps=%d: nothing to train "
+                        "(raise train.steps to continue)", workdir, start, steps)
 
     logger = train_log.Logger(workdir, config=config, seq_len=int(cfg.data.seq_len), batch_size=batch_size,
                               total_steps=steps,
@@ -441,26 +456,28 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
     eval_every, log_every = int(cfg.train.eval_every), max(int(cfg.train.log_every), 1)
     metrics: dict[str, Any] = {}
     step = start
-    while step < end:
-        batch = trainer.put_batch(next(data.train))
-        state, step_metrics = trainer.step(state, batch)
-        step += 1
-        logger.step(step, step_metrics, log=(step % log_every == 0 or step == end))
-        if eval_every and step % eval_every == 0 and data.eval and step < steps:
-            logger.eval(step, trainer.evaluate(state["params"], data.eval, int(cfg.train.eval_batches)))
-        stopping = preempt.requested or manager.reached_preemption(step)
-        manager.maybe_save(step, state, data.train, force=stopping or step == end)
-        if stopping:
-            break
-    if step == steps and data.eval:
+    try:
+        while step < end:
+            batch = trainer.put_batch(next(data.train))
+            state, step_metrics = trainer.step(state, batch)
+            step += 1
+            logger.step(step, step_metrics, log=(step % log_every == 0 or step == end))
+            if eval_every and step % eval_every == 0 and data.eval and step < steps:
+                logger.eval(step, trainer.evaluate(state["params"], data.eval, int(cfg.train.eval_batches)))
+            stopping = preempt.requested or manager.reached_preemption(step)
+            manager.maybe_save(step, state, data.train, force=stopping or step == end)
+            if stopping:
+                break
+    finally:
+        preempt.restore()
+    if step == steps and step > start and data.eval:  # not again when re-run after finishing
         metrics.update(trainer.evaluate(state["params"], data.eval, int(cfg.train.eval_batches)))
         logger.eval(step, metrics)
     manager.close()
     metrics.update(logger.close())
-    if step == steps and cfg.train.export_format:
-        params = jax.device_get(state["params"])
-        path = checkpoint.save(os.path.join(workdir, "export"), config, params,
-                               format=cfg.train.export_format, tokenizer=tokenizer.path)
+    if step == steps and step > start and cfg.train.export_format:
+        path = checkpoint.save(os.path.join(workdir, "export"), config, state["params"],
+                               format=cfg.train.export_format, tokenizer=tokenizer.path, overwrite=True)
         logging.info("exported %s weights to %s", cfg.train.export_format, path)
     metrics["step"] = step
     return metrics
