@@ -369,6 +369,11 @@ class _Preemption:
     def __init__(self):
         self.requested = False
         self._previous = None
+        if jax.process_count() > 1:
+            # jax.distributed's preemption notifier owns SIGTERM, and manager.reached_preemption(step)
+            # stops every process at the same step; a per-process flag would let one process stop
+            # while the others wait for it in the next step's collectives.
+            return
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. some notebook runners)
@@ -491,7 +496,7 @@ def _maybe_init_distributed(flags_values) -> None:
     if flags_values.coordinator_address or flags_values.num_processes:
         jax.distributed.initialize(coordinator_address=flags_values.coordinator_address or None,
                                    num_processes=flags_values.num_processes or None,
-                                   process_id=flags_values.process_id)
+                                   process_id=flags_values.process_id if flags_values.num_processes else None)
         return
     env = os.environ
     multi = (env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("SLURM_NTASKS", "1")) > 1
