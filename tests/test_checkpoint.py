@@ -349,8 +349,8 @@ def test_errors(tmp_path, hf_dir, loaded_a):
         checkpoint.load(gj)
     with pytest.raises(ValueError, match="not empty"):
         checkpoint.save(gj, *loaded_a, format="gemma_jax")
-    with pytest.raises(ValueError, match="unknown save format 'keras'"):
-        checkpoint.save(tmp_path / "k", *loaded_a, format="keras")
+    with pytest.raises(ValueError, match="unknown save format 'safetensors'"):
+        checkpoint.save(tmp_path / "k", *loaded_a, format="safetensors")
 
 
 # ----------------------------------------------------------------------------- CLI
