@@ -18,6 +18,11 @@ with <block> = pre_attention_norm/scale, attn/{q_einsum (N,D,H), kv_einsum (2,K,
 attn_vec_einsum (N,H,D)}/w, post_attention_norm/scale, pre_ffw_norm/scale,
 mlp/{gating_einsum (2,F,D), linear (F,D)}/w, post_ffw_norm/scale. With scan_layers=False the
 blocks are `layer_{i}` for every i, the official checkpoint's own naming.
+
+Decoding passes an explicit KV cache (`init_cache`) through `Transformer(..., cache=cache)`, laid
+out like the layers (layers/{local,global} with the pair axis first, layer_{L-1}), with the
+absolute position held by each slot once per layer kind. Local layers keep a ring buffer of
+sliding_window slots (slot = position % slots), so only global layers grow with the length.
 """
 
 from __future__ import annotations
@@ -209,11 +214,58 @@ def attention_masks(segment_ids_BT, sliding_window: int):
     return local_BTS, global_BTS
 
 
+def cache_update(slot_positions_BS, positions_BT, sliding_window: int | None = None):
+    """One layer kind's view of a cache step: (mask [B, T, keys], slots [B, T], new slot positions).
+
+    Token t goes to slot position % S, or to slot S (dropped by the scatter) when it is padding
+    (position -1) or not among the last S tokens of its row. A chunk (T > 1) attends to the S
+    cache slots as they were, then to its own T tokens: keys = S + T. A single token is
+    written first and attends to the S updated slots: keys = S. Slot positions of -1 are empty.
+    """
+    s = slot_positions_BS.shape[1]
+    last_B1 = jnp.max(positions_BT, axis=1, keepdims=True)
+    # Positions within a row are consecutive, so the last S real tokens land in distinct slots.
+    write_BT = (positions_BT >= 0) & (positions_BT > last_B1 - s)
+    slots_BT = jnp.where(write_BT, positions_BT % s, s)
+    b_B1 = jnp.arange(positions_BT.shape[0])[:, None]
+    new_BS = slot_positions_BS.at[b_B1, slots_BT].set(positions_BT, mode="drop")
+    keys_BS = new_BS if positions_BT.shape[1] == 1 else jnp.concatenate([slot_positions_BS, positions_BT], 1)
+    q_BT1, k_B1S = positions_BT[:, :, None], keys_BS[:, None, :]
+    mask_BTS = (k_B1S >= 0) & (k_B1S <= q_BT1)
+    if sliding_window is not None:
+        mask_BTS &= q_BT1 - k_B1S < sliding_window
+    return mask_BTS, slots_BT, new_BS
+
+
+def attention_logits(config: ModelConfig, q_BTKGH, k_BSKH, keys: str = "BSKH"):
+    """Soft-capped float32 attention logits [B, K, G, T, S] of scaled queries against keys."""
+    logits_BKGTS = jnp.einsum(f"BTKGH,{keys}->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    # The cap applies before masking, as in the reference implementations.
+    return softcap(logits_BKGTS, config.attn_softcap)
+
+
+def masked_softmax(logits_BKGTS, mask_BTS):
+    """float32 softmax over keys, masked keys excluded."""
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits_BKGTS, axis=-1)
+
+
 def final_logits(config: ModelConfig, x_BTD, table_VD):
     """Tied-embedding projection with the final soft-cap, in float32."""
     logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, table_VD.astype(x_BTD.dtype),
                             preferred_element_type=jnp.float32)
     return softcap(logits_BTV, config.final_softcap)
+
+
+def final_logits_by_vocab(config: ModelConfig, x_BD, table_VD):
+    """final_logits of one position per row [B, D] -> [B, V], computed vocabulary-major.
+
+    For the few rows of a decode step XLA:CPU runs [V, D] x [D, B] ~1.5x faster than
+    [B, D] x [D, V] (the product is bound by reading the table).
+    """
+    logits_VB = jnp.einsum("VD,BD->VB", table_VD.astype(x_BD.dtype), x_BD, preferred_element_type=jnp.float32)
+    # The barrier keeps XLA from folding the transpose back into the product.
+    return jax.lax.optimization_barrier(softcap(logits_VB, config.final_softcap)).T
 
 
 def _init(axes, stddev=0.02):
@@ -229,6 +281,7 @@ class Einsum(nn.Module):
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     config: ModelConfig
+    cached: bool = False  # a forward pass with a KV cache (prefill or decode step)
 
     @nn.compact
     def __call__(self, eqn: str, x):
@@ -236,9 +289,16 @@ class Einsum(nn.Module):
         w = w.astype(self.config.compute_dtype)
         lhs, rest = eqn.split(",")
         rhs, out = rest.split("->")
-        if rhs[0] == "C" and out[0] == "C":
-            # A stacked weight (k/v, gate/up) gives a tuple of separate products: one einsum
-            # with the stack axis in its output is ~3x slower to differentiate on XLA:CPU.
+        stacked = rhs[0] == "C" and out[0] == "C"  # k/v, gate/up: a tuple of products
+        if self.cached:
+            # No gradient here: one product even for a stacked weight (each slice w[c] would be a
+            # copy of the weight), and a single token per row takes forms that read the weight
+            # in place, as it is read once per token.
+            y = (self._project_in_place if x.shape[1] == 1 else self._project)(eqn, x, w)
+            return tuple(y[c] for c in range(w.shape[0])) if stacked else y
+        if stacked:
+            # Separate products: one einsum with the stack axis in its output is ~3x slower to
+            # differentiate on XLA:CPU.
             return tuple(self._project(f"{lhs},{rhs[1:]}->{out[1:]}", x, w[c]) for c in range(w.shape[0]))
         return self._project(eqn, x, w)
 
@@ -251,6 +311,29 @@ class Einsum(nn.Module):
             # axis instead of two, which XLA:CPU runs ~3x faster (the same math everywhere).
             y = jnp.einsum("M" + eqn[2:].replace("->" + lhs[:2], "->M"), x.reshape(-1, *x.shape[2:]), w)
             return y.reshape(*x.shape[:2], *y.shape[1:])
+        return jnp.einsum(eqn, x, w)
+
+    @staticmethod
+    def _project_in_place(eqn, x, w):
+        """The same product in forms XLA:CPU multiplies without first copying the weight.
+
+        Decoding reads every weight once per token, so a per-step transposed copy (what XLA:CPU
+        makes for a contraction inside the weight, or over two of its axes) would double the
+        cost of the step.
+        """
+        lhs, rest = eqn.split(",")
+        rhs, out = rest.split("->")
+        i = next(j for j, a in enumerate(rhs) if a in lhs)
+        k = sum(a in lhs for a in rhs)
+        if 0 < i and i + k < len(rhs) and rhs[i:i + k] == lhs[-k:]:
+            # Contraction inside the weight ([N, D, H]): its leading axes become batch axes.
+            lead, free = rhs[:i], lhs[:-k] + rhs[i + k:]
+            x = jnp.broadcast_to(x, w.shape[:i] + x.shape)
+            return jnp.einsum(f"{lead}{free}->{out}", jnp.einsum(f"{lead}{lhs},{rhs}->{lead}{free}", x, w))
+        if i == 0 and k > 1 and rhs[:k] == lhs[-k:] and out == lhs[:-k] + rhs[k:]:
+            # Contraction over the weight's leading axes ([N, H, D]): one matmul on flattened axes.
+            y = x.reshape(*x.shape[:-k], -1) @ w.reshape(-1, *w.shape[k:])
+            return y
         return jnp.einsum(eqn, x, w)
 
 
@@ -274,42 +357,74 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTS):
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, slots_BT=None):
         c = self.config
         n, k, g, h, d = c.num_heads, c.num_kv_heads, c.num_groups, c.head_dim, c.embed_dim
-        q_BTNH = Einsum((n, d, h), ("heads", "embed", "head_dim"), c, name="q_einsum")("BTD,NDH->BTNH", x_BTD)
+        cached = cache is not None
+        q_BTNH = Einsum((n, d, h), ("heads", "embed", "head_dim"), c, cached=cached,
+                        name="q_einsum")("BTD,NDH->BTNH", x_BTD)
         k_BSKH, v_BSKH = Einsum((2, k, d, h), (None, "kv_heads", "embed", "head_dim"), c,
-                                name="kv_einsum")("BSD,CKDH->CBSKH", x_BTD)
+                                cached=cached, name="kv_einsum")("BSD,CKDH->CBSKH", x_BTD)
         q_BTNH = apply_rope(q_BTNH, positions_BT, c.rope_base)
         k_BSKH = apply_rope(k_BSKH, positions_BT, c.rope_base)
         q_BTNH = q_BTNH * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q_BTNH.dtype)
         b, t = x_BTD.shape[:2]
         q_BTKGH = q_BTNH.reshape(b, t, k, g, h)
-        logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
-                                  preferred_element_type=jnp.float32)
-        # The cap applies before masking, as in the reference implementations.
-        logits_BKGTS = softcap(logits_BKGTS, c.attn_softcap)
-        logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-        probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-        enc_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+        if cache is None:
+            probs_BKGTS = masked_softmax(attention_logits(c, q_BTKGH, k_BSKH), mask_BTS).astype(v_BSKH.dtype)
+            enc_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+        else:
+            enc_BTKGH, cache = self._cached(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cache, slots_BT)
         enc_BTNH = enc_BTKGH.reshape(b, t, n, h)
-        return Einsum((n, h, d), ("heads", "head_dim", "embed"), c, name="attn_vec_einsum")(
-            "BTNH,NHD->BTD", enc_BTNH)
+        out_BTD = Einsum((n, h, d), ("heads", "head_dim", "embed"), c, cached=cached,
+                         name="attn_vec_einsum")("BTNH,NHD->BTD", enc_BTNH)
+        return out_BTD, cache
+
+    def _cached(self, q_BTKGH, k_BTKH, v_BTKH, mask_BTS, cache, slots_BT):
+        """Attention over the cache and the new tokens, which are written into their slots."""
+        c = self.config
+        b_B1 = jnp.arange(slots_BT.shape[0])[:, None]
+        axes = ("batch", "kv_heads", "length", "head_dim")
+        # Slot S (one past the end) marks tokens not to write (see cache_update).
+        write = lambda old, new: nn.with_logical_constraint(
+            old.at[b_B1, :, slots_BT].set(new.astype(old.dtype), mode="drop"), axes)
+        # Batch-major products (BKSH cache, BKG.. outputs): XLA:CPU reads the cache in place.
+        if q_BTKGH.shape[1] == 1:
+            # One token: written first, then read in place. A ring slot it overwrites held the
+            # position one window back, which the mask excludes anyway.
+            cache = {"k": write(cache["k"], k_BTKH), "v": write(cache["v"], v_BTKH)}
+            logits_BKGTS = attention_logits(c, q_BTKGH, cache["k"], keys="BKSH")
+            probs_BKGTS = masked_softmax(logits_BKGTS, mask_BTS).astype(v_BTKH.dtype)
+            enc_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, cache["v"])
+            return jnp.einsum("BKGTH->BTKGH", enc_BKGTH), cache
+        # A chunk reads its own keys before they are written, so a chunk longer than a ring
+        # buffer (a long prompt on a local layer) still sees its whole window.
+        kc_BKSH, vc_BKSH = cache["k"], cache["v"]
+        s = kc_BKSH.shape[2]
+        logits_BKGTS = jnp.concatenate([attention_logits(c, q_BTKGH, kc_BKSH, keys="BKSH"),
+                                        attention_logits(c, q_BTKGH, k_BTKH)], axis=-1)
+        probs_BKGTS = masked_softmax(logits_BKGTS, mask_BTS).astype(v_BTKH.dtype)
+        enc_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS[..., :s], vc_BKSH)
+        enc_BTKGH = (jnp.einsum("BKGTH->BTKGH", enc_BKGTH)
+                     + jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS[..., s:], v_BTKH))
+        return enc_BTKGH, {"k": write(kc_BKSH, k_BTKH), "v": write(vc_BKSH, v_BTKH)}
 
 
 class MLP(nn.Module):
     """GeGLU feed-forward with tanh-approximated gelu."""
 
     config: ModelConfig
+    cached: bool = False
 
     @nn.compact
     def __call__(self, x_BTD):
         c = self.config
         gate_BTF, up_BTF = Einsum((2, c.hidden_dim, c.embed_dim), (None, "mlp", "embed"), c,
-                                  name="gating_einsum")("BTD,CFD->CBTF", x_BTD)
+                                  cached=self.cached, name="gating_einsum")("BTD,CFD->CBTF", x_BTD)
         h_BTF = jax.nn.gelu(gate_BTF, approximate=True) * up_BTF
         h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
-        return Einsum((c.hidden_dim, c.embed_dim), ("mlp", "embed"), c, name="linear")("BTF,FD->BTD", h_BTF)
+        return Einsum((c.hidden_dim, c.embed_dim), ("mlp", "embed"), c, cached=self.cached,
+                      name="linear")("BTF,FD->BTD", h_BTF)
 
 
 class Block(nn.Module):
@@ -318,13 +433,14 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTS):
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, slots_BT=None):
         c = self.config
-        attn_BTD = Attention(c, name="attn")(RMSNorm(c, name="pre_attention_norm")(x_BTD), positions_BT, mask_BTS)
+        attn_BTD, cache = Attention(c, name="attn")(
+            RMSNorm(c, name="pre_attention_norm")(x_BTD), positions_BT, mask_BTS, cache, slots_BT)
         x_BTD = x_BTD + RMSNorm(c, name="post_attention_norm")(attn_BTD)
-        mlp_BTD = MLP(c, name="mlp")(RMSNorm(c, name="pre_ffw_norm")(x_BTD))
+        mlp_BTD = MLP(c, cached=cache is not None, name="mlp")(RMSNorm(c, name="pre_ffw_norm")(x_BTD))
         x_BTD = x_BTD + RMSNorm(c, name="post_ffw_norm")(mlp_BTD)
-        return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), cache
 
 
 class LayerPair(nn.Module):
@@ -333,10 +449,14 @@ class LayerPair(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, local_mask_BTS, global_mask_BTS):
-        x_BTD = Block(self.config, name="local")(x_BTD, positions_BT, local_mask_BTS)
-        x_BTD = Block(self.config, name="global")(x_BTD, positions_BT, global_mask_BTS)
-        return x_BTD, None
+    def __call__(self, x_BTD, positions_BT, local_mask_BTS, global_mask_BTS, local_slots_BT=None,
+                 global_slots_BT=None, cache=None):
+        cache = cache or {"local": None, "global": None}
+        x_BTD, local = Block(self.config, name="local")(
+            x_BTD, positions_BT, local_mask_BTS, cache["local"], local_slots_BT)
+        x_BTD, global_ = Block(self.config, name="global")(
+            x_BTD, positions_BT, global_mask_BTS, cache["global"], global_slots_BT)
+        return x_BTD, (None if local is None else {"local": local, "global": global_})
 
 
 class Embedder(nn.Module):
@@ -360,39 +480,67 @@ class Embedder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Gemma 2: tokens [B, T] -> float32 logits [B, T, V] (or final hidden states)."""
+    """Gemma 2: tokens [B, T] -> float32 logits [B, T, V] (or final hidden states).
+
+    With `cache` (from `init_cache`), returns (logits or hidden, updated cache): `positions_BT`
+    are then required, absolute, and -1 marks padding (neither attended to nor cached).
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, return_hidden=False):
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, return_hidden=False, cache=None):
         c = self.config
-        if segment_ids_BT is None:
-            segment_ids_BT = jnp.ones_like(tokens_BT, jnp.int32)
-        if positions_BT is None:
-            positions_BT = segment_positions(segment_ids_BT)
-        local_BTS, global_BTS = attention_masks(segment_ids_BT, c.sliding_window)
+        if cache is None:
+            if segment_ids_BT is None:
+                segment_ids_BT = jnp.ones_like(tokens_BT, jnp.int32)
+            if positions_BT is None:
+                positions_BT = segment_positions(segment_ids_BT)
+            local_BTS, global_BTS = attention_masks(segment_ids_BT, c.sliding_window)
+            local_slots = global_slots = None
+        else:
+            if positions_BT is None or segment_ids_BT is not None:
+                raise ValueError("with a cache, pass absolute positions (-1 = padding) and no segment_ids")
+            local_BTS, local_slots, local_pos = cache_update(cache["positions"]["local"], positions_BT,
+                                                             c.sliding_window)
+            global_BTS, global_slots, global_pos = cache_update(cache["positions"]["global"], positions_BT)
+            new_cache = {"positions": {"local": local_pos, "global": global_pos}}
         embedder = Embedder(c, name="embedder")
         x_BTD = nn.with_logical_constraint(embedder.encode(tokens_BT), ("batch", "length", "embed"))
 
         policy = REMAT_POLICIES[c.remat]
         if c.scan_layers:
-            pair = LayerPair if c.remat == "none" else nn.remat(LayerPair, policy=policy, prevent_cse=False)
+            if cache is None:
+                pair = LayerPair if c.remat == "none" else nn.remat(LayerPair, policy=policy, prevent_cse=False)
+                in_axes = (nn.broadcast,) * 3
+                args = (positions_BT, local_BTS, global_BTS)
+            else:  # decoding: no remat, and the per-pair caches are scanned in and out
+                pair = LayerPair
+                in_axes = (nn.broadcast,) * 5 + (0,)
+                args = (positions_BT, local_BTS, global_BTS, local_slots, global_slots, cache["layers"])
             scanned = nn.scan(
                 pair, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers // 2,
+                in_axes=in_axes, length=c.num_layers // 2,
                 metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BTD, _ = scanned(c, name="layers")(x_BTD, positions_BT, local_BTS, global_BTS)
+            x_BTD, layer_cache = scanned(c, name="layers")(x_BTD, *args)
+            if cache is not None:
+                new_cache["layers"] = layer_cache
             tail = [c.num_layers - 1] if c.num_layers % 2 else []
         else:
             tail = range(c.num_layers)
-        block = Block if c.remat == "none" else nn.remat(Block, policy=policy)
+        block = Block if c.remat == "none" or cache is not None else nn.remat(Block, policy=policy)
         for i in tail:
-            mask_BTS = local_BTS if c.is_local(i) else global_BTS
-            x_BTD = block(c, name=f"layer_{i}")(x_BTD, positions_BT, mask_BTS)
+            local = c.is_local(i)
+            mask_BTS = local_BTS if local else global_BTS
+            if cache is None:
+                x_BTD, _ = block(c, name=f"layer_{i}")(x_BTD, positions_BT, mask_BTS)
+            else:
+                x_BTD, new_cache[f"layer_{i}"] = block(c, name=f"layer_{i}")(
+                    x_BTD, positions_BT, mask_BTS, cache[f"layer_{i}"], local_slots if local else global_slots)
 
         x_BTD = RMSNorm(c, name="final_norm")(x_BTD)
-        return x_BTD if return_hidden else embedder.decode(x_BTD)
+        out = x_BTD if return_hidden else embedder.decode(x_BTD)
+        return out if cache is None else (out, new_cache)
 
 
 # ----------------------------------------------------------------------------- functional API
@@ -414,6 +562,31 @@ def param_axes(config: ModelConfig) -> Params:
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     boxed = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens)["params"]
     return nn.get_partition_spec(boxed)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> Params:
+    """Empty KV cache for `batch` rows of up to `length` tokens, laid out like the layers.
+
+    {positions: {local: [B, Sl], global: [B, length]}, layers: {local, global: {k, v: [L/2, B, K, S, H]}},
+    layer_{i}: {k, v: [B, K, S, H]} outside the scan}, with Sl = min(sliding_window, length).
+    """
+    dtype = dtype or config.compute_dtype
+    local = min(config.sliding_window, length)
+
+    def kv(slots, *lead):
+        shape = (*lead, batch, config.num_kv_heads, slots, config.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    cache = {"positions": {"local": jnp.full((batch, local), -1, jnp.int32),
+                           "global": jnp.full((batch, length), -1, jnp.int32)}}
+    tail = range(config.num_layers)
+    if config.scan_layers:
+        pairs = config.num_layers // 2
+        cache["layers"] = {"local": kv(local, pairs), "global": kv(length, pairs)}
+        tail = [config.num_layers - 1] if config.num_layers % 2 else []
+    for i in tail:
+        cache[f"layer_{i}"] = kv(local if config.is_local(i) else length)
+    return cache
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
