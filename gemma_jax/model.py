@@ -19,10 +19,8 @@ attn_vec_einsum (N,H,D)}/w, post_attention_norm/scale, pre_ffw_norm/scale,
 mlp/{gating_einsum (2,F,D), linear (F,D)}/w, post_ffw_norm/scale. With scan_layers=False the
 blocks are `layer_{i}` for every i, the official checkpoint's own naming.
 
-Decoding passes an explicit KV cache (`init_cache`) through `Transformer(..., cache=cache)`, laid
-out like the layers (layers/{local,global} with the pair axis first, layer_{L-1}), with the
-absolute position held by each slot once per layer kind. Local layers keep a ring buffer of
-sliding_window slots (slot = position % slots), so only global layers grow with the length.
+Decoding passes an explicit KV cache (`kv_cache.init_cache`) through `Transformer(...,
+cache=cache)`, laid out like the layers; local layers keep a ring buffer of sliding_window slots.
 """
 
 from __future__ import annotations
@@ -35,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gemma_jax.kv_cache import cache_update
 
 Params = Any
 
@@ -214,29 +214,6 @@ def attention_masks(segment_ids_BT, sliding_window: int):
     return local_BTS, global_BTS
 
 
-def cache_update(slot_positions_BS, positions_BT, sliding_window: int | None = None):
-    """One layer kind's view of a cache step: (mask [B, T, keys], slots [B, T], new slot positions).
-
-    Token t goes to slot position % S, or to slot S (dropped by the scatter) when it is padding
-    (position -1) or not among the last S tokens of its row. A chunk (T > 1) attends to the S
-    cache slots as they were, then to its own T tokens: keys = S + T. A single token is
-    written first and attends to the S updated slots: keys = S. Slot positions of -1 are empty.
-    """
-    s = slot_positions_BS.shape[1]
-    last_B1 = jnp.max(positions_BT, axis=1, keepdims=True)
-    # Positions within a row are consecutive, so the last S real tokens land in distinct slots.
-    write_BT = (positions_BT >= 0) & (positions_BT > last_B1 - s)
-    slots_BT = jnp.where(write_BT, positions_BT % s, s)
-    b_B1 = jnp.arange(positions_BT.shape[0])[:, None]
-    new_BS = slot_positions_BS.at[b_B1, slots_BT].set(positions_BT, mode="drop")
-    keys_BS = new_BS if positions_BT.shape[1] == 1 else jnp.concatenate([slot_positions_BS, positions_BT], 1)
-    q_BT1, k_B1S = positions_BT[:, :, None], keys_BS[:, None, :]
-    mask_BTS = (k_B1S >= 0) & (k_B1S <= q_BT1)
-    if sliding_window is not None:
-        mask_BTS &= q_BT1 - k_B1S < sliding_window
-    return mask_BTS, slots_BT, new_BS
-
-
 def attention_logits(config: ModelConfig, q_BTKGH, k_BSKH, keys: str = "BSKH"):
     """Soft-capped float32 attention logits [B, K, G, T, S] of scaled queries against keys."""
     logits_BKGTS = jnp.einsum(f"BTKGH,{keys}->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
@@ -370,44 +347,36 @@ class Attention(nn.Module):
         q_BTNH = q_BTNH * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q_BTNH.dtype)
         b, t = x_BTD.shape[:2]
         q_BTKGH = q_BTNH.reshape(b, t, k, g, h)
-        if cache is None:
+        if cache is not None and t == 1:
+            enc_BTKGH, cache = self._decode_step(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cache, slots_BT)
+        else:
             probs_BKGTS = masked_softmax(attention_logits(c, q_BTKGH, k_BSKH), mask_BTS).astype(v_BSKH.dtype)
             enc_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-        else:
-            enc_BTKGH, cache = self._cached(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cache, slots_BT)
+            if cache is not None:
+                # A prefill chunk attends to itself (the cache is empty), then fills its slots.
+                cache = {"k": _write(cache["k"], slots_BT, k_BSKH), "v": _write(cache["v"], slots_BT, v_BSKH)}
         enc_BTNH = enc_BTKGH.reshape(b, t, n, h)
         out_BTD = Einsum((n, h, d), ("heads", "head_dim", "embed"), c, cached=cached,
                          name="attn_vec_einsum")("BTNH,NHD->BTD", enc_BTNH)
         return out_BTD, cache
 
-    def _cached(self, q_BTKGH, k_BTKH, v_BTKH, mask_BTS, cache, slots_BT):
-        """Attention over the cache and the new tokens, which are written into their slots."""
+    def _decode_step(self, q_B1KGH, k_B1KH, v_B1KH, mask_B1S, cache, slots_B1):
+        """One token per row: written into its slot first, then attending to the cache in place."""
         c = self.config
-        b_B1 = jnp.arange(slots_BT.shape[0])[:, None]
-        axes = ("batch", "kv_heads", "length", "head_dim")
-        # Slot S (one past the end) marks tokens not to write (see cache_update).
-        write = lambda old, new: nn.with_logical_constraint(
-            old.at[b_B1, :, slots_BT].set(new.astype(old.dtype), mode="drop"), axes)
+        # A ring slot it overwrites held the position one window back, which the mask excludes.
+        cache = {"k": _write(cache["k"], slots_B1, k_B1KH), "v": _write(cache["v"], slots_B1, v_B1KH)}
         # Batch-major products (BKSH cache, BKG.. outputs): XLA:CPU reads the cache in place.
-        if q_BTKGH.shape[1] == 1:
-            # One token: written first, then read in place. A ring slot it overwrites held the
-            # position one window back, which the mask excludes anyway.
-            cache = {"k": write(cache["k"], k_BTKH), "v": write(cache["v"], v_BTKH)}
-            logits_BKGTS = attention_logits(c, q_BTKGH, cache["k"], keys="BKSH")
-            probs_BKGTS = masked_softmax(logits_BKGTS, mask_BTS).astype(v_BTKH.dtype)
-            enc_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, cache["v"])
-            return jnp.einsum("BKGTH->BTKGH", enc_BKGTH), cache
-        # A chunk reads its own keys before they are written, so a chunk longer than a ring
-        # buffer (a long prompt on a local layer) still sees its whole window.
-        kc_BKSH, vc_BKSH = cache["k"], cache["v"]
-        s = kc_BKSH.shape[2]
-        logits_BKGTS = jnp.concatenate([attention_logits(c, q_BTKGH, kc_BKSH, keys="BKSH"),
-                                        attention_logits(c, q_BTKGH, k_BTKH)], axis=-1)
-        probs_BKGTS = masked_softmax(logits_BKGTS, mask_BTS).astype(v_BTKH.dtype)
-        enc_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS[..., :s], vc_BKSH)
-        enc_BTKGH = (jnp.einsum("BKGTH->BTKGH", enc_BKGTH)
-                     + jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS[..., s:], v_BTKH))
-        return enc_BTKGH, {"k": write(kc_BKSH, k_BTKH), "v": write(vc_BKSH, v_BTKH)}
+        logits_BKG1S = attention_logits(c, q_B1KGH, cache["k"], keys="BKSH")
+        probs_BKG1S = masked_softmax(logits_BKG1S, mask_B1S).astype(v_B1KH.dtype)
+        enc_BKG1H = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKG1S, cache["v"])
+        return jnp.einsum("BKGTH->BTKGH", enc_BKG1H), cache
+
+
+def _write(cache_BKSH, slots_BT, new_BTKH):
+    """Scatters new keys or values into their cache slots; slot S (one past the end) is dropped."""
+    b_B1 = jnp.arange(slots_BT.shape[0])[:, None]
+    out_BKSH = cache_BKSH.at[b_B1, :, slots_BT].set(new_BTKH.astype(cache_BKSH.dtype), mode="drop")
+    return nn.with_logical_constraint(out_BKSH, ("batch", "kv_heads", "length", "head_dim"))
 
 
 class MLP(nn.Module):
@@ -482,8 +451,9 @@ class Embedder(nn.Module):
 class Transformer(nn.Module):
     """Gemma 2: tokens [B, T] -> float32 logits [B, T, V] (or final hidden states).
 
-    With `cache` (from `init_cache`), returns (logits or hidden, updated cache): `positions_BT`
-    are then required, absolute, and -1 marks padding (neither attended to nor cached).
+    With `cache` (from `kv_cache.init_cache`), returns (logits or hidden, updated cache):
+    `positions_BT` are then required, absolute, -1 marking padding (neither attended to nor
+    cached). T > 1 tokens prefill an empty cache; T = 1 decodes one token per row after them.
     """
 
     config: ModelConfig
@@ -562,31 +532,6 @@ def param_axes(config: ModelConfig) -> Params:
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     boxed = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens)["params"]
     return nn.get_partition_spec(boxed)
-
-
-def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> Params:
-    """Empty KV cache for `batch` rows of up to `length` tokens, laid out like the layers.
-
-    {positions: {local: [B, Sl], global: [B, length]}, layers: {local, global: {k, v: [L/2, B, K, S, H]}},
-    layer_{i}: {k, v: [B, K, S, H]} outside the scan}, with Sl = min(sliding_window, length).
-    """
-    dtype = dtype or config.compute_dtype
-    local = min(config.sliding_window, length)
-
-    def kv(slots, *lead):
-        shape = (*lead, batch, config.num_kv_heads, slots, config.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-    cache = {"positions": {"local": jnp.full((batch, local), -1, jnp.int32),
-                           "global": jnp.full((batch, length), -1, jnp.int32)}}
-    tail = range(config.num_layers)
-    if config.scan_layers:
-        pairs = config.num_layers // 2
-        cache["layers"] = {"local": kv(local, pairs), "global": kv(length, pairs)}
-        tail = [config.num_layers - 1] if config.num_layers % 2 else []
-    for i in tail:
-        cache[f"layer_{i}"] = kv(local if config.is_local(i) else length)
-    return cache
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

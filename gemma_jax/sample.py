@@ -2,7 +2,7 @@
 
 A batch of prompts is right-padded to a bucketed length and prefilled in one call; each row then
 decodes at its own positions in a `jax.lax.while_loop` over a preallocated cache (see
-`model.init_cache`). Prompt length, batch size, cache length and the output buffer are rounded
+`kv_cache`). Prompt length, batch size, cache length and the output buffer are rounded
 up to buckets, so a run compiles a handful of programs however many prompts it serves. Stop
 tokens end rows inside the loop; stop strings and streaming are handled on the host between
 short runs of the loop.
@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_jax import kv_cache, sharding
 from gemma_jax import model as M
-from gemma_jax import sharding
 from gemma_jax.model import ModelConfig
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -132,7 +132,7 @@ def _prefill(config, params, tokens_BT, lengths_B, limits_B, stop_ids, temperatu
     positions_RT = jnp.where(t_T < lengths_B[:rows, None], t_T, -1)
     hidden_RTD, cache = M.Transformer(config).apply(
         {"params": params}, tokens_BT[:rows], positions_RT, return_hidden=True,
-        cache=M.init_cache(config, rows, cache_length))
+        cache=kv_cache.init_cache(config, rows, cache_length))
     if rows < b:
         cache = jax.tree_util.tree_map_with_path(functools.partial(_pad_rows, b - rows), cache)
     last_RD = hidden_RTD[jnp.arange(rows), jnp.maximum(lengths_B[:rows] - 1, 0)]
@@ -209,6 +209,28 @@ def decoding_layout(config: ModelConfig, params, *, donate: bool = False):
     return config.replace(scan_layers=False), out
 
 
+# None: decide by size (see _spare_row); True/False force it (benchmarks, tests).
+SPARE_ROW = None
+
+
+def _spare_row(config, params, cache_length) -> bool:
+    """Whether one prompt decodes on CPU with a spare, empty cache row.
+
+    At batch 1 XLA:CPU copies each layer's cache about four times per decode step (the
+    degenerate batch axis defeats its in-place update); with two rows it updates in place but
+    runs the layer matmuls through a 2-row kernel that reads weights about half as fast. The
+    spare row pays once the cache traffic (8 passes) outweighs the layer weights.
+    """
+    if SPARE_ROW is not None:
+        return SPARE_ROW
+    slots = sum(min(config.sliding_window, cache_length) if config.is_local(i) else cache_length
+                for i in range(config.num_layers))
+    cache_bytes = 2 * slots * config.num_kv_heads * config.head_dim * jnp.dtype(config.compute_dtype).itemsize
+    layer_bytes = sum(x.nbytes for k, x in jax.tree_util.tree_leaves_with_path(params)
+                      if "embedder" not in jax.tree_util.keystr(k))
+    return 8 * cache_bytes > layer_bytes
+
+
 def _mesh_context(mesh, rules):
     if mesh is None:
         return contextlib.nullcontext()
@@ -254,13 +276,11 @@ def generate_ids(config: ModelConfig, params, prompts: Sequence[Sequence[int]], 
     # Batch rows are bucketed too (and divisible by the batch's mesh axes); spare rows are empty.
     shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _batch_axes(rules)]))
     b = rows = -(-bucket(len(prompts), 1) // shards) * shards
-    if b == 1 and _on_cpu(params):
-        # At batch 1 XLA:CPU copies the whole cache at every decode step (a degenerate batch
-        # axis), so the cache gets a spare row; only `rows` rows are prefilled and projected.
-        b = 2
     t = bucket(lengths.max(), MIN_PROMPT_BUCKET)
     total = int(max(lengths + np.array(limits)))
     cache_length = cache_length or min(max(bucket(total, MIN_CACHE_BUCKET), t), config.max_seq_len)
+    if b == 1 and _on_cpu(params) and _spare_row(config, params, cache_length):
+        b = 2  # only `rows` rows are prefilled and projected to logits
     num_steps = bucket(max(limits), MIN_STEPS_BUCKET)
     tokens = np.full((b, t), pad_id, np.int32)
     for i, p in enumerate(prompts):
@@ -447,7 +467,9 @@ def _chat_loop(run, read=None, out=None):
 
 def main(argv=None):
     """CLI: stream a continuation (raw, base models) or chat (--chat) with any checkpoint."""
-    ap = argparse.ArgumentParser(prog="python -m gemma_jax.sample", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m gemma_jax.sample",
+                                 description="Continue a prompt (raw, base models) or chat (--chat) with a Gemma 2 "
+                                             "checkpoint, streaming tokens as they are generated.")
     ap.add_argument("--checkpoint", required=True, help="any directory gemma_jax.load reads (a workdir too)")
     ap.add_argument("--tokenizer", default="", help="tokenizer.model; default: found beside the checkpoint")
     ap.add_argument("--prompt", default=None, help="the prompt; with --chat and no prompt, chat on stdin")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import helpers
-from gemma_jax import checkpoint, sharding
+from gemma_jax import checkpoint, kv_cache, sharding
 from gemma_jax import model as M
 from gemma_jax import sample as S
 from gemma_jax.model import ModelConfig
@@ -84,27 +84,30 @@ def test_cached_decoding_matches_full_forward(scan, monkeypatch):
 
 def test_cache_layout_local_layers_keep_only_the_window():
     config = ModelConfig.from_preset("gemma2_test")
-    cache = M.init_cache(config, batch=2, length=100)
+    cache = kv_cache.init_cache(config, batch=2, length=100)
     pairs, k, h = config.num_layers // 2, config.num_kv_heads, config.head_dim
     assert cache["layers"]["local"]["k"].shape == (pairs, 2, k, config.sliding_window, h)
     assert cache["layers"]["global"]["v"].shape == (pairs, 2, k, 100, h)
     assert cache["layer_2"]["k"].shape == (2, k, config.sliding_window, h)  # trailing layer is local
     assert cache["positions"]["global"].shape == (2, 100) and int(cache["positions"]["local"].max()) == -1
-    small = M.init_cache(config, batch=1, length=5)
+    small = kv_cache.init_cache(config, batch=1, length=5)
     assert small["layers"]["local"]["k"].shape[3] == 5  # never more slots than the cache length
 
 
 def test_ring_buffer_slots():
-    # A chunk of 6 tokens (the last one padding) into a 4-slot ring holding positions 0-1: only the
-    # last 4 real tokens (positions 3-6) are written, each at position % 4.
-    slots_before = jnp.array([[0, 1, -1, -1]])
-    positions = jnp.array([[2, 3, 4, 5, 6, -1]])
-    mask, slots, after = M.cache_update(slots_before, positions, sliding_window=4)
+    # A prefill chunk of 6 tokens (the last one padding) into an empty 4-slot ring: only the last
+    # 4 real tokens (positions 3-6) are written, each at position % 4.
+    mask, slots, after = kv_cache.cache_update(jnp.full((1, 4), -1), jnp.array([[2, 3, 4, 5, 6, -1]]), 4)
     np.testing.assert_array_equal(np.asarray(slots), [[4, 3, 0, 1, 2, 4]])  # 4 = not written
     np.testing.assert_array_equal(np.asarray(after), [[4, 5, 6, 3]])
-    # Query at position 4 sees cached 1 and new 2, 3, 4 (window 4), not 0, not later, not padding.
-    keys = [0, 1, -1, -1, 2, 3, 4, 5, 6, -1]
-    assert [k for k, m in zip(keys, np.asarray(mask)[0, 2]) if m] == [1, 2, 3, 4]
+    # The chunk attends to itself: position 4 sees 2, 3, 4 (window 4), not later, not padding.
+    keys = [2, 3, 4, 5, 6, -1]
+    assert [k for k, m in zip(keys, np.asarray(mask)[0, 2]) if m] == [2, 3, 4]
+    # One token is written first and sees the updated slots: position 7 replaces 3 (out of its window).
+    mask, slots, after = kv_cache.cache_update(jnp.array([[4, 5, 6, 3], [4, 5, 6, 3]]), jnp.array([[7], [-1]]), 4)
+    np.testing.assert_array_equal(np.asarray(slots), [[3], [4]])
+    np.testing.assert_array_equal(np.asarray(after), [[4, 5, 6, 7], [4, 5, 6, 3]])
+    np.testing.assert_array_equal(np.asarray(mask)[:, 0], [[True] * 4, [False] * 4])  # padding sees nothing
 
 
 def test_greedy_matches_transformers_generate(tmp_path):

@@ -1,0 +1,60 @@
+"""The decoding KV cache: layout, slot bookkeeping and masks (the attention itself is in model.py).
+
+A cache mirrors the parameter tree: layers/{local,global} hold k and v [L/2, B, K, S, H] (the
+pair axis first, so they scan with the layers), layer_{i} [B, K, S, H] for layers outside the
+scan, and positions/{local,global} [B, S] the absolute position held by each slot (-1 = empty),
+once per layer kind since every layer of a kind writes the same slots. Local (sliding-window)
+layers keep a ring buffer of min(sliding_window, length) slots, slot = position % slots, so
+memory for long generations grows only in the global layers. K before S: XLA:CPU multiplies
+that layout in place when one token attends to the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+
+def init_cache(config, batch: int, length: int, dtype=None) -> dict[str, Any]:
+    """Empty cache for `batch` rows of up to `length` tokens of a model.ModelConfig."""
+    dtype = dtype or config.compute_dtype
+    local = min(config.sliding_window, length)
+
+    def kv(slots, *lead):
+        shape = (*lead, batch, config.num_kv_heads, slots, config.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    cache = {"positions": {"local": jnp.full((batch, local), -1, jnp.int32),
+                           "global": jnp.full((batch, length), -1, jnp.int32)}}
+    tail = range(config.num_layers)
+    if config.scan_layers:
+        pairs = config.num_layers // 2
+        cache["layers"] = {"local": kv(local, pairs), "global": kv(length, pairs)}
+        tail = [config.num_layers - 1] if config.num_layers % 2 else []
+    for i in tail:
+        cache[f"layer_{i}"] = kv(local if config.is_local(i) else length)
+    return cache
+
+
+def cache_update(slot_positions_BS, positions_BT, sliding_window: int | None = None):
+    """One layer kind's view of a step: (mask [B, T, keys], slots [B, T], new slot positions).
+
+    A single token per row (decoding) is written first and attends to the S updated slots. A
+    chunk (T > 1) is a prefill into an empty cache: it attends to its own T tokens, then fills
+    the slots. Token t goes to slot position % S, or to slot S (dropped by the scatter) when it
+    is padding (position -1) or not among the last S tokens of its row.
+    """
+    s = slot_positions_BS.shape[1]
+    last_B1 = jnp.max(positions_BT, axis=1, keepdims=True)
+    # Positions within a row are consecutive, so the last S real tokens land in distinct slots.
+    write_BT = (positions_BT >= 0) & (positions_BT > last_B1 - s)
+    slots_BT = jnp.where(write_BT, positions_BT % s, s)
+    b_B1 = jnp.arange(positions_BT.shape[0])[:, None]
+    new_BS = slot_positions_BS.at[b_B1, slots_BT].set(positions_BT, mode="drop")
+    keys_BS = new_BS if positions_BT.shape[1] == 1 else positions_BT
+    q_BT1, k_B1S = positions_BT[:, :, None], keys_BS[:, None, :]
+    mask_BTS = (k_B1S >= 0) & (k_B1S <= q_BT1)
+    if sliding_window is not None:
+        mask_BTS &= q_BT1 - k_B1S < sliding_window
+    return mask_BTS, slots_BT, new_BS
