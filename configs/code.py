@@ -13,7 +13,7 @@ from gemma_jax.config import experiment
 
 def get_config(arg: str = "tiny"):
     return experiment(
-        arg, domain="code",
+        arg, domain="code", task="code", metric="pass_rate",
         tiny_train="data/code/train.json", tiny_eval="data/code/eval.json",
         full=dict(train="data/mbpp/mbpp.jsonl", eval="", eval_fraction=0.1,
                   field_map="instruction=text,output=code", epochs=5, examples=974))

@@ -12,7 +12,7 @@ from gemma_jax.config import experiment
 
 def get_config(arg: str = "tiny"):
     return experiment(
-        arg, domain="creative",
+        arg, domain="creative", task="lm", metric="loss",
         tiny_train="data/creative/train.jsonl", tiny_eval="data/creative/eval.jsonl",
         full=dict(train="tfds:reddit_tifu/long:train", eval="", eval_fraction=0.05,
                   field_map="input=title,output=documents",

@@ -13,7 +13,7 @@ from gemma_jax.config import experiment
 
 def get_config(arg: str = "tiny"):
     return experiment(
-        arg, domain="legal",
+        arg, domain="legal", task="summarization", metric="rouge_l",
         tiny_train="data/legal/train.jsonl", tiny_eval="data/legal/eval.jsonl",
         full=dict(train="tfds:billsum:train", eval="tfds:billsum:test", field_map="input=text,output=summary",
                   default_instruction="Summarise this bill in plain English.", epochs=2, examples=18949))

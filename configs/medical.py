@@ -12,7 +12,7 @@ from gemma_jax.config import experiment
 
 def get_config(arg: str = "tiny"):
     return experiment(
-        arg, domain="medical",
+        arg, domain="medical", task="summarization", metric="rouge_l",
         tiny_train="data/medical/train.jsonl", tiny_eval="data/medical/eval.jsonl",
         full=dict(train="tfds:scientific_papers/pubmed:train", eval="tfds:scientific_papers/pubmed:validation",
                   field_map="input=article,output=abstract",

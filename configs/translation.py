@@ -12,7 +12,7 @@ from gemma_jax.config import experiment
 
 def get_config(arg: str = "tiny"):
     return experiment(
-        arg, domain="translation",
+        arg, domain="translation", task="translation", metric="chrf",
         tiny_train="data/translation/train.csv", tiny_eval="data/translation/eval.csv",
         full=dict(train="tfds:wmt14_translate/fr-en:train", eval="tfds:wmt14_translate/fr-en:validation",
                   field_map="input=en,output=fr", default_instruction="Translate into French.",

@@ -12,6 +12,10 @@ from ml_collections import config_dict
 from gemma_jax import sharding
 
 
+# Attention q/kv/output and the MLP of every layer.
+DEFAULT_LORA_TARGETS = r"attn/(q_einsum|kv_einsum|attn_vec_einsum)|mlp/(gating_einsum|linear)"
+
+
 def base_config() -> ml_collections.ConfigDict:
     """All keys with their defaults."""
     c = ml_collections.ConfigDict()
@@ -86,6 +90,26 @@ def base_config() -> ml_collections.ConfigDict:
         rules=tuple((name, axes) for name, axes in sharding.DEFAULT_RULES),
     ))
 
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0,  # > 0 trains low-rank adapters on a frozen base instead of every weight
+        alpha=16.0,  # adapter output scaled by alpha / rank
+        dropout=0.0,  # on the adapter input, training only
+        targets=DEFAULT_LORA_TARGETS,  # regex over parameter paths such as layers/local/attn/q_einsum/w
+        quantize="none",  # none | int8 | int4: the frozen base held quantized (QLoRA-style)
+        base_dtype="bfloat16",  # dtype of the frozen base when not quantized
+    ))
+
+    c.eval = ml_collections.ConfigDict(dict(
+        task="lm",  # lm | summarization | translation | qa | code
+        metric="loss",  # the headline metric of the task (rouge_l, chrf, exact_match, pass_rate, loss)
+        general="data/general/eval.txt",  # general text for the forgetting check; "" skips it
+        forgetting_threshold=0.10,  # warn when general-text loss rises by more than this fraction
+        max_examples=64,  # examples generated from per evaluation (0: all)
+        max_new_tokens=128,
+        temperature=0.0,  # 0: greedy
+        in_training=False,  # also run generation metrics at train.eval_every and at the end
+    ))
+
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=500,
         keep=2,
@@ -110,13 +134,16 @@ _SIZES = {
 }
 
 
-def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: dict) -> ml_collections.ConfigDict:
+def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: dict,
+               task: str = "lm", metric: str = "loss") -> ml_collections.ConfigDict:
     """An experiment config for variant `arg`: "tiny" (shipped sample data, CPU) or "2b"/"9b"/"27b".
 
     `full` holds the data keys of the real public dataset used by the full-size variants and may
-    give `epochs` (converted to steps from `examples`, the dataset's size).
+    give `epochs` (converted to steps from `examples`, the dataset's size). `task` and `metric`
+    tell `gemma_jax.evaluate` what to measure.
     """
     c = base_config()
+    c.eval.task, c.eval.metric = task, metric
     if arg == "tiny":
         c.model.preset = "gemma2_tiny"
         c.model.dtype = "float32"  # bf16 is slower than f32 on CPUs

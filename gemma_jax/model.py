@@ -87,6 +87,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
+    # Low-rank adapters (gemma_jax.lora), used only when a "lora" collection is passed.
+    lora_scale: float = 1.0  # alpha / rank
+    lora_dropout: float = 0.0  # on the adapter input, when a "dropout" rng is passed
 
     def __post_init__(self):
         for field in ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads",
@@ -245,6 +248,15 @@ def final_logits_by_vocab(config: ModelConfig, x_BD, table_VD):
     return jax.lax.optimization_barrier(softcap(logits_VB, config.final_softcap)).T
 
 
+def dequantize(q, scale, dtype):
+    """Integer weight times its scale. An axis where the scale is shorter than the weight (but
+    not 1) holds one scale per group of consecutive entries along it."""
+    for i, (n, m) in enumerate(zip(q.shape, scale.shape)):
+        if m not in (1, n):
+            scale = jnp.repeat(scale, n // m, axis=i)
+    return q.astype(dtype) * scale.astype(dtype)
+
+
 def _init(axes, stddev=0.02):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
 
@@ -252,8 +264,41 @@ def _init(axes, stddev=0.02):
 # ----------------------------------------------------------------------------- modules
 
 
+# The product each weight takes part in. gemma_jax.lora reads them to shape adapters: the
+# contracted letters of the weight are its inputs, the rest (but a stacked C) its outputs.
+EINSUMS = {
+    "q_einsum": "BTD,NDH->BTNH",
+    "kv_einsum": "BSD,CKDH->CBSKH",
+    "attn_vec_einsum": "BTNH,NHD->BTD",
+    "gating_einsum": "BTD,CFD->CBTF",
+    "linear": "BTF,FD->BTD",
+}
+
+
+def lora_equations(eqn: str) -> tuple[str, str, str]:
+    """(x-to-rank, rank-to-output, merge) einsums of an adapter pair A, B for a weight product.
+
+    A holds the weight's contracted axes then rank R, B holds R then its output axes (both
+    led by C for a stacked weight): e.g. "BTD,NDH->BTNH" gives A "DR", B "RNH", so
+    x A B = x (A B) with A B laid out as the weight "NDH".
+    """
+    lhs, rest = eqn.split(",")
+    rhs, out = rest.split("->")
+    lead = "C" if rhs[0] == "C" else ""
+    a = lead + "".join(c for c in rhs if c in lhs) + "R"
+    b = lead + "R" + "".join(c for c in rhs if c not in lhs and c != "C")
+    mid = "".join(c for c in lhs if c not in rhs)
+    return f"{lhs},{a}->{lead}{mid}R", f"{lead}{mid}R,{b}->{out}", f"{a},{b}->{rhs}"
+
+
 class Einsum(nn.Module):
-    """One weight `w` contracted with the input by an einsum equation."""
+    """One weight `w` contracted with the input by an einsum equation.
+
+    Two optional collections change the weight without changing the parameter tree: "quant"
+    holds a `scale` for an integer `w` (dequantised here, one layer at a time inside the scan),
+    and "lora" holds adapters `a`, `b` whose product x a b, times config.lora_scale, is added to
+    the output (see gemma_jax.lora).
+    """
 
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
@@ -262,8 +307,11 @@ class Einsum(nn.Module):
 
     @nn.compact
     def __call__(self, eqn: str, x):
-        w = self.param("w", _init(self.axes), self.shape, self.config.weight_dtype)
-        w = w.astype(self.config.compute_dtype)
+        c = self.config
+        w = self.param("w", _init(self.axes), self.shape, c.weight_dtype)
+        if self.has_variable("quant", "scale"):
+            w = dequantize(w, self.get_variable("quant", "scale"), c.compute_dtype)
+        w = w.astype(c.compute_dtype)
         lhs, rest = eqn.split(",")
         rhs, out = rest.split("->")
         stacked = rhs[0] == "C" and out[0] == "C"  # k/v, gate/up: a tuple of products
@@ -272,12 +320,30 @@ class Einsum(nn.Module):
             # copy of the weight), and a single token per row takes forms that read the weight
             # in place, as it is read once per token.
             y = (self._project_in_place if x.shape[1] == 1 else self._project)(eqn, x, w)
-            return tuple(y[c] for c in range(w.shape[0])) if stacked else y
+            y = y + self._lora(eqn, x) if self.has_variable("lora", "a") else y
+            return tuple(y[i] for i in range(w.shape[0])) if stacked else y
         if stacked:
             # Separate products: one einsum with the stack axis in its output is ~3x slower to
             # differentiate on XLA:CPU.
-            return tuple(self._project(f"{lhs},{rhs[1:]}->{out[1:]}", x, w[c]) for c in range(w.shape[0]))
-        return self._project(eqn, x, w)
+            ys = [self._project(f"{lhs},{rhs[1:]}->{out[1:]}", x, w[i]) for i in range(w.shape[0])]
+            if self.has_variable("lora", "a"):
+                delta = self._lora(eqn, x)
+                ys = [y + delta[i] for i, y in enumerate(ys)]
+            return tuple(ys)
+        y = self._project(eqn, x, w)
+        return y + self._lora(eqn, x) if self.has_variable("lora", "a") else y
+
+    def _lora(self, eqn, x):
+        """config.lora_scale * x a b, the adapter's share of the product (stack axis first)."""
+        c = self.config
+        a = self.get_variable("lora", "a").astype(c.compute_dtype)
+        b = self.get_variable("lora", "b").astype(c.compute_dtype)
+        if c.lora_dropout and self.has_rng("dropout"):
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - c.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - c.lora_dropout), 0).astype(x.dtype)
+        to_rank, from_rank, _ = lora_equations(eqn)
+        h = self._project(to_rank, x, a)
+        return self._project(from_rank, h, b) * jnp.asarray(c.lora_scale, x.dtype)
 
     @staticmethod
     def _project(eqn, x, w):
@@ -350,7 +416,10 @@ class Attention(nn.Module):
         if cache is not None and t == 1:
             enc_BTKGH, cache = self._decode_step(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cache, slots_BT)
         else:
-            probs_BKGTS = masked_softmax(attention_logits(c, q_BTKGH, k_BSKH), mask_BTS).astype(v_BSKH.dtype)
+            probs_BKGTS = masked_softmax(attention_logits(c, q_BTKGH, k_BSKH), mask_BTS)
+            # Kept only when the caller asks: apply(..., mutable=["intermediates"]).
+            self.sow("intermediates", "attention_probs", probs_BKGTS)
+            probs_BKGTS = probs_BKGTS.astype(v_BSKH.dtype)
             enc_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
             if cache is not None:
                 # A prefill chunk attends to itself (the cache is empty), then fills its slots.
@@ -489,7 +558,8 @@ class Transformer(nn.Module):
                 in_axes = (nn.broadcast,) * 5 + (0,)
                 args = (positions_BT, local_BTS, global_BTS, local_slots, global_slots, cache["layers"])
             scanned = nn.scan(
-                pair, variable_axes={"params": 0}, split_rngs={"params": True},
+                pair, variable_axes={"params": 0, "lora": 0, "quant": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=in_axes, length=c.num_layers // 2,
                 metadata_params={nn.PARTITION_NAME: "layers"})
             x_BTD, layer_cache = scanned(c, name="layers")(x_BTD, *args)
