@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from gemma_jax import model, sharding
+from gemma_jax import model, paths, sharding
 from gemma_jax.model import ModelConfig
 
 FORMATS = ("hf", "official", "keras", "gemma_jax", "workdir")
@@ -191,7 +191,7 @@ def _is_orbax_dir(p: Path) -> bool:
 
 def _resolve(path) -> tuple[str, Path, dict]:
     """(format, directory to read, extras such as the workdir step)."""
-    p = Path(path).expanduser()
+    p = paths.Path(path) if paths.is_remote(path) else Path(path).expanduser()
     looked_for = (
         "a Hugging Face dir (config.json with model_type gemma2 + model.safetensors or "
         "model.safetensors.index.json), a KerasHub preset (config.json + model.weights.h5), a "
@@ -244,7 +244,7 @@ def detect_format(path) -> str:
 
 def find_tokenizer(path) -> str | None:
     """A tokenizer.model stored in or beside a checkpoint (Kaggle: in the parent), else None."""
-    p = Path(path)
+    p = paths.Path(path)
     for cand in (p / "tokenizer.model", p.parent / "tokenizer.model",
                  p / "assets" / "tokenizer" / "vocabulary.spm"):
         if cand.is_file():
@@ -257,42 +257,44 @@ def find_tokenizer(path) -> str | None:
 
 def write_model_json(directory, config: ModelConfig, fmt: str = "gemma_jax") -> str:
     """Writes model.json (ModelConfig.to_dict() plus the format name) into `directory`."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, MODEL_JSON)
-    with open(path, "w") as f:
-        json.dump({**config.to_dict(), "format": fmt}, f, indent=2)
+    paths.Path(directory).mkdir(parents=True, exist_ok=True)
+    path = paths.join(directory, MODEL_JSON)
+    paths.Path(path).write_text(json.dumps({**config.to_dict(), "format": fmt}, indent=2))
     return path
 
 
 def read_model_json(directory) -> ModelConfig:
     """The ModelConfig of a gemma_jax checkpoint or workdir."""
-    d = json.loads((Path(directory) / MODEL_JSON).read_text())
+    d = json.loads(paths.Path(paths.join(directory, MODEL_JSON)).read_text())
     d.pop("format", None)
     return ModelConfig.from_dict(d)
 
 
-def _restore_standard(params_dir: Path, config: ModelConfig, mesh, rules):
+def _restore_standard(params_dir: Path, config: ModelConfig, mesh, rules, *, shapes=None, shardings=None,
+                      what: str = "model.json"):
+    """Restores a params item, checking every leaf against `shapes` (default: the model's)."""
     import orbax.checkpoint as ocp
 
-    shapes = model.param_shapes(config)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, config.weight_dtype, sharding=sh),
-                            shapes, target_shardings(config, mesh, rules))
+    if shapes is None:
+        shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, config.weight_dtype), model.param_shapes(config))
+        shardings = target_shardings(config, mesh, rules)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     ckpt = ocp.StandardCheckpointer()
     stored = flatten(ckpt.metadata(params_dir).item_metadata.tree)
     for path, sds in flatten(abstract).items():
         name = "/".join(path)
         if path not in stored:
-            raise ValueError(f"{params_dir}: missing parameter {name} (model.json implies shape {sds.shape})")
+            raise ValueError(f"{params_dir}: missing parameter {name} ({what} implies shape {sds.shape})")
         if tuple(stored[path].shape) != tuple(sds.shape):
             raise ValueError(f"{params_dir}: parameter {name}: expected shape {tuple(sds.shape)} from "
-                             f"model.json, found {tuple(stored[path].shape)}")
+                             f"{what}, found {tuple(stored[path].shape)}")
     extra = sorted("/".join(p) for p in stored if p not in flatten(abstract))
     if extra:
-        raise ValueError(f"{params_dir}: parameters {extra[:5]} are not in the model of model.json")
+        raise ValueError(f"{params_dir}: parameters {extra[:5]} are not in the model of {what}")
     return ckpt.restore(params_dir, abstract)
 
 
-def _load_orbax_dir(fmt: str, directory: Path, extras: dict, dtype, mesh, rules):
+def _load_orbax_dir(fmt: str, directory: Path, extras: dict, dtype, mesh, rules, lora_base=None):
     import orbax.checkpoint as ocp
 
     config = scanned_config(read_model_json(directory), dtype)
@@ -309,15 +311,65 @@ def _load_orbax_dir(fmt: str, directory: Path, extras: dict, dtype, mesh, rules)
     if not params_dir.is_dir():
         raise ValueError(f"workdir {directory}: step {step} has no params item ({params_dir})")
     logging.info("loading step %d of workdir %s", step, directory)
-    return config, _restore_standard(params_dir, config, mesh, rules)
+    from gemma_jax import lora
+
+    meta = lora.read_json(directory)
+    if meta is None:
+        return config, _restore_standard(params_dir, config, mesh, rules)
+    return _merge_lora_workdir(directory, meta, params_dir, dtype, mesh, rules, lora_base)
+
+
+def _merge_lora_workdir(directory: Path, meta: dict, params_dir: Path, dtype, mesh, rules, lora_base=None):
+    """A LoRA run's adapters merged into the base checkpoint its lora.json names (or `lora_base`).
+
+    The merge uses the base as stored (not the quantised copy a QLoRA run trained against), so
+    the result is what the adapters would add to the released weights.
+    """
+    import orbax.checkpoint as ocp
+
+    from gemma_jax import lora
+
+    base_path = lora_base or meta["base"]
+    if not os.path.isabs(base_path) and not paths.is_remote(base_path):
+        inside = directory / base_path
+        base_path = str(inside) if inside.exists() else base_path  # "base": the run's random base
+    if not paths.exists(base_path):
+        raise ValueError(f"LoRA workdir {directory}: its base checkpoint {base_path} (lora.json 'base') does "
+                         "not exist; pass the base with lora_base=... (--lora_base on the command line)")
+    config, base = load(base_path, dtype=dtype or meta.get("base_dtype"), mesh=mesh, rules=rules)
+    run_config = read_model_json(directory)
+    config = config.replace(lora_scale=run_config.lora_scale)
+    rank, targets = int(meta["rank"]), meta["targets"]
+    shapes = lora.shapes(model.param_shapes(config), rank, targets, jnp.float32)
+    stored = flatten(ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree)
+    shapes = unflatten({p: jax.ShapeDtypeStruct(s.shape, stored[p].dtype if p in stored else s.dtype)
+                        for p, s in flatten(shapes).items()})
+    if mesh is None:
+        device = jax.config.jax_default_device or jax.devices()[0]
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), shapes)
+    else:
+        shardings = sharding.logical_to_shardings(lora.axes(config, rank, targets), shapes, mesh,
+                                                  rules or sharding.DEFAULT_RULES)
+    adapters = _restore_standard(params_dir, config, mesh, rules, shapes=shapes, shardings=shardings,
+                                 what=f"lora.json (rank {rank}, targets {targets!r})")
+    logging.info("merging rank-%d LoRA adapters of %s into %s", rank, directory, base_path)
+    merged = jax.jit(lora.merge, static_argnums=0)(config, base, adapters)
+    return config.replace(lora_scale=model.ModelConfig.lora_scale, lora_dropout=0.0), merged
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def load(path, *, dtype=None, mesh=None, rules=None):
-    """(ModelConfig, scanned params placed on devices) from any supported checkpoint directory."""
+def load(path, *, dtype=None, mesh=None, rules=None, lora_base=None):
+    """(ModelConfig, scanned params placed on devices) from any supported checkpoint directory.
+
+    A LoRA training workdir loads as the merged model (base + adapters); `lora_base` overrides
+    the base checkpoint named in its lora.json (e.g. after moving the weights).
+    """
     fmt, directory, extras = _resolve(path)
+    if fmt in ("hf", "keras") and paths.is_remote(directory):
+        # Memory-mapped formats: read from a local copy (Orbax formats read gs:// directly).
+        fmt, directory, extras = _resolve(paths.local_copy(directory))
     logging.info("loading %s checkpoint from %s", fmt, directory)
     if fmt == "hf":
         from gemma_jax import hf_format
@@ -333,14 +385,14 @@ def load(path, *, dtype=None, mesh=None, rules=None):
         from gemma_jax import keras_format  # optional extra, written separately
 
         return keras_format.load(directory, dtype=dtype, mesh=mesh, rules=rules)
-    return _load_orbax_dir(fmt, directory, extras, dtype, mesh, rules)
+    return _load_orbax_dir(fmt, directory, extras, dtype, mesh, rules, lora_base)
 
 
 def _prepare_dir(path: Path, overwrite: bool, what: str) -> None:
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise ValueError(f"{path} exists and is not empty; pass overwrite=True to replace the {what}")
-        shutil.rmtree(path)
+        path.rmtree() if paths.is_remote(path) else shutil.rmtree(path)
 
 
 def save(path, config: ModelConfig, params, *, format: str, **kwargs) -> str:
@@ -349,7 +401,14 @@ def save(path, config: ModelConfig, params, *, format: str, **kwargs) -> str:
         raise ValueError(f"unknown save format {format!r}; choose one of {SAVE_FORMATS}")
     tokenizer = kwargs.pop("tokenizer", None)
     overwrite = kwargs.pop("overwrite", False)
-    path = Path(path).expanduser().absolute()
+    if paths.is_remote(path) and format != "gemma_jax":
+        # safetensors / h5 / the official writer want a local directory: write there, then upload.
+        if paths.exists(path) and any(paths.Path(path).iterdir()) and not overwrite:
+            raise ValueError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+        with paths.staged_dir(path) as local:
+            save(local, config, params, format=format, tokenizer=tokenizer, overwrite=True, **kwargs)
+        return str(path)
+    path = paths.Path(path) if paths.is_remote(path) else Path(path).expanduser().absolute()
     if format == "hf":
         from gemma_jax import hf_format
 
@@ -382,6 +441,6 @@ def save(path, config: ModelConfig, params, *, format: str, **kwargs) -> str:
         if jax.process_index() == 0:
             write_model_json(path, cfg)
     if tokenizer and jax.process_index() == 0:
-        shutil.copyfile(tokenizer, path / "tokenizer.model")
+        paths.copy_file(tokenizer, path / "tokenizer.model")
     logging.info("wrote %s checkpoint to %s", format, path)
     return str(path)

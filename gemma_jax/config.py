@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
         param_dtype="float32",  # master weights
         remat="none",  # none | full | dots | dots_no_batch
         scan_layers=True,
+        attention_impl="auto",  # auto | xla | splash (TPU kernel; auto picks it on TPU when shapes allow)
         # Explicit dims: None takes the preset's (or the checkpoint's) value.
         num_layers=config_dict.placeholder(int),
         embed_dim=config_dict.placeholder(int),
@@ -134,9 +135,21 @@ _SIZES = {
 }
 
 
+# LoRA variants, sized for one TPU v5e-8 host (8 x 16 GiB); `python -m gemma_jax.memory
+# --config=configs/legal.py:27b_qlora --device=tpu-v5e` prints the plan. Adapters train in f32
+# with Adam; the base is frozen in bfloat16 (or int8 for QLoRA).
+_LORA = {
+    "2b_lora": dict(size="2b", rank=16, lr=2e-4, quantize="none", remat="dots_no_batch", accum=1),
+    "9b_lora": dict(size="9b", rank=16, lr=2e-4, quantize="none", remat="full", accum=2),
+    "27b_lora": dict(size="27b", rank=16, lr=1e-4, quantize="none", remat="full", accum=2),
+    "27b_qlora": dict(size="27b", rank=16, lr=1e-4, quantize="int8", remat="full", accum=2),
+}
+
+
 def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: dict,
                task: str = "lm", metric: str = "loss") -> ml_collections.ConfigDict:
-    """An experiment config for variant `arg`: "tiny" (shipped sample data, CPU) or "2b"/"9b"/"27b".
+    """An experiment config for variant `arg`: "tiny" (shipped sample data, CPU), "2b"/"9b"/"27b"
+    (full fine-tuning) or "2b_lora"/"9b_lora"/"27b_lora"/"27b_qlora" (adapters on a frozen base).
 
     `full` holds the data keys of the real public dataset used by the full-size variants and may
     give `epochs` (converted to steps from `examples`, the dataset's size). `task` and `metric`
@@ -154,10 +167,11 @@ def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: 
         c.opt.lr, c.opt.warmup_steps, c.opt.weight_decay = 3e-3, 20, 0.01
         c.checkpoint.every_steps = 100
         c.train.export_format = "hf"
-    elif arg in _SIZES:
-        s = _SIZES[arg]
+    elif arg in _SIZES or arg in _LORA:
+        lo = _LORA.get(arg)
+        s = _SIZES[lo["size"] if lo else arg]
         c.model.preset = s["preset"]
-        c.model.init_checkpoint = f"weights/gemma2-{arg}-it"
+        c.model.init_checkpoint = f"weights/gemma2-{lo['size'] if lo else arg}-it"
         c.model.remat = s["remat"]
         c.data.seq_len = s["seq_len"]
         c.train.batch_size = s["batch_size"]
@@ -170,6 +184,13 @@ def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: 
             c.train.steps = max(1, epochs * examples // c.train.batch_size)
         c.train.log_every, c.train.eval_every, c.train.eval_batches = 10, 500, 50
         c.checkpoint.every_steps = 500
+        if lo:
+            c.lora.rank, c.lora.alpha, c.lora.quantize = lo["rank"], 2.0 * lo["rank"], lo["quantize"]
+            c.opt.lr, c.opt.weight_decay, c.model.remat = lo["lr"], 0.0, lo["remat"]
+            # Micro-batches and 256-token loss chunks keep the activations (mostly T x T scores
+            # and [chunk, 256k] logits) inside a 16 GiB chip.
+            c.train.grad_accum, c.train.loss_chunk = lo["accum"], 256
     else:
-        raise ValueError(f"unknown variant {arg!r} of configs/{domain}.py; choose tiny, 2b, 9b or 27b")
+        raise ValueError(f"unknown variant {arg!r} of configs/{domain}.py; choose tiny, "
+                         f"{', '.join(list(_SIZES) + list(_LORA))}")
     return lock(c)

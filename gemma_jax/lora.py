@@ -206,13 +206,6 @@ def dequantize(params: Params, scales: Params) -> Params:
     return out
 
 
-def scale_spec(spec: P, path, shape) -> P:
-    """Sharding spec of a weight's scale: the weight's, with contracted (size-1) axes replicated."""
-    letters, _, _, _ = _letters(path, len(shape))
-    lhs = _weight_eqn(path).split(",")[0]
-    return P(*(None if c in lhs else s for c, s in zip(letters, tuple(spec) + (None,) * len(letters))))
-
-
 # ----------------------------------------------------------------------------- run metadata
 
 

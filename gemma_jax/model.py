@@ -33,7 +33,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
+from gemma_jax import attention_kernels
 from gemma_jax.kv_cache import cache_update
 
 Params = Any
@@ -87,6 +89,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
+    # Training-pass attention: auto | xla | splash (gemma_jax.attention_kernels).
+    attention_impl: str = "auto"
     # Low-rank adapters (gemma_jax.lora), used only when a "lora" collection is passed.
     lora_scale: float = 1.0  # alpha / rank
     lora_dropout: float = 0.0  # on the adapter input, when a "dropout" rng is passed
@@ -107,6 +111,7 @@ class ModelConfig:
                                  f"choose one of {sorted(_DTYPES)}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        attention_kernels.check_impl(self.attention_impl)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -395,12 +400,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE and the attention-logit soft-cap."""
+    """Grouped-query attention with RoPE and the attention-logit soft-cap.
+
+    Without a cache, config.attention_impl may route the product to a fused kernel, which needs
+    the segment ids and `local` (the sliding window) instead of the dense mask. Asking for the
+    attention probabilities (mutable "intermediates") always takes the xla path: a fused kernel
+    never forms them.
+    """
 
     config: ModelConfig
+    local: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, slots_BT=None):
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, slots_BT=None, segment_ids_BT=None):
         c = self.config
         n, k, g, h, d = c.num_heads, c.num_kv_heads, c.num_groups, c.head_dim, c.embed_dim
         cached = cache is not None
@@ -415,6 +427,10 @@ class Attention(nn.Module):
         q_BTKGH = q_BTNH.reshape(b, t, k, g, h)
         if cache is not None and t == 1:
             enc_BTKGH, cache = self._decode_step(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cache, slots_BT)
+        elif self._fused(t, cache, segment_ids_BT) == "splash":
+            enc_BTKGH = attention_kernels.splash_attention(
+                q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, window=c.sliding_window if self.local else None,
+                softcap=c.attn_softcap).astype(v_BSKH.dtype)
         else:
             probs_BKGTS = masked_softmax(attention_logits(c, q_BTKGH, k_BSKH), mask_BTS)
             # Kept only when the caller asks: apply(..., mutable=["intermediates"]).
@@ -428,6 +444,17 @@ class Attention(nn.Module):
         out_BTD = Einsum((n, h, d), ("heads", "head_dim", "embed"), c, cached=cached,
                          name="attn_vec_einsum")("BTNH,NHD->BTD", enc_BTNH)
         return out_BTD, cache
+
+    def _fused(self, t, cache, segment_ids_BT) -> str:
+        """The implementation of a pass without a cache; prefill and probability capture use xla."""
+        if cache is not None or segment_ids_BT is None or self.is_mutable_collection("intermediates"):
+            return "xla"
+        c = self.config
+        impl = attention_kernels.choose(c.attention_impl, jax.default_backend(), t, c.head_dim)
+        if impl != c.attention_impl and c.attention_impl == "splash" and not self.is_initializing():
+            logging.warning("attention_impl='splash' runs xla for length %d (not a multiple of %d)",
+                            t, attention_kernels.MIN_BLOCK)
+        return impl
 
     def _decode_step(self, q_B1KGH, k_B1KH, v_B1KH, mask_B1S, cache, slots_B1):
         """One token per row: written into its slot first, then attending to the cache in place."""
@@ -469,12 +496,13 @@ class Block(nn.Module):
     """One decoder layer with Gemma 2's sandwich norms."""
 
     config: ModelConfig
+    local: bool = False  # sliding-window attention; the mask says so too, a fused kernel needs it here
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, slots_BT=None):
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, slots_BT=None, segment_ids_BT=None):
         c = self.config
-        attn_BTD, cache = Attention(c, name="attn")(
-            RMSNorm(c, name="pre_attention_norm")(x_BTD), positions_BT, mask_BTS, cache, slots_BT)
+        attn_BTD, cache = Attention(c, local=self.local, name="attn")(
+            RMSNorm(c, name="pre_attention_norm")(x_BTD), positions_BT, mask_BTS, cache, slots_BT, segment_ids_BT)
         x_BTD = x_BTD + RMSNorm(c, name="post_attention_norm")(attn_BTD)
         mlp_BTD = MLP(c, cached=cache is not None, name="mlp")(RMSNorm(c, name="pre_ffw_norm")(x_BTD))
         x_BTD = x_BTD + RMSNorm(c, name="post_ffw_norm")(mlp_BTD)
@@ -488,12 +516,12 @@ class LayerPair(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, local_mask_BTS, global_mask_BTS, local_slots_BT=None,
-                 global_slots_BT=None, cache=None):
+                 global_slots_BT=None, cache=None, segment_ids_BT=None):
         cache = cache or {"local": None, "global": None}
-        x_BTD, local = Block(self.config, name="local")(
-            x_BTD, positions_BT, local_mask_BTS, cache["local"], local_slots_BT)
-        x_BTD, global_ = Block(self.config, name="global")(
-            x_BTD, positions_BT, global_mask_BTS, cache["global"], global_slots_BT)
+        x_BTD, local = Block(self.config, local=True, name="local")(
+            x_BTD, positions_BT, local_mask_BTS, cache["local"], local_slots_BT, segment_ids_BT)
+        x_BTD, global_ = Block(self.config, local=False, name="global")(
+            x_BTD, positions_BT, global_mask_BTS, cache["global"], global_slots_BT, segment_ids_BT)
         return x_BTD, (None if local is None else {"local": local, "global": global_})
 
 
@@ -551,8 +579,8 @@ class Transformer(nn.Module):
         if c.scan_layers:
             if cache is None:
                 pair = LayerPair if c.remat == "none" else nn.remat(LayerPair, policy=policy, prevent_cse=False)
-                in_axes = (nn.broadcast,) * 3
-                args = (positions_BT, local_BTS, global_BTS)
+                in_axes = (nn.broadcast,) * 7
+                args = (positions_BT, local_BTS, global_BTS, None, None, None, segment_ids_BT)
             else:  # decoding: no remat, and the per-pair caches are scanned in and out
                 pair = LayerPair
                 in_axes = (nn.broadcast,) * 5 + (0,)
@@ -573,9 +601,10 @@ class Transformer(nn.Module):
             local = c.is_local(i)
             mask_BTS = local_BTS if local else global_BTS
             if cache is None:
-                x_BTD, _ = block(c, name=f"layer_{i}")(x_BTD, positions_BT, mask_BTS)
+                x_BTD, _ = block(c, local=local, name=f"layer_{i}")(
+                    x_BTD, positions_BT, mask_BTS, None, None, segment_ids_BT)
             else:
-                x_BTD, new_cache[f"layer_{i}"] = block(c, name=f"layer_{i}")(
+                x_BTD, new_cache[f"layer_{i}"] = block(c, local=local, name=f"layer_{i}")(
                     x_BTD, positions_BT, mask_BTS, cache[f"layer_{i}"], local_slots if local else global_slots)
 
         x_BTD = RMSNorm(c, name="final_norm")(x_BTD)

@@ -27,8 +27,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from gemma_jax import checkpoint, data as data_lib, model as model_lib, sharding
-from gemma_jax import train_checkpoints, train_log
+from gemma_jax import checkpoint, data as data_lib, lora as lora_lib, model as model_lib, sharding
+from gemma_jax import paths, train_checkpoints, train_log
 from gemma_jax.model import ModelConfig
 from gemma_jax.tokenizer import Tokenizer
 
@@ -41,14 +41,14 @@ _DIMS = ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "
 
 def find_tokenizer(cfg, workdir: str = "") -> Tokenizer:
     """data.tokenizer, else the copy a run keeps in its workdir, else one beside model.init_checkpoint."""
-    kept = os.path.join(workdir, "tokenizer.model") if workdir else ""
-    path = (cfg.data.tokenizer or (kept if os.path.isfile(kept) else "")
+    kept = paths.join(workdir, "tokenizer.model") if workdir else ""
+    path = (cfg.data.tokenizer or (kept if paths.exists(kept) else "")
             or (cfg.model.init_checkpoint and checkpoint.find_tokenizer(cfg.model.init_checkpoint)))
     if not path:
         raise FileNotFoundError(
             "no tokenizer: set data.tokenizer to a tokenizer.model (it ships with the Gemma 2 "
             "weights on Kaggle and Hugging Face), or put one beside model.init_checkpoint")
-    return Tokenizer(path)
+    return Tokenizer(paths.local_copy(path))  # SentencePiece reads local files only
 
 
 def model_config(cfg, tokenizer: Tokenizer, loaded: ModelConfig | None = None) -> ModelConfig:
@@ -73,12 +73,28 @@ def model_config(cfg, tokenizer: Tokenizer, loaded: ModelConfig | None = None) -
     elif "vocab_size" not in dims:
         # Round up so the vocab axis shards evenly (Gemma itself pads 256000 to 256128).
         dims["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
-    fields = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers, **dims)
+    fields = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers, attention_impl=m.attention_impl, **dims)
     config = base.replace(**fields) if base is not None else ModelConfig(**fields)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model "
                          f"only {config.vocab_size} embedding rows")
     return config
+
+
+def lora_enabled(cfg) -> bool:
+    """Whether the run trains low-rank adapters (lora.rank > 0) instead of every weight."""
+    return int(cfg.lora.rank) > 0
+
+
+def lora_model_config(cfg, config: ModelConfig) -> ModelConfig:
+    """The model of a LoRA run: adapter scale and dropout, base held in lora.base_dtype."""
+    lo = cfg.lora
+    if lo.quantize not in ("none", *lora_lib.QUANT_DTYPES):
+        raise ValueError(f"lora.quantize={lo.quantize!r}; choose none, {', '.join(lora_lib.QUANT_DTYPES)}")
+    if not 0 <= float(lo.dropout) < 1:
+        raise ValueError(f"lora.dropout={lo.dropout} must be in [0, 1)")
+    return config.replace(lora_scale=float(lo.alpha) / int(lo.rank), lora_dropout=float(lo.dropout),
+                          param_dtype=lo.base_dtype)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -125,12 +141,15 @@ def make_optimizer(opt, steps: int) -> optax.GradientTransformation:
 # ----------------------------------------------------------------------------- loss
 
 
-def chunked_cross_entropy(config: ModelConfig, hidden_BTD, table_VD, targets_BT, mask_BT, chunk: int):
+def chunked_cross_entropy(config: ModelConfig, hidden_BTD, table_VD, targets_BT, mask_BT, chunk: int,
+                          table_grad: bool = True):
     """Sums of masked token losses and correct predictions, computed `chunk` tokens at a time.
 
     The [tokens, vocab] float32 logits exist for one chunk at a time, so a 256k vocabulary
     never needs [batch, length, vocab]. The gradient is formed in the same pass (see
     `_fused_ce`), so unlike rematerialising each chunk the logits are computed only once.
+    `table_grad=False` (a frozen embedding, as in LoRA) skips the [vocab, embed] float32
+    gradient accumulator.
     """
     d = hidden_BTD.shape[-1]
     x_ND = hidden_BTD.reshape(-1, d)
@@ -141,11 +160,11 @@ def chunked_cross_entropy(config: ModelConfig, hidden_BTD, table_VD, targets_BT,
     if pad:
         x_ND = jnp.pad(x_ND, ((0, pad), (0, 0)))
         y_N, m_N = jnp.pad(y_N, (0, pad)), jnp.pad(m_N, (0, pad))
-    loss_sum, correct, _, _ = _fused_ce(config, chunk, x_ND, table_VD, y_N, m_N)
+    loss_sum, correct, _, _ = _fused_ce(config, chunk, table_grad, x_ND, table_VD, y_N, m_N)
     return loss_sum, correct
 
 
-def _ce_chunks(config: ModelConfig, chunk: int, x_ND, table_VD, y_N, m_N):
+def _ce_chunks(config: ModelConfig, chunk: int, table_grad: bool, x_ND, table_VD, y_N, m_N):
     """Loss sum, correct count, d(loss)/d(hidden) and d(loss)/d(table), one chunk at a time.
 
     The loss is the last operation of the step, so its gradient can be formed while each
@@ -166,60 +185,75 @@ def _ce_chunks(config: ModelConfig, chunk: int, x_ND, table_VD, y_N, m_N):
         if cap:  # d(cap * tanh(z / cap)) / dz = 1 - (capped / cap)^2
             dlogits_CV = dlogits_CV * (1.0 - jnp.square(logits_CV / cap))
         dx_CD = jnp.einsum("CV,VD->CD", dlogits_CV, table_VD, preferred_element_type=jnp.float32)
-        dtable_VD = dtable_VD + jnp.einsum("CV,CD->VD", dlogits_CV, x_CD.astype(jnp.float32))
+        if table_grad:
+            dtable_VD = dtable_VD + jnp.einsum("CV,CD->VD", dlogits_CV, x_CD.astype(jnp.float32))
         loss = loss + jnp.sum((logz_C - true_C) * m_C)
         return (loss, hits, dtable_VD), dx_CD.astype(x_CD.dtype)
 
     xs = (x_ND.reshape(-1, chunk, d), y_N.reshape(-1, chunk), m_N.reshape(-1, chunk))
-    init = (jnp.float32(0), jnp.float32(0), jnp.zeros(table_VD.shape, jnp.float32))
+    init = (jnp.float32(0), jnp.float32(0), jnp.zeros(table_VD.shape if table_grad else (), jnp.float32))
     (loss, hits, dtable_VD), dx = jax.lax.scan(one, init, xs)
     return loss, hits, dx.reshape(x_ND.shape), dtable_VD.astype(table_VD.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_ce(config, chunk, x_ND, table_VD, y_N, m_N):
-    return _ce_chunks(config, chunk, x_ND, table_VD, y_N, m_N)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_ce(config, chunk, table_grad, x_ND, table_VD, y_N, m_N):
+    return _ce_chunks(config, chunk, table_grad, x_ND, table_VD, y_N, m_N)
 
 
-def _fused_ce_fwd(config, chunk, x_ND, table_VD, y_N, m_N):
-    out = _ce_chunks(config, chunk, x_ND, table_VD, y_N, m_N)
-    return out, (out[2], out[3], y_N, m_N)
+def _fused_ce_fwd(config, chunk, table_grad, x_ND, table_VD, y_N, m_N):
+    out = _ce_chunks(config, chunk, table_grad, x_ND, table_VD, y_N, m_N)
+    return out, (out[2], out[3], y_N, m_N, table_VD.shape)
 
 
-def _fused_ce_bwd(config, chunk, residuals, cotangents):
-    dx_ND, dtable_VD, y_N, m_N = residuals
+def _fused_ce_bwd(config, chunk, table_grad, residuals, cotangents):
+    dx_ND, dtable_VD, y_N, m_N, table_shape = residuals
     g = cotangents[0]  # only the loss sum is differentiated; counts and the gradients are outputs
-    return (dx_ND * g.astype(dx_ND.dtype), dtable_VD * g.astype(dtable_VD.dtype),
+    dtable_VD = dtable_VD * g.astype(dtable_VD.dtype) if table_grad else jnp.zeros(table_shape, dtable_VD.dtype)
+    return (dx_ND * g.astype(dx_ND.dtype), dtable_VD,
             np.zeros(y_N.shape, jax.dtypes.float0), jnp.zeros_like(m_N))
 
 
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
-def loss_fn(params, batch, *, config: ModelConfig, chunk: int):
-    """(sum of token losses, (target tokens, correct tokens)) of one batch."""
+def loss_fn(params, batch, frozen=None, *, config: ModelConfig, chunk: int, rng=None):
+    """(sum of token losses, (target tokens, correct tokens)) of one batch.
+
+    `params` are the trained weights: the whole model, or with `frozen` (a LoRA run: {"params":
+    base, optionally "quant": scales}) the adapters alone. `rng` drives adapter dropout.
+    """
+    if frozen:
+        variables = dict(frozen, lora=params)
+        table_VD = frozen["params"]["embedder"]["input_embedding"]
+    else:
+        variables = {"params": params}
+        table_VD = params["embedder"]["input_embedding"]
+    rngs = {"dropout": rng} if rng is not None and config.lora_dropout else None
     hidden_BTD = model_lib.Transformer(config).apply(
-        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"], return_hidden=True)
-    table_VD = params["embedder"]["input_embedding"]
+        variables, batch["inputs"], batch["positions"], batch["segment_ids"], return_hidden=True, rngs=rngs)
     loss_sum, correct = chunked_cross_entropy(
-        config, hidden_BTD, table_VD, batch["targets"], batch["loss_mask"], chunk)
+        config, hidden_BTD, table_VD, batch["targets"], batch["loss_mask"], chunk, table_grad=not frozen)
     return loss_sum, (jnp.sum(batch["loss_mask"]), correct)
 
 
 # ----------------------------------------------------------------------------- train step
 
 
-def train_step(state, batch, *, config: ModelConfig, tx, chunk: int, accum: int, schedule):
+def train_step(state, batch, frozen=None, *, config: ModelConfig, tx, chunk: int, accum: int, schedule):
     """One optimizer step over `accum` micro-batches, weighted by their target-token counts.
 
     Gradients of the summed token losses are added up and divided by the step's total target
-    tokens, so k micro-batches of b rows give the same update as one batch of k*b rows.
+    tokens, so k micro-batches of b rows give the same update as one batch of k*b rows. With
+    `frozen` (LoRA) only state["params"], the adapters, are differentiated and updated.
     """
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, config=config, chunk=chunk), has_aux=True)
     params = state["params"]
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
-    def micro(carry, mb):
-        (loss_sum, (tokens, correct)), grads = grad_fn(params, mb)
+    def micro(carry, xs):
+        mb, i = xs
+        (loss_sum, (tokens, correct)), grads = grad_fn(params, mb, frozen, rng=jax.random.fold_in(step_rng, i))
         g_acc, l_acc, t_acc, c_acc = carry
         return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss_sum, t_acc + tokens, c_acc + correct), None
 
@@ -227,7 +261,7 @@ def train_step(state, batch, *, config: ModelConfig, tx, chunk: int, accum: int,
     micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-    (grads, loss_sum, tokens, correct), _ = jax.lax.scan(micro, init, micro_batches)
+    (grads, loss_sum, tokens, correct), _ = jax.lax.scan(micro, init, (micro_batches, jnp.arange(accum)))
 
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
@@ -239,13 +273,36 @@ def train_step(state, batch, *, config: ModelConfig, tx, chunk: int, accum: int,
     return new_state, metrics
 
 
-def eval_step(params, batch, *, config: ModelConfig, chunk: int):
+def eval_step(params, batch, frozen=None, *, config: ModelConfig, chunk: int):
     """Summed loss, target tokens and correct tokens of one eval batch."""
-    loss_sum, (tokens, correct) = loss_fn(params, batch, config=config, chunk=chunk)
+    loss_sum, (tokens, correct) = loss_fn(params, batch, frozen, config=config, chunk=chunk)
     return dict(loss_sum=loss_sum, tokens=tokens, correct=correct)
 
 
 # ----------------------------------------------------------------------------- sharded state
+
+
+def _lora_shardings(cfg, config: ModelConfig, mesh, rules, base_sh):
+    """(adapter shapes, adapter shardings, frozen-base shardings) of a LoRA run."""
+    lo = cfg.lora
+    base_shapes = model_lib.param_shapes(config)
+    shapes = lora_lib.shapes(base_shapes, int(lo.rank), lo.targets, jnp.dtype(cfg.model.param_dtype))
+    param_sh = sharding.logical_to_shardings(lora_lib.axes(config, int(lo.rank), lo.targets), shapes, mesh, rules)
+    frozen_sh = {"params": base_sh}
+    if lo.quantize != "none":
+        # A scale sits where its weight does, with the contracted axes (length 1) unsharded.
+        _, scale_shapes = jax.eval_shape(lambda p: lora_lib.quantize(p, lo.quantize), base_shapes)
+        axes = model_lib.param_axes(config)
+        scale_axes = jax.tree_util.tree_map_with_path(
+            lambda path, _: _at(axes, [getattr(k, "key", None) for k in path[:-1]] + ["w"]), scale_shapes)
+        frozen_sh["quant"] = sharding.logical_to_shardings(scale_axes, scale_shapes, mesh, rules)
+    return shapes, param_sh, frozen_sh
+
+
+def _at(tree, keys):
+    for k in keys:
+        tree = tree[k]
+    return tree
 
 
 def _like_params(tree_shapes, param_sh, mesh):
@@ -264,7 +321,12 @@ def _like_params(tree_shapes, param_sh, mesh):
 
 @dataclasses.dataclass
 class Trainer:
-    """Everything the loop needs, built once from a config: model, mesh, optimizer, jitted steps."""
+    """Everything the loop needs, built once from a config: model, mesh, optimizer, jitted steps.
+
+    With LoRA (cfg.lora.rank > 0) the state's params are the adapters and the frozen base lives
+    in `frozen` ({"params": base, "quant": scales when quantised}), set by `set_base`; it is an
+    argument of every step but never differentiated, updated or saved with the state.
+    """
 
     cfg: Any
     config: ModelConfig
@@ -276,6 +338,13 @@ class Trainer:
     batch_sharding: Any
     step_fn: Any
     eval_fn: Any
+    param_shapes: Any  # of the trained params (the model, or the adapters)
+    frozen_sharding: Any = None
+    frozen: Any = None
+
+    @property
+    def lora(self) -> bool:
+        return self.frozen_sharding is not None
 
     @classmethod
     def create(cls, cfg, config: ModelConfig, mesh) -> "Trainer":
@@ -284,31 +353,67 @@ class Trainer:
         steps = int(cfg.train.steps)
         tx = make_optimizer(cfg.opt, steps)
         schedule = lr_schedule(cfg.opt, steps)
-        param_sh = sharding.param_shardings(config, mesh, rules)
-        opt_shapes = jax.eval_shape(tx.init, model_lib.param_shapes(config))
+        base_sh = sharding.param_shardings(config, mesh, rules)
+        frozen_sh = None
+        if lora_enabled(cfg):
+            shapes, param_sh, frozen_sh = _lora_shardings(cfg, config, mesh, rules, base_sh)
+        else:
+            shapes, param_sh = model_lib.param_shapes(config), base_sh
+        opt_shapes = jax.eval_shape(tx.init, shapes)
         rep = sharding.replicated(mesh)
         state_sh = dict(step=rep, params=param_sh, opt_state=_like_params(opt_shapes, param_sh, mesh), rng=rep)
         batch_sh = sharding.batch_sharding(mesh, rules)
         chunk, accum = int(cfg.train.loss_chunk), int(cfg.train.grad_accum)
         step = functools.partial(train_step, config=config, tx=tx, chunk=chunk, accum=accum, schedule=schedule)
-        step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
+        step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, rep),
+                          donate_argnums=0)
         eval_fn = jax.jit(functools.partial(eval_step, config=config, chunk=chunk),
-                          in_shardings=(param_sh, batch_sh), out_shardings=rep)
-        return cls(cfg, config, mesh, rules, tx, schedule, state_sh, batch_sh, step_fn, eval_fn)
+                          in_shardings=(param_sh, batch_sh, frozen_sh), out_shardings=rep)
+        return cls(cfg, config, mesh, rules, tx, schedule, state_sh, batch_sh, step_fn, eval_fn, shapes, frozen_sh)
 
     def context(self):
         """Mesh and logical-axis rules active while tracing, so activation constraints apply."""
         stack = _Contexts(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
         return stack
 
+    def set_base(self, params=None) -> None:
+        """LoRA: the frozen base from a loaded tree (already sharded) or random (train.seed),
+        cast to lora.base_dtype or quantised per lora.quantize, in its shardings."""
+        lo, sh = self.cfg.lora, self.frozen_sharding
+        with self.context():
+            if params is None:
+                params = jax.jit(lambda: model_lib.init_params(self.config, jax.random.key(int(self.cfg.train.seed))),
+                                 out_shardings=sh["params"])()
+            if lo.quantize == "none":
+                dtype = self.config.weight_dtype
+                self.frozen = {"params": jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
+                                                 out_shardings=sh["params"], donate_argnums=0)(params)}
+            else:
+                qparams, scales = lora_lib.quantize(params, lo.quantize)
+                self.frozen = {"params": jax.device_put(qparams, sh["params"]),
+                               "quant": jax.device_put(scales, sh["quant"])}
+
     def init_state(self, params=None):
-        """Fresh state: params from the given tree (already sharded) or random, created sharded."""
+        """Fresh state, created sharded: params from the given tree (already sharded) or random.
+
+        LoRA: `params` is the base (see set_base, called here if not yet); adapters start fresh.
+        """
         seed = int(self.cfg.train.seed)
         sh = self.state_sharding
+        if self.lora:
+            if self.frozen is None:
+                self.set_base(params)
+            lo = self.cfg.lora
+            dtype = jnp.dtype(self.cfg.model.param_dtype)
+            params = None
+            make = lambda: lora_lib.init(model_lib.param_shapes(self.config), int(lo.rank), lo.targets,  # noqa: E731
+                                         jax.random.key(seed + 2), dtype)
+        else:
+            make = lambda: model_lib.init_params(self.config, jax.random.key(seed))  # noqa: E731
 
         def fresh(params):
             if params is None:
-                params = model_lib.init_params(self.config, jax.random.key(seed))
+                params = make()
             return dict(step=jnp.int32(0), params=params, opt_state=self.tx.init(params),
                         rng=jax.random.key_data(jax.random.key(seed + 1)))
 
@@ -325,7 +430,7 @@ class Trainer:
     def step(self, state, batch):
         """One jitted train step."""
         with self.context():
-            return self.step_fn(state, batch)
+            return self.step_fn(state, batch, self.frozen)
 
     def evaluate(self, params, batches, limit: int = 0) -> dict[str, float]:
         """Loss, perplexity and token accuracy over eval batches (process-local lists)."""
@@ -334,7 +439,7 @@ class Trainer:
             for i, b in enumerate(batches):
                 if limit and i >= limit:
                     break
-                out = jax.device_get(self.eval_fn(params, self.put_batch(b)))
+                out = jax.device_get(self.eval_fn(params, self.put_batch(b), self.frozen))
                 for k in totals:
                     totals[k] += float(out[k])
         tokens = max(totals["tokens"], 1.0)
@@ -393,14 +498,12 @@ class _Preemption:
 def _write_run_files(cfg, workdir, config: ModelConfig, tokenizer: Tokenizer):
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
+    paths.Path(workdir).mkdir(parents=True, exist_ok=True)
+    paths.Path(paths.join(workdir, "config.json")).write_text(cfg.to_json_best_effort(indent=2))
     checkpoint.write_model_json(workdir, config, "workdir")
-    dst = os.path.join(workdir, "tokenizer.model")
-    if os.path.abspath(tokenizer.path) != os.path.abspath(dst):
-        with open(tokenizer.path, "rb") as src, open(dst, "wb") as out:
-            out.write(src.read())
+    dst = paths.join(workdir, "tokenizer.model")
+    if paths.absolute(tokenizer.path) != paths.absolute(dst):
+        paths.copy_file(tokenizer.path, dst)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
@@ -412,7 +515,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
     resuming = train_checkpoints.has_train_checkpoint(workdir)
     # Before the tokenizer lookup: a missing checkpoint also means no tokenizer beside it, and
     # "weights not downloaded" is the error the user needs to see.
-    if cfg.model.init_checkpoint and not resuming and not os.path.exists(cfg.model.init_checkpoint):
+    if cfg.model.init_checkpoint and not resuming and not paths.exists(cfg.model.init_checkpoint):
         raise FileNotFoundError(
             f"model.init_checkpoint={cfg.model.init_checkpoint!r} does not exist. Download Gemma 2 "
             "weights first: Kaggle google/gemma-2/flax (official) or Hugging Face google/gemma-2-2b "
@@ -420,15 +523,19 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
     tokenizer = find_tokenizer(cfg, workdir)
     mesh = sharding.mesh_from_config(cfg.mesh)
     rules = sharding.rules_from_config(cfg.mesh)
+    use_lora = lora_enabled(cfg)
     loaded_params = None
-    if cfg.model.init_checkpoint and not resuming:
-        loaded, loaded_params = checkpoint.load(cfg.model.init_checkpoint, dtype=cfg.model.param_dtype,
-                                                mesh=mesh, rules=rules)
+    if cfg.model.init_checkpoint and (not resuming or use_lora):  # LoRA needs the frozen base again
+        loaded, loaded_params = checkpoint.load(
+            cfg.model.init_checkpoint, dtype=cfg.lora.base_dtype if use_lora else cfg.model.param_dtype,
+            mesh=mesh, rules=rules)
         config = model_config(cfg, tokenizer, loaded)
     elif cfg.model.init_checkpoint:
         config = model_config(cfg, tokenizer, checkpoint.read_model_json(workdir))
     else:
         config = model_config(cfg, tokenizer)
+    if use_lora:
+        config = lora_model_config(cfg, config)
 
     batch_size, accum = int(cfg.train.batch_size), int(cfg.train.grad_accum)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -440,6 +547,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
     trainer = Trainer.create(cfg, config, mesh)
     _write_run_files(cfg, workdir, config, tokenizer)
     logging.info("%s; %s; %.1fM params", sharding.describe(mesh), config, config.num_params() / 1e6)
+    if use_lora:
+        trainer.set_base(loaded_params)
+        if not cfg.model.init_checkpoint and not paths.exists(paths.join(workdir, "base")):
+            # A random base is kept so the adapters can be merged into it later (gemma_jax.load).
+            checkpoint.save(os.path.join(workdir, "base"), config, trainer.frozen["params"], format="gemma_jax")
+        if jax.process_index() == 0:
+            lora_lib.write_json(workdir, cfg.lora, cfg.model.init_checkpoint or "base")
+        trained = sum(x.size for x in jax.tree.leaves(trainer.param_shapes))
+        logging.info("LoRA rank %d on %s: %.2fM trained params (%.3f%% of the model), base %s",
+                     int(cfg.lora.rank), cfg.lora.targets, trained / 1e6, 100 * trained / config.num_params(),
+                     cfg.lora.quantize if cfg.lora.quantize != "none" else cfg.lora.base_dtype)
 
     manager = train_checkpoints.TrainCheckpoints(workdir, every_steps=int(cfg.checkpoint.every_steps),
                                           keep=int(cfg.checkpoint.keep), async_save=bool(cfg.checkpoint.async_save))
@@ -481,7 +599,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
     manager.close()
     metrics.update(logger.close())
     if step == steps and step > start and cfg.train.export_format:
-        path = checkpoint.save(os.path.join(workdir, "export"), config, state["params"],
+        if use_lora:  # merged into the base as read from disk (not the quantised copy)
+            trainer.frozen, state = None, None
+            export_config, params = checkpoint.load(workdir, mesh=mesh, rules=rules)
+        else:
+            export_config, params = config, state["params"]
+        path = checkpoint.save(os.path.join(workdir, "export"), export_config, params,
                                format=cfg.train.export_format, tokenizer=tokenizer.path, overwrite=True)
         logging.info("exported %s weights to %s", cfg.train.export_format, path)
     metrics["step"] = step

@@ -1,13 +1,11 @@
 """Orbax checkpoints of a training run: save every N steps and on preemption, resume exactly.
 
 Layout: WORKDIR/checkpoints/<step>/{params, opt_state, meta}. `params` alone is what
-`gemma_jax.load(WORKDIR)` reads; `meta` holds the step, the RNG and the data iterator position
+`gemma_jax.load(WORKDIR)` reads (for a LoRA run: the adapters, merged into the base it names); `meta` holds the step, the RNG and the data iterator position
 so a resumed run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,18 +13,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from gemma_jax import model as model_lib
+from gemma_jax import paths
+
 
 
 def checkpoints_dir(workdir: str) -> str:
-    """WORKDIR/checkpoints."""
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    """WORKDIR/checkpoints (a local absolute path, or a gs:// URL that Orbax writes directly)."""
+    return paths.join(paths.absolute(workdir), "checkpoints")
 
 
 def has_train_checkpoint(workdir: str) -> bool:
     """Whether the workdir holds at least one saved training step."""
-    d = checkpoints_dir(workdir)
-    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+    d = paths.Path(checkpoints_dir(workdir))
+    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
 def _abstract(shapes, shardings):
@@ -72,7 +71,7 @@ class TrainCheckpoints:
     def restore(self, trainer, data_iter):
         """The latest state in the trainer's shardings; moves the data iterator to where it was."""
         step = self.manager.latest_step()
-        shapes = model_lib.param_shapes(trainer.config)
+        shapes = trainer.param_shapes
         opt_shapes = jax.eval_shape(trainer.tx.init, shapes)
         sh = trainer.state_sharding
         restored = self.manager.restore(step, args=ocp.args.Composite(

@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -17,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+
+from gemma_jax import paths
 
 # Dense bf16 peak FLOP/s per chip, by the start of jax's device_kind.
 _PEAK_FLOPS = {
@@ -55,13 +58,21 @@ def memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _tensorboard(workdir):
+def _tensorboard_dir(workdir) -> str:
+    """WORKDIR/tensorboard, or for a remote workdir a local directory copied there at the end."""
+    if not paths.is_remote(workdir):
+        return os.path.join(workdir, "tensorboard")
+    name = paths.absolute(workdir).split("://", 1)[1].replace("/", "_")
+    return os.path.join(tempfile.gettempdir(), "gemma_jax_tensorboard", name)
+
+
+def _tensorboard(logdir):
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard events")
         return None
-    return SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+    return SummaryWriter(logdir=logdir)
 
 
 class Logger:
@@ -81,9 +92,9 @@ class Logger:
         self.bar = None
         if not self.main:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self.tb = _tensorboard(workdir)
+        self.jsonl = paths.JsonlWriter(paths.join(workdir, "metrics.jsonl"))
+        self.tb_dir = _tensorboard_dir(workdir)
+        self.tb = _tensorboard(self.tb_dir)
         if stats:
             logging.info("data: %s", json.dumps(stats, default=str))
             self._write({"step": start_step, "data_stats": stats})
@@ -97,7 +108,6 @@ class Logger:
 
     def _write(self, record):
         self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
 
     def step(self, step: int, metrics, *, log: bool):
         """Records one step; every log step it syncs with the device and writes everything."""
@@ -165,8 +175,10 @@ class Logger:
                 self.bar.close()
             if self.tb is not None:
                 self.tb.close()
+                if paths.is_remote(self.workdir):
+                    paths.copy_tree(self.tb_dir, paths.join(self.workdir, "tensorboard"))
             self.jsonl.close()
-            plot_metrics(os.path.join(self.workdir, "metrics.jsonl"), os.path.join(self.workdir, "plots"))
+            plot_metrics(paths.join(self.workdir, "metrics.jsonl"), paths.join(self.workdir, "plots"))
         return dict(self.last)
 
 
@@ -179,12 +191,11 @@ def plot_metrics(jsonl_path: str, out_dir: str) -> list[str]:
     except ImportError:
         logging.warning("matplotlib is not installed: no plots")
         return []
-    records = [json.loads(line) for line in open(jsonl_path) if line.strip()]
+    records = [json.loads(line) for line in paths.Path(jsonl_path).read_text().splitlines() if line.strip()]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     if not train:
         return []
-    os.makedirs(out_dir, exist_ok=True)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if evals:
@@ -193,7 +204,7 @@ def plot_metrics(jsonl_path: str, out_dir: str) -> list[str]:
     ax2.plot([r["step"] for r in train], [r["learning_rate"] for r in train])
     ax2.set_xlabel("step"), ax2.set_title("learning rate")
     fig.tight_layout()
-    path = os.path.join(out_dir, "loss.png")
-    fig.savefig(path, dpi=100)
+    with paths.staged_dir(out_dir) as local:
+        fig.savefig(os.path.join(local, "loss.png"), dpi=100)
     plt.close(fig)
-    return [path]
+    return [paths.join(out_dir, "loss.png")]

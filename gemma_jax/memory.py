@@ -1,0 +1,313 @@
+"""Memory planner: bytes per device of a config's train step, full fine-tuning vs LoRA vs QLoRA.
+
+  python -m gemma_jax.memory --config=configs/legal.py:9b --device=tpu-v5e [--devices=8]
+
+Parameters, optimizer state and gradients come from `jax.eval_shape` of the real state and its
+shardings on a mesh of the planned size. Activations come from a formula over the model shape
+and the remat policy. Then the real train step is compiled for that mesh and XLA's memory
+analysis of it (arguments + outputs - donated + temporaries, per device) is printed beside the
+estimate. Nothing is allocated, so a laptop can plan a pod slice.
+
+Where the compile runs decides what "fits" trusts. On a host with enough accelerators of the
+planned kind (run it on the TPU VM), the compiled figure is the real program's and decides. Elsewhere the mesh
+is emulated with virtual CPU devices; XLA:CPU keeps float32 copies of bfloat16 work and
+schedules buffers its own way, so its figure is shown as a pessimistic cross-check and the
+estimate decides (the estimate matches XLA within 20% on float32 steps; tests/test_memory.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+
+# HBM per chip, GiB.
+DEVICES = {
+    "tpu-v2": 8, "tpu-v3": 16, "tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32,
+    "h100": 80, "h200": 141, "a100-40g": 40, "a100-80g": 80, "l4": 24, "t4": 16,
+}
+# Chips per host: the device count a single-host plan assumes when --devices is not given.
+_HOST_CHIPS = {"tpu-v2": 8, "tpu-v3": 8, "tpu-v4": 4, "tpu-v5e": 8, "tpu-v5p": 4, "tpu-v6e": 8}
+HEADROOM = 0.9  # usable share of HBM: runtimes and compilers keep some for themselves
+COMPILE_MAX_DEVICES = 64  # compiling for more virtual CPU devices gets slow; estimate only past it
+GiB = 1024 ** 3
+
+
+def device_name(name: str) -> str:
+    """Canonical device name: 'v5e' -> 'tpu-v5e', 'A100-40G' -> 'a100-40g'."""
+    n = name.lower()
+    if n in DEVICES:
+        return n
+    if f"tpu-{n}" in DEVICES:
+        return f"tpu-{n}"
+    raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+
+
+@dataclasses.dataclass
+class Plan:
+    """Per-device bytes of one way to train a config."""
+
+    mode: str  # full | lora | qlora-int8 | qlora-int4
+    params: int  # trained params (the model, or the adapters)
+    frozen: int  # frozen base (LoRA)
+    opt_state: int
+    grads: int
+    activations: int  # estimate for one micro-batch, with the remat policy
+    compiled: dict | None = None  # XLA memory analysis of the compiled step, per device
+
+    @property
+    def estimate(self) -> int:
+        return self.params + self.frozen + self.opt_state + self.grads + self.activations
+
+    @property
+    def total(self) -> int:
+        """The compiled peak when compiled for the real accelerator, else the estimate."""
+        if self.compiled and self.compiled["backend"] != "cpu":
+            return self.compiled["peak"]
+        return self.estimate
+
+
+def _bytes_per_value(dtype) -> float:
+    """Stored size of one value; 4-bit types are packed two per byte on accelerators."""
+    return 0.5 if dtype.name in ("int4", "uint4") else dtype.itemsize
+
+
+def _per_device(shapes, shardings) -> int:
+    import jax
+
+    return int(sum(math.prod(sh.shard_shape(s.shape)) * _bytes_per_value(s.dtype)
+                   for s, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings))))
+
+
+def activation_bytes(config, rows: int, seq_len: int, *, loss_chunk: int, table_grad: bool,
+                     fused_attention: bool = False) -> int:
+    """Estimated peak activation bytes of one micro-batch of `rows` sequences on one device.
+
+    What a layer keeps for its backward pass: the residual stream, norms, q / k / v, the
+    attention output and the MLP's gate, up and product (~8D + 4NH + 4KH + 4F values per token
+    in the compute dtype), and per row and head the T x T attention scores as float32 logits,
+    soft-capped logits, masked logits, their softmax and its gradient buffers (~6 float32
+    copies) plus the probabilities cast to the compute dtype. Remat "full" and "dots_no_batch"
+    keep only each layer's input and rebuild one layer at a time; "dots" also keeps every
+    matmul output. The backward pass of a layer adds two more float32 score arrays. The loss
+    adds three [chunk, vocab] float32 blocks, the float32 hidden-state gradient and, for full
+    fine-tuning, the [vocab, embed] float32 embedding-gradient accumulator. A fused attention
+    kernel (splash on TPU) never forms the scores: it keeps float32 softmax statistics per
+    query instead.
+    (The coefficients were checked against XLA's memory analysis of the compiled step; see
+    tests/test_memory.py.)
+    """
+    c = config
+    a = _itemsize(c.compute_dtype)
+    tok = rows * seq_len
+    d, f, nh, kh = c.embed_dim, c.hidden_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    scores = rows * c.num_heads * seq_len * (seq_len if not fused_attention else 2)
+    layer = tok * (8 * d + 4 * nh + 4 * kh + 4 * f) * a + scores * (6 * 4 + a)
+    backward = scores * 2 * 4 + tok * d * 4
+    saved_input = tok * d * a
+    if c.remat == "none":
+        layers = c.num_layers * layer
+    elif c.remat == "dots":
+        dots = tok * (2 * nh + 2 * kh + 2 * d + 2 * f) * a
+        layers = c.num_layers * (saved_input + dots) + layer
+    else:
+        layers = c.num_layers * saved_input + layer
+    chunk = min(loss_chunk, tok)
+    loss = 3 * chunk * c.vocab_size * 4 + tok * d * 4 + (c.vocab_size * d * 4 if table_grad else 0)
+    return int(layers + backward + loss)
+
+
+def _itemsize(dtype) -> int:
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
+
+
+def backend_of(device: str | None) -> str:
+    """jax backend name of a planned device: tpu-* -> tpu, GPUs -> gpu, none -> cpu."""
+    if not device:
+        return "cpu"
+    return "tpu" if device.startswith("tpu") else "gpu"
+
+
+def plan(cfg, config, mesh, *, mode: str, compile: bool = True, device: str | None = None) -> Plan:
+    """The Plan of training `config` under `cfg` on `mesh` in `mode`, for `device` (sets the
+    attention kernel the run would pick: splash on TPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gemma_jax import attention_kernels, lora as lora_lib, model as model_lib, sharding, train
+
+    cfg = cfg.copy_and_resolve_references()
+    if mode == "full":
+        cfg.lora.rank = 0
+    else:
+        cfg.lora.rank = int(cfg.lora.rank) or 16
+        cfg.lora.quantize = mode.split("-")[1] if mode.startswith("qlora") else "none"
+        config = train.lora_model_config(cfg, config)
+    trainer = train.Trainer.create(cfg, config, mesh)
+    state_sh = trainer.state_sharding
+    shapes = trainer.param_shapes
+    opt_shapes = jax.eval_shape(trainer.tx.init, shapes)
+    params_b = _per_device(shapes, state_sh["params"])
+    opt_b = _per_device(opt_shapes, state_sh["opt_state"])
+    grads_b = sum(math.prod(sh.shard_shape(s.shape)) * 4 for s, sh in
+                  zip(jax.tree.leaves(shapes), jax.tree.leaves(state_sh["params"])))  # f32 accumulator
+    frozen_shapes = None
+    frozen_b = 0
+    if trainer.lora:
+        base = model_lib.param_shapes(config)
+        if cfg.lora.quantize == "none":
+            frozen_shapes = {"params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, config.weight_dtype), base)}
+        else:
+            q, scales = jax.eval_shape(lambda p: lora_lib.quantize(p, cfg.lora.quantize), base)
+            frozen_shapes = {"params": q, "quant": scales}
+        frozen_b = _per_device(frozen_shapes, trainer.frozen_sharding)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch, accum, seq = int(cfg.train.batch_size), int(cfg.train.grad_accum), int(cfg.data.seq_len)
+    rows = max(batch // (accum * shards), 1)
+    fused = attention_kernels.choose(config.attention_impl, backend_of(device), seq, config.head_dim) != "xla"
+    act = activation_bytes(config, rows, seq, loss_chunk=int(cfg.train.loss_chunk), table_grad=not trainer.lora,
+                           fused_attention=fused)
+    result = Plan(mode, params_b, frozen_b, opt_b, grads_b, act)
+    if compile:
+        result.compiled = compiled_memory(trainer, shapes, opt_shapes, frozen_shapes, batch, seq)
+    del jnp, sharding
+    return result
+
+
+def compiled_memory(trainer, shapes, opt_shapes, frozen_shapes, batch: int, seq: int) -> dict | None:
+    """XLA's memory analysis of the compiled train step, per device (None if unavailable)."""
+    import jax
+    import jax.numpy as jnp
+
+    def abstract(tree, shardings):
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+    sh = trainer.state_sharding
+    state = dict(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sh["step"]),
+                 params=abstract(shapes, sh["params"]), opt_state=abstract(opt_shapes, sh["opt_state"]),
+                 rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sh["rng"]))
+    bs = trainer.batch_sharding
+    rows = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=bs)
+            for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
+    frozen = None if frozen_shapes is None else abstract(frozen_shapes, trainer.frozen_sharding)
+    with trainer.context():
+        stats = trainer.step_fn.lower(state, rows, frozen).compile().memory_analysis()
+    if stats is None:
+        return None
+    args, out = int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes)
+    alias, temp = int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes)
+    return dict(arguments=args, outputs=out, aliased=alias, temporaries=temp, peak=args + out - alias + temp,
+                backend=trainer.mesh.devices.flat[0].platform)
+
+
+def fits(p: Plan, device: str | None) -> str:
+    if not device:
+        return ""
+    budget = DEVICES[device] * GiB * HEADROOM
+    return "yes" if p.total <= budget else "no"
+
+
+def table(plans: list[Plan], device: str | None, devices: int) -> str:
+    """Markdown table of plans, GiB (MiB for small models) per device."""
+    unit, scale = ("GiB", GiB) if max(p.estimate for p in plans) >= GiB else ("MiB", 1024 ** 2)
+    g = lambda b: f"{b / scale:.2f}"  # noqa: E731
+    backend = next((p.compiled["backend"] for p in plans if p.compiled), "")
+    head = ("| mode | trained params | frozen base | optimizer | gradients | activations | estimate | "
+            f"compiled peak{' (XLA:CPU)' if backend == 'cpu' else ''} |")
+    if device:
+        head += f" fits {device} ({DEVICES[device]} GiB) |"
+    lines = [f"{unit} per device, {devices} devices", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for p in plans:
+        row = (f"| {p.mode} | {g(p.params)} | {g(p.frozen)} | {g(p.opt_state)} | {g(p.grads)} | "
+               f"{g(p.activations)} | {g(p.estimate)} | {g(p.compiled['peak']) if p.compiled else 'n/a'} |")
+        if device:
+            row += f" {fits(p, device)} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _load_config(spec: str):
+    """configs/x.py:arg -> ConfigDict (the same syntax as --config of gemma_jax.train)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config: no such file {path}")
+    mod_spec = importlib.util.spec_from_file_location("_planned_config", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg) if arg else mod.get_config()
+
+
+class _Vocab:
+    """Stands in for the tokenizer when none is at hand: only the vocabulary size matters here."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.path = vocab_size, ""
+
+
+def model_config_for(cfg):
+    """The run's ModelConfig without loading weights (tokenizer if found, else the preset's vocab)."""
+    from gemma_jax import train
+    from gemma_jax.model import ModelConfig
+
+    try:
+        tok = train.find_tokenizer(cfg)
+    except (FileNotFoundError, OSError):
+        preset = ModelConfig.from_preset(cfg.model.preset) if cfg.model.preset else None
+        tok = _Vocab(cfg.model.vocab_size or (preset.vocab_size if preset else 256128))
+    config = train.model_config(cfg, tok)
+    if isinstance(tok, _Vocab) and cfg.model.preset:
+        config = config.replace(vocab_size=ModelConfig.from_preset(cfg.model.preset).vocab_size)
+    return config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gemma_jax.memory", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="e.g. configs/legal.py:9b")
+    parser.add_argument("--device", default="", help=f"one of {', '.join(DEVICES)} (or v5e, v4, ...)")
+    parser.add_argument("--devices", type=int, default=0, help="devices in the mesh (default: one host of --device)")
+    parser.add_argument("--modes", default="full,lora,qlora-int8", help="comma-separated: full, lora, qlora-int8, qlora-int4")
+    parser.add_argument("--no_compile", action="store_true", help="estimates only (no XLA compile)")
+    parser.add_argument("--backend", choices=("auto", "cpu"), default="auto",
+                        help="auto: compile for this host's accelerators when it has enough, else emulate on CPU")
+    args = parser.parse_args(argv)
+    device = device_name(args.device) if args.device else None
+    n = args.devices or _HOST_CHIPS.get(device or "", 8)
+    # Virtual CPU devices for an emulated mesh; must be set before jax initialises.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+    if args.backend == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    devices = jax.devices()
+    if len(devices) < n or devices[0].platform == "cpu":
+        devices = jax.devices("cpu")
+
+    from gemma_jax import sharding
+
+    cfg = _load_config(args.config)
+    config = model_config_for(cfg)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices[:n])
+    compile_ = not args.no_compile and n <= COMPILE_MAX_DEVICES
+    plans = []
+    for mode in args.modes.split(","):
+        print(f"planning {mode} ...", file=sys.stderr, flush=True)
+        plans.append(plan(cfg, config, mesh, mode=mode.strip(), compile=compile_, device=device))
+    print(f"{args.config}: {config.num_params() / 1e9:.2f}B params, batch {cfg.train.batch_size} x "
+          f"{cfg.data.seq_len} tokens, remat {config.remat}, {sharding.describe(mesh)}")
+    print(table(plans, device, n))
+    if not compile_ and not args.no_compile:
+        print(f"(no compiled figures: more than {COMPILE_MAX_DEVICES} devices)")
+    if device:
+        print(f"fits: total <= {HEADROOM:.0%} of {DEVICES[device]} GiB, using the "
+              + ("compiled peak" if devices[0].platform != "cpu" and compile_ else "estimate"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
