@@ -495,6 +495,28 @@ class _Preemption:
         self.requested = True
 
 
+def _task_eval(cfg, trainer: Trainer, state, tokenizer: Tokenizer, workdir: str, step: int) -> dict[str, float]:
+    """eval.task's generation metrics on the eval split (gemma_jax.evaluate), with
+    WORKDIR/eval/step_N/report.{json,md}; returned as eval_<metric> values for the log."""
+    from gemma_jax import evaluate
+
+    params = state["params"]
+    if trainer.lora:  # generation wants one plain tree: merge the adapters (dequantised base)
+        base = trainer.frozen["params"]
+        if "quant" in trainer.frozen:
+            base = lora_lib.dequantize(base, trainer.frozen["quant"])
+        with trainer.context():
+            params = jax.jit(lora_lib.merge, static_argnums=0)(trainer.config, base, params)
+    report = evaluate.run_eval(trainer.config, params, tokenizer, cfg.eval, "", data_cfg=cfg.data,
+                               holdout_seed=int(cfg.train.seed), mesh=trainer.mesh, rules=trainer.rules)
+    if jax.process_index() == 0:
+        with paths.staged_dir(paths.join(workdir, "eval", f"step_{step}")) as out:
+            evaluate.write_report(report, out)
+    # loss / perplexity / accuracy are trainer.evaluate's already; keep the task and general-text scores.
+    return {f"eval_{k}": float(v) for k, v in report["tuned"].items()
+            if isinstance(v, (int, float)) and k not in ("loss", "perplexity", "accuracy")}
+
+
 def _write_run_files(cfg, workdir, config: ModelConfig, tokenizer: Tokenizer):
     if jax.process_index() != 0:
         return
@@ -587,6 +609,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
             logger.step(step, step_metrics, log=(step % log_every == 0 or step == end))
             if eval_every and step % eval_every == 0 and data.eval and step < steps:
                 logger.eval(step, trainer.evaluate(state["params"], data.eval, int(cfg.train.eval_batches)))
+                if cfg.eval.in_training:
+                    logger.eval(step, _task_eval(cfg, trainer, state, tokenizer, workdir, step))
             stopping = preempt.requested or manager.reached_preemption(step)
             manager.maybe_save(step, state, data.train, force=stopping or step == end)
             if stopping:
@@ -595,6 +619,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
         preempt.restore()
     if step == steps and step > start and data.eval:  # not again when re-run after finishing
         metrics.update(trainer.evaluate(state["params"], data.eval, int(cfg.train.eval_batches)))
+        if cfg.eval.in_training:
+            metrics.update(_task_eval(cfg, trainer, state, tokenizer, workdir, step))
         logger.eval(step, metrics)
     manager.close()
     metrics.update(logger.close())

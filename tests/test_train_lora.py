@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,11 @@ import pytest
 
 import gemma_jax
 from gemma_jax import lora, model as model_lib, train
-from test_train import (assert_trees_close, init_checkpoint, leaves, loss_records, one_device_mesh,  # noqa: F401
+from test_train import (LEGAL_TRAIN, assert_trees_close, init_checkpoint, leaves, loss_records, one_device_mesh,  # noqa: F401
                         random_params, rows_of, legal_examples, small_config, tokenizer)
+
+
+LEGAL_EVAL = LEGAL_TRAIN.parent / "eval.jsonl"
 
 
 def lora_config(steps: int, *, rank: int = 8, quantize: str = "none", batch_size: int = 6):
@@ -66,7 +71,16 @@ def test_qlora_run_saves_adapters_resumes_merges_and_exports(tmp_path, init_chec
     a, b = tmp_path / "a", tmp_path / "b"
     assert train.run(cfg, str(a), stop_after=2)["step"] == 2
     assert train.run(cfg, str(a))["step"] == 4
-    assert train.run(cfg, str(b))["step"] == 4
+    # The straight run also evaluates its task at the end (merged, dequantised params; generation).
+    cfg_b = cfg.copy_and_resolve_references()
+    cfg_b.data.eval = str(LEGAL_EVAL)
+    cfg_b.eval.in_training, cfg_b.eval.max_examples, cfg_b.eval.max_new_tokens = True, 2, 8
+    cfg_b.eval.general = ""
+    final = train.run(cfg_b, str(b))
+    assert final["step"] == 4 and 0.0 <= final["eval_rouge_l"] <= 1.0 and final["eval_loss"] > 0
+    report = json.loads((b / "eval" / "step_4" / "report.json").read_text())
+    assert report["task"] == "summarization" and report["generated"] == 2
+    assert report["tuned"]["rouge_l"] == final["eval_rouge_l"]
     ra, rb = loss_records(a), loss_records(b)
     assert [r["step"] for r in ra] == [1, 2, 3, 4]
     for x, y in zip(ra, rb):
