@@ -26,6 +26,8 @@ setup(
         "tqdm>=4.60",  # progress bar
         "tensorboardX>=2.6",  # TensorBoard events without TensorFlow
         "matplotlib>=3.7",  # loss curves in WORKDIR/plots
+        "rouge-score>=0.1.2",  # gemma_jax.evaluate: ROUGE
+        "sacrebleu>=2.3",  # gemma_jax.evaluate: BLEU, chrF
     ],
     extras_require={
         "test": [
@@ -34,8 +36,10 @@ setup(
             "transformers>=4.44",
             "tensorflow-datasets>=4.9.4",  # array_record datasets, no TensorFlow needed
         ],
-        "tpu": ["jax[tpu]>=0.6.0"],
-        "gpu": ["jax[cuda12]>=0.6.0"],
+        # gcsfs: gs:// workdirs and checkpoints for the small files Orbax does not write (paths.py).
+        "tpu": ["jax[tpu]>=0.6.0", "gcsfs>=2023.1.0"],
+        "gpu": ["jax[cuda12]>=0.6.0", "gcsfs>=2023.1.0"],
+        "gcs": ["gcsfs>=2023.1.0"],
         # keras-nlp pulls full TensorFlow through tensorflow-text; see README for a lighter recipe.
         "keras": ["keras>=3.5", "keras-hub>=0.18", "keras-nlp>=0.18", "h5py"],
     },
