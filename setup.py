@@ -32,6 +32,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8.0",
+            "pytest-xdist>=3.5",  # the suite runs on 2 workers (README, .ci/run)
             "torch==2.13.0",  # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
             "transformers>=4.44",
             "tensorflow-datasets>=4.9.4",  # array_record datasets, no TensorFlow needed

@@ -2,10 +2,17 @@
 
   python -m gemma_jax.train --config=configs/code.py:tiny --workdir=/tmp/code_tiny
   python -m gemma_jax.train --config=configs/code.py:2b --workdir=gs://BUCKET/code_2b
+  python -m gemma_jax.train --config=configs/code.py:27b_qlora --workdir=gs://BUCKET/code_27b_qlora
 
 The full-size variants use MBPP (974 crowd-sourced Python problems with tests): download
 mbpp.jsonl from github.com/google-research/google-research/tree/master/mbpp into data/mbpp/.
 Its columns are text (the task), code and test_list.
+
+LoRA variants (rank 16, adapters only; `:27b_qlora` freezes the base in int8) are sized for one
+TPU v5e-8 host (8 chips x 16 GiB, batch 16 x 2048, splash attention). GiB per chip from
+`python -m gemma_jax.memory --config=configs/code.py:VARIANT --device=tpu-v5e --no_compile`:
+2b_lora 2.6, 9b_lora 4.5, 27b_lora 10.1, 27b_qlora 7.1; full fine-tuning `:2b` 11.0 fits, while
+`:9b` (25.7) and `:27b` (61.4) need a larger slice.
 """
 
 from gemma_jax.config import experiment

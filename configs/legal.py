@@ -2,10 +2,17 @@
 
   python -m gemma_jax.train --config=configs/legal.py:tiny --workdir=/tmp/legal_tiny   # CPU, minutes
   python -m gemma_jax.train --config=configs/legal.py:2b --workdir=gs://BUCKET/legal_2b
+  python -m gemma_jax.train --config=configs/legal.py:27b_qlora --workdir=gs://BUCKET/legal_27b_qlora
 
 The full-size variants fine-tune on BillSum (US congressional bills -> summaries, TFDS
 `billsum`, 18,949 training bills). Prepare it once with TFDS as array_record (see README,
 "Bring your own data"); weights go in weights/gemma2-2b-it (or set model.init_checkpoint).
+
+LoRA variants (rank 16, adapters only; `:27b_qlora` freezes the base in int8) are sized for one
+TPU v5e-8 host (8 chips x 16 GiB, batch 16 x 2048, splash attention). GiB per chip from
+`python -m gemma_jax.memory --config=configs/legal.py:VARIANT --device=tpu-v5e --no_compile`:
+2b_lora 2.6, 9b_lora 4.5, 27b_lora 10.1, 27b_qlora 7.1; full fine-tuning `:2b` 11.0 fits, while
+`:9b` (25.7) and `:27b` (61.4) need a larger slice.
 """
 
 from gemma_jax.config import experiment

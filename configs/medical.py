@@ -2,9 +2,16 @@
 
   python -m gemma_jax.train --config=configs/medical.py:tiny --workdir=/tmp/medical_tiny
   python -m gemma_jax.train --config=configs/medical.py:2b --workdir=gs://BUCKET/medical_2b
+  python -m gemma_jax.train --config=configs/medical.py:27b_qlora --workdir=gs://BUCKET/medical_27b_qlora
 
 The full-size variants summarise PubMed articles into their abstracts (TFDS
 `scientific_papers/pubmed`, 119,924 articles).
+
+LoRA variants (rank 16, adapters only; `:27b_qlora` freezes the base in int8) are sized for one
+TPU v5e-8 host (8 chips x 16 GiB, batch 16 x 2048, splash attention). GiB per chip from
+`python -m gemma_jax.memory --config=configs/medical.py:VARIANT --device=tpu-v5e --no_compile`:
+2b_lora 2.6, 9b_lora 4.5, 27b_lora 10.1, 27b_qlora 7.1; full fine-tuning `:2b` 11.0 fits, while
+`:9b` (25.7) and `:27b` (61.4) need a larger slice.
 """
 
 from gemma_jax.config import experiment

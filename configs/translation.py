@@ -2,9 +2,16 @@
 
   python -m gemma_jax.train --config=configs/translation.py:tiny --workdir=/tmp/translation_tiny
   python -m gemma_jax.train --config=configs/translation.py:9b --workdir=gs://BUCKET/translation_9b
+  python -m gemma_jax.train --config=configs/translation.py:27b_qlora --workdir=gs://BUCKET/translation_27b_qlora
 
 The full-size variants use WMT14 fr-en from TFDS (`wmt14_translate/fr-en`), capped by
 train.steps: one pass over its 40M pairs is far more than a fine-tune needs.
+
+LoRA variants (rank 16, adapters only; `:27b_qlora` freezes the base in int8) are sized for one
+TPU v5e-8 host (8 chips x 16 GiB, batch 16 x 2048, splash attention). GiB per chip from
+`python -m gemma_jax.memory --config=configs/translation.py:VARIANT --device=tpu-v5e --no_compile`:
+2b_lora 2.6, 9b_lora 4.5, 27b_lora 10.1, 27b_qlora 7.1; full fine-tuning `:2b` 11.0 fits, while
+`:9b` (25.7) and `:27b` (61.4) need a larger slice.
 """
 
 from gemma_jax.config import experiment

@@ -330,19 +330,22 @@ class Einsum(nn.Module):
         if stacked:
             # Separate products: one einsum with the stack axis in its output is ~3x slower to
             # differentiate on XLA:CPU.
-            ys = [self._project(f"{lhs},{rhs[1:]}->{out[1:]}", x, w[i]) for i in range(w.shape[0])]
-            if self.has_variable("lora", "a"):
-                delta = self._lora(eqn, x)
-                ys = [y + delta[i] for i, y in enumerate(ys)]
+            single = f"{lhs},{rhs[1:]}->{out[1:]}"
+            ys = [self._project(single, x, w[i]) for i in range(w.shape[0])]
+            if self.has_variable("lora", "a"):  # per slice too, for the same reason
+                ys = [y + self._lora(single, x, i) for i, y in enumerate(ys)]
             return tuple(ys)
         y = self._project(eqn, x, w)
         return y + self._lora(eqn, x) if self.has_variable("lora", "a") else y
 
-    def _lora(self, eqn, x):
-        """config.lora_scale * x a b, the adapter's share of the product (stack axis first)."""
+    def _lora(self, eqn, x, index=None):
+        """config.lora_scale * x a b, the adapter's share of the product (stack axis first), or
+        of slice `index` of a stacked weight (then `eqn` is the single slice's product)."""
         c = self.config
         a = self.get_variable("lora", "a").astype(c.compute_dtype)
         b = self.get_variable("lora", "b").astype(c.compute_dtype)
+        if index is not None:
+            a, b = a[index], b[index]
         if c.lora_dropout and self.has_rng("dropout"):
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - c.lora_dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - c.lora_dropout), 0).astype(x.dtype)

@@ -1,6 +1,13 @@
-"""Test setup: 8 virtual CPU devices so real meshes are exercised."""
+"""Test setup: 8 virtual CPU devices so real meshes are exercised.
+
+Many tests compile the same small train step, sampler or model again (in new Trainers, in the
+command-line and multi-process tests' subprocesses, in the other xdist worker); JAX's
+persistent compilation cache, on CPU too, lets each distinct program compile once per machine.
+The cache key is the program itself, so a cached entry never changes a result.
+"""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,3 +15,5 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "gemma_jax_test_jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

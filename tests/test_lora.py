@@ -1,5 +1,7 @@
 """LoRA adapters and the quantised base, at the model level (training is in test_train_lora.py)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,12 +16,13 @@ from gemma_jax.model import ModelConfig
 @pytest.fixture(scope="module")
 def small():
     cfg = ModelConfig.from_preset("gemma2_test", lora_scale=2.0)  # 3 layers: a scanned pair + a tail
-    params = M.init_params(cfg, jax.random.key(0))
+    params = jax.jit(functools.partial(M.init_params, cfg))(jax.random.key(0))
     params = jax.tree.map(lambda p: p * 10 if p.ndim > 1 else p + 0.3, params)
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
     return cfg, params, tokens
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _apply(cfg, variables, tokens):
     return M.Transformer(cfg).apply(variables, tokens)
 
