@@ -86,18 +86,17 @@ def test_qlora_run_saves_adapters_resumes_merges_and_exports(tmp_path, init_chec
     for x, y in zip(ra, rb):
         np.testing.assert_allclose(x["loss"], y["loss"], rtol=1e-6, err_msg=f"step {x['step']}")
 
-    # The checkpoint holds adapters only: a few KB, not the model.
     config0, base = gemma_jax.load(init_checkpoint)
     step_dir = a / "checkpoints" / "4" / "params"
-    saved = sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file())
-    model_bytes = sum(x.nbytes for x in jax.tree.leaves(base))
-    assert saved < model_bytes / 5, (saved, model_bytes)
 
     # load(workdir) = base (as stored, unquantised) + adapters.
     config, merged = gemma_jax.load(str(a))
     assert config.lora_scale == model_lib.ModelConfig.lora_scale
     import orbax.checkpoint as ocp
     adapters = jax.device_get(ocp.StandardCheckpointer().restore(step_dir))
+    # The checkpoint holds adapters only (every leaf an A or a B), a small fraction of the model.
+    assert all(k.endswith(("['a']", "['b']")) for k in leaves(adapters))
+    assert sum(x.size for x in jax.tree.leaves(adapters)) < config0.num_params() / 10
     assert float(max(jnp.abs(x).max() for k, x in leaves(adapters).items() if k.endswith("['b']"))) > 0
     tokens = jnp.asarray(rows_of(legal_examples()[:2], 128, packing=False)["inputs"])
     assert tokens.shape == (2, 128)
