@@ -58,3 +58,28 @@ def best_time(fn, repeats=5, warmup=1):
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def batch_of(config, b, t, seed=0):
+    """A [b, t] batch of random tokens in the trainer's layout (every position in the loss)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, config.vocab_size, (b, t + 1)).astype(np.int32)
+    return dict(inputs=toks[:, :-1], targets=toks[:, 1:], loss_mask=np.ones((b, t), np.float32),
+                segment_ids=np.ones((b, t), np.int32), positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)))
+
+
+def time_train_steps(trainer, state, batch, steps):
+    """(fastest step in seconds, final state, final metrics) after one compiling step."""
+    import jax
+
+    state, m = trainer.step(state, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = trainer.step(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    return min(times), state, m

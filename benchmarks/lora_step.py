@@ -14,14 +14,12 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def one(mode: str, batch: int, seq: int, steps: int, rank: int) -> dict:
     import jax
-    import numpy as np
 
     import common
     from gemma_jax import config as config_lib, sharding, train
@@ -38,21 +36,9 @@ def one(mode: str, batch: int, seq: int, steps: int, rank: int) -> dict:
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     trainer = train.Trainer.create(cfg, config, mesh)
     state = trainer.init_state()
-    rng = np.random.default_rng(0)
-    toks = rng.integers(0, config.vocab_size, (batch, seq + 1)).astype(np.int32)
-    batch_ = trainer.put_batch(dict(inputs=toks[:, :-1], targets=toks[:, 1:], loss_mask=np.ones((batch, seq), np.float32),
-                                    segment_ids=np.ones((batch, seq), np.int32),
-                                    positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1))))
-    state, m = trainer.step(state, batch_)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = trainer.step(state, batch_)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+    best, state, m = common.time_train_steps(trainer, state, trainer.put_batch(common.batch_of(config, batch, seq)), steps)
     trained = sum(x.size for x in jax.tree.leaves(state["params"]))
-    return dict(mode=mode, step_s=min(times), tokens_per_s=batch * seq / min(times),
+    return dict(mode=mode, step_s=best, tokens_per_s=batch * seq / best,
                 peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, trained_params=trained,
                 loss=float(m["loss"]))
 

@@ -16,20 +16,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from gemma_jax import config as config_lib, sharding, train  # noqa: E402
 from gemma_jax.train_log import peak_flops_per_device  # noqa: E402
-
-
-def batch_of(config, b, t, seed=0):
-    rng = np.random.default_rng(seed)
-    toks = rng.integers(0, config.vocab_size, (b, t + 1)).astype(np.int32)
-    return dict(inputs=toks[:, :-1], targets=toks[:, 1:], loss_mask=np.ones((b, t), np.float32),
-                segment_ids=np.ones((b, t), np.int32), positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)))
 
 
 def ours(config, b, t, steps, params=None, chunk=1024):
@@ -40,23 +30,16 @@ def ours(config, b, t, steps, params=None, chunk=1024):
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     trainer = train.Trainer.create(cfg, config, mesh)
     state = trainer.init_state(params)
-    batch = trainer.put_batch(batch_of(config, b, t))
-    state, m = trainer.step(state, batch)  # compile
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = trainer.step(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    return min(times), float(m["loss"])
+    batch = trainer.put_batch(common.batch_of(config, b, t))
+    best, state, m = common.time_train_steps(trainer, state, batch, steps)
+    return best, float(m["loss"])
 
 
 def theirs(hf, config, b, t, steps):
     import torch
 
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.01)
-    batch = batch_of(config, b, t)
+    batch = common.batch_of(config, b, t)
     inputs, targets = torch.tensor(batch["inputs"]), torch.tensor(batch["targets"]).long()
     hf.train()
 
