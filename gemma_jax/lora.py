@@ -40,9 +40,10 @@ INT4_GROUP = 32
 LORA_JSON = "lora.json"
 
 
-def _leaves(tree) -> list[tuple[tuple[str, ...], Any]]:
+def _leaves(tree, is_leaf=None) -> list[tuple[tuple[str, ...], Any]]:
+    """(path of dict keys, leaf) pairs."""
     return [(tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path), leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)]
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -110,20 +111,16 @@ def shapes(params: Params, rank: int, targets: str, dtype=jnp.float32) -> Params
 
 def axes(config: ModelConfig, rank: int, targets: str) -> Params:
     """Logical PartitionSpecs of the adapters: A on the weight's input axes, B on its outputs."""
-    base_axes = dict(_leaves_specs(model_lib.param_axes(config)))
+    base_axes = dict(_leaves(model_lib.param_axes(config), is_leaf=lambda x: isinstance(x, P)))
     base = model_lib.param_shapes(config)
+    base_shapes = dict(_leaves(base))
     out: dict = {}
     for path in target_paths(base, targets):
-        w, a, b, _ = _letters(path, len(dict(_leaves(base))[path].shape))
+        w, a, b, _ = _letters(path, len(base_shapes[path].shape))
         name = dict(zip(w, tuple(base_axes[path])))
         _set(out, path[:-1] + ("a",), P(*(name.get(c) for c in a)))
         _set(out, path[:-1] + ("b",), P(*(name.get(c) for c in b)))
     return out
-
-
-def _leaves_specs(tree):
-    return [(tuple(getattr(k, "key", None) for k in path), leaf) for path, leaf in
-            jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, P))]
 
 
 def delta(path, a, b, scale: float):

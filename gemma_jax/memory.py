@@ -136,9 +136,8 @@ def plan(cfg, config, mesh, *, mode: str, compile: bool = True, device: str | No
     """The Plan of training `config` under `cfg` on `mesh` in `mode`, for `device` (sets the
     attention kernel the run would pick: splash on TPU)."""
     import jax
-    import jax.numpy as jnp
 
-    from gemma_jax import attention_kernels, lora as lora_lib, model as model_lib, sharding, train
+    from gemma_jax import attention_kernels, lora as lora_lib, model as model_lib, train
 
     cfg = cfg.copy_and_resolve_references()
     if mode == "full":
@@ -174,7 +173,6 @@ def plan(cfg, config, mesh, *, mode: str, compile: bool = True, device: str | No
     result = Plan(mode, params_b, frozen_b, opt_b, grads_b, act)
     if compile:
         result.compiled = compiled_memory(trainer, shapes, opt_shapes, frozen_shapes, batch, seq)
-    del jnp, sharding
     return result
 
 

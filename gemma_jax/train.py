@@ -249,11 +249,14 @@ def train_step(state, batch, frozen=None, *, config: ModelConfig, tx, chunk: int
     """
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, config=config, chunk=chunk), has_aux=True)
     params = state["params"]
-    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    # Only adapter dropout draws random numbers; without it the step carries no RNG work.
+    step_rng = (jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+                if config.lora_dropout else None)
 
     def micro(carry, xs):
         mb, i = xs
-        (loss_sum, (tokens, correct)), grads = grad_fn(params, mb, frozen, rng=jax.random.fold_in(step_rng, i))
+        (loss_sum, (tokens, correct)), grads = grad_fn(params, mb, frozen,
+                                                         rng=None if step_rng is None else jax.random.fold_in(step_rng, i))
         g_acc, l_acc, t_acc, c_acc = carry
         return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss_sum, t_acc + tokens, c_acc + correct), None
 

@@ -54,6 +54,14 @@ def script_of(argv: list[str]) -> str:
     return argv[-1][len("--command="):]
 
 
+def all_workers_script(argv: list[str]) -> str:
+    """The shell of a `gcloud ... ssh --worker=all --command=...` argv, checked to parse."""
+    assert argv[:-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "gemma", *WHERE, "--worker=all"]
+    script = script_of(argv)
+    bash_ok(script)
+    return script
+
+
 def bash_ok(script: str):
     res = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr + "\n" + script
@@ -77,17 +85,13 @@ def test_single_host_v5e_commands():
     scp, setup = dry("setup")
     assert scp == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tpu_vm.tarball_path("gemma"),
                    "gemma:gemma_jax_src.tar.gz", *WHERE, "--worker=all"]
-    assert setup[:-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "gemma", *WHERE, "--worker=all"]
-    script = script_of(setup)
-    bash_ok(script)
+    script = all_workers_script(setup)
     assert "tar -xzf ~/gemma_jax_src.tar.gz -C ~/gemma_jax" in script
     assert 'uv pip install --python ~/gemma_venv/bin/python -e "$HOME/gemma_jax[tpu]" gcsfs' in script
 
     [train] = dry("train", "--config=configs/legal.py:2b", "--workdir=gs://bkt/legal 2b",
                   "--", "--config.train.steps=100", "--config.data.eval=")
-    assert train[:-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "gemma", *WHERE, "--worker=all"]
-    script = script_of(train)
-    bash_ok(script)
+    script = all_workers_script(train)
     assert ("setsid nohup ~/gemma_venv/bin/python -m gemma_jax.train --config=configs/legal.py:2b "
             "'--workdir=gs://bkt/legal 2b' --config.train.steps=100 --config.data.eval= "
             ">> ~/gemma_jax_train.log") in script
@@ -109,9 +113,7 @@ def test_multi_host_v4_32_commands():
     # With --git_url nothing is copied from here: the one command is the ssh on all workers.
     [setup] = dry("setup", "--git_url=https://github.com/me/gemma_jax.git", "--git_ref=v0.1",
                   "--weights=gs://bkt/gemma2-2b-it/", "--tfds_data=gs://bkt/tensorflow_datasets")
-    assert setup[:-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "gemma", *WHERE, "--worker=all"]
-    script = script_of(setup)
-    bash_ok(script)
+    script = all_workers_script(setup)
     assert "git clone --quiet https://github.com/me/gemma_jax.git ~/gemma_jax" in script
     assert "git -C ~/gemma_jax checkout --quiet --force v0.1" in script
     assert "gcloud storage cp -r gs://bkt/gemma2-2b-it ~/gemma_jax/weights/" in script
@@ -121,9 +123,7 @@ def test_multi_host_v4_32_commands():
 def test_multi_host_train_same_command_and_coordinator():
     [train] = dry("train", "--accelerator_type=v4-32", "--config=configs/legal.py:9b",
                   "--workdir=gs://bkt/legal_9b", "--env=LIBTPU_INIT_ARGS=--xla_tpu_enable_async_all_gather=true")
-    assert train[:-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "gemma", *WHERE, "--worker=all"]
-    script = script_of(train)
-    bash_ok(script)
+    script = all_workers_script(train)
     assert "export JAX_COORDINATOR_ADDRESS=${W0##*:}:8476" in script
     assert "export LIBTPU_INIT_ARGS=--xla_tpu_enable_async_all_gather=true" in script
     assert "-m gemma_jax.train --config=configs/legal.py:9b --workdir=gs://bkt/legal_9b >>" in script
@@ -136,8 +136,7 @@ def test_queued_delete_stop_logs_ssh():
     assert logs == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "gemma", *WHERE, "--worker=0",
                     "--command=tail -n 200 -F ~/gemma_jax_train.log"]
     [stop] = dry("stop")
-    assert stop[:-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "gemma", *WHERE, "--worker=all"]
-    assert 'kill -TERM "$(cat ~/gemma_jax_train.pid)"' in script_of(stop)
+    assert 'kill -TERM "$(cat ~/gemma_jax_train.pid)"' in all_workers_script(stop)
     assert dry("ssh", "--worker=2", "--ssh_flag=--internal-ip", "--", "nvidia-smi", "-L") == [
         ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "gemma", *WHERE, "--worker=2", "--internal-ip",
          "--command=nvidia-smi -L"]]
