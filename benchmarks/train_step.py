@@ -1,9 +1,13 @@
-"""Training tokens/s: gemma_jax train_step vs transformers + torch AdamW, same config, CPU, float32.
+"""Training tokens/s: gemma_jax train_step vs transformers + torch AdamW, same config, CPU.
 
-  python benchmarks/train_step.py [--batch 4 --seq 512]
+  python benchmarks/train_step.py [--batch 4 --seq 512]                # float32 on both sides
+  python benchmarks/train_step.py --dtype bfloat16                     # mixed precision on both sides
   python benchmarks/train_step.py --memory --seq 2048 --vocab 256000   # peak memory of the chunked loss
 
 HF runs with eager attention (what HF recommends for Gemma 2: SDPA ignores the soft-cap).
+--dtype bfloat16 is each side's mixed precision: float32 master weights and optimizer, bfloat16
+compute (ours: model.dtype="bfloat16", our training default; HF: torch.autocast("cpu", bfloat16),
+what the Trainer does with bf16=True).
 MFU is against the measured float32 matmul peak of this machine.
 """
 
@@ -22,20 +26,28 @@ from gemma_jax import config as config_lib, sharding, train  # noqa: E402
 from gemma_jax.train_log import peak_flops_per_device  # noqa: E402
 
 
-def ours(config, b, t, steps, params=None, chunk=1024):
+def ours(config, b, t, params=None, chunk=1024):
+    """step() -> loss: one gemma_jax train step (compiled by the first call)."""
     cfg = config_lib.base_config()
     cfg.train.steps, cfg.train.batch_size, cfg.train.loss_chunk = 1000, b, chunk
     cfg.opt.lr, cfg.opt.warmup_steps, cfg.opt.weight_decay, cfg.opt.grad_clip = 1e-4, 0, 0.01, 0.0
     cfg.mesh.fsdp = 1
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     trainer = train.Trainer.create(cfg, config, mesh)
-    state = trainer.init_state(params)
+    box = {"state": trainer.init_state(params)}
     batch = trainer.put_batch(common.batch_of(config, b, t))
-    best, state, m = common.time_train_steps(trainer, state, batch, steps)
-    return best, float(m["loss"])
+
+    def step():
+        box["state"], m = trainer.step(box["state"], batch)
+        return float(m["loss"])  # waits for the step
+
+    return step
 
 
-def theirs(hf, config, b, t, steps):
+def theirs(hf, config, b, t, dtype="float32"):
+    """step() -> loss: one transformers forward/backward + torch AdamW step."""
+    import contextlib
+
     import torch
 
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.01)
@@ -45,33 +57,44 @@ def theirs(hf, config, b, t, steps):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits = hf(inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16"
+                    else contextlib.nullcontext())
+        with autocast:
+            logits = hf(inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                     targets.reshape(-1))
         loss.backward()
         opt.step()
-        return float(loss)
+        return loss.item()
 
-    step()
-    times, loss = [], 0.0
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-    return min(times), loss
+    return step
+
+
+def alternate(steps, repeats):
+    """Fastest step per side after a warm-up step each; the sides take turns, so load drift on
+    a shared machine hits both. Returns {name: (seconds, last loss)}."""
+    best, loss = {k: float("inf") for k in steps}, {k: step() for k, step in steps.items()}
+    for _ in range(repeats):
+        for k, step in steps.items():
+            t = time.perf_counter()
+            loss[k] = step()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return {k: (best[k], loss[k]) for k in steps}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per side")
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     ap.add_argument("--memory", action="store_true", help="only our step: peak host memory, chunked loss")
     args = ap.parse_args()
-    config = common.gemma_config(vocab_size=args.vocab)
+    config = common.gemma_config(vocab_size=args.vocab, dtype=args.dtype)
     n = args.batch * args.seq
     if args.memory:
-        dt, _ = ours(config, args.batch, args.seq, 1)
+        dt, _ = alternate({"ours": ours(config, args.batch, args.seq)}, 1)["ours"]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         logits_gib = n * args.vocab * 4 / 2**30
         print(f"batch {args.batch} x seq {args.seq}, vocab {args.vocab}: step {dt:.2f}s, peak host RSS {peak:.2f} GiB "
@@ -80,11 +103,12 @@ def main():
 
     hf = common.hf_model(config, attn="eager")
     params = jax.device_put(common.params_from_hf(config, hf))
-    ours_t, ours_loss = ours(config, args.batch, args.seq, args.steps, params)
-    theirs_t, theirs_loss = theirs(hf, config, args.batch, args.seq, args.steps)
+    (ours_t, ours_loss), (theirs_t, theirs_loss) = alternate(
+        {"ours": ours(config, args.batch, args.seq, params),
+         "theirs": theirs(hf, config, args.batch, args.seq, args.dtype)}, args.steps).values()
     peak = peak_flops_per_device()
     flops = config.flops_per_token(args.seq) * n
-    print(f"config: {common.BENCH | {'vocab_size': args.vocab}}, batch {args.batch}, seq {args.seq}, float32, "
+    print(f"config: {common.BENCH | {'vocab_size': args.vocab}}, batch {args.batch}, seq {args.seq}, {args.dtype} compute, "
           f"{os.cpu_count()} CPU cores, matmul peak {peak / 1e9:.0f} GFLOP/s")
     print(f"gemma_jax    : {n / ours_t:8.0f} tokens/s  step {ours_t:.2f}s  MFU {flops / ours_t / peak:.1%}  "
           f"loss after {args.steps + 1} steps {ours_loss:.4f}")

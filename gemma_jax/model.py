@@ -235,6 +235,81 @@ def masked_softmax(logits_BKGTS, mask_BTS):
     return jax.nn.softmax(logits_BKGTS, axis=-1)
 
 
+def dense_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cap: float):
+    """softmax(softcap(q k) masked) v over all keys at once -> [B, T, K, G, H] (the xla path).
+
+    Same math as masked_softmax(attention_logits(...)) followed by the value product, with a
+    hand-written gradient (`_dense_attention_bwd`) whose products read the [T, S] matrices in
+    the layout they were written in. Left to autodiff, the key and value gradients contract
+    over the query axis, and XLA:CPU first writes a transposed copy of each [B, K, G, T, S]
+    float32 matrix, which made the attention backward ~2.5x slower than its matmuls.
+    """
+    return _dense_attention(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
+
+
+def _attention_fwd_parts(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
+    """(output, capped float32 logits, log-sum-exp over visible keys, float32 probabilities)."""
+    capped_BKGTS = softcap(jax.lax.dot_general(q_BTKGH, k_BSKH, (((4,), (3,)), ((0, 2), (0, 2))),
+                                               preferred_element_type=jnp.float32), cap)
+    # dot_general puts the batch axes B, K first, then T, G: reorder to [B, K, G, T, S].
+    capped_BKGTS = capped_BKGTS.transpose(0, 1, 3, 2, 4)
+    visible_B11TS = mask_BTS[:, None, None]
+    masked_BKGTS = jnp.where(visible_B11TS, capped_BKGTS, jnp.finfo(jnp.float32).min)
+    max_BKGT = jax.lax.stop_gradient(jnp.max(masked_BKGTS, axis=-1))
+    lse_BKGT = max_BKGT + jnp.log(jnp.sum(jnp.exp(masked_BKGTS - max_BKGT[..., None]), axis=-1))
+    probs_BKGTS = jnp.exp(masked_BKGTS - lse_BKGT[..., None])
+    enc_BKGTH = jax.lax.dot_general(probs_BKGTS.astype(v_BSKH.dtype), v_BSKH, (((4,), (1,)), ((0, 1), (0, 2))))
+    return enc_BKGTH.transpose(0, 3, 1, 2, 4), capped_BKGTS, lse_BKGT, probs_BKGTS
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense_attention(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
+    return _attention_fwd_parts(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)[0]
+
+
+def _dense_attention_fwd(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
+    enc_BTKGH, capped_BKGTS, lse_BKGT, _ = _attention_fwd_parts(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
+    return enc_BTKGH, (q_BTKGH, k_BSKH, v_BSKH, mask_BTS, capped_BKGTS, lse_BKGT, enc_BTKGH)
+
+
+def _dense_attention_bwd(cap, residuals, denc_BTKGH):
+    """Gradients of q, k, v. The products against the [B, K, G, T, S] matrices contract them
+    over S (query gradient) or over their leading G, T (key and value gradients, computed
+    transposed as [B, K, H, S]), so neither matrix is copied into another layout."""
+    q_BTKGH, k_BSKH, v_BSKH, mask_BTS, capped_BKGTS, lse_BKGT, enc_BTKGH = residuals
+    f32 = jnp.float32
+    probs_BKGTS = jnp.where(mask_BTS[:, None, None], jnp.exp(capped_BKGTS - lse_BKGT[..., None]), 0.0)
+    denc_BKGTH = denc_BTKGH.transpose(0, 2, 3, 1, 4)
+    # d(probs): [B, K, G, T, H] x [B, S, K, H] over H.
+    dprobs_BKGTS = jax.lax.dot_general(denc_BKGTH, v_BSKH, (((4,), (3,)), ((0, 1), (0, 2))),
+                                       preferred_element_type=f32)
+    # Softmax backward: probs * (dprobs - sum_S probs dprobs), where the row sum equals
+    # sum_H denc * enc (the output is probs @ v), a [B, K, G, T] product instead of a pass
+    # over the [T, S] matrix.
+    row_BKGT = jnp.einsum("BTKGH,BTKGH->BKGT", denc_BTKGH.astype(f32), enc_BTKGH.astype(f32))
+    dlogits_BKGTS = probs_BKGTS * (dprobs_BKGTS - row_BKGT[..., None])
+    if cap:  # d(cap * tanh(z / cap)) / dz = 1 - (capped / cap)^2
+        dlogits_BKGTS = dlogits_BKGTS * (1.0 - jnp.square(capped_BKGTS / cap))
+    dlogits_BKGTS = dlogits_BKGTS.astype(q_BTKGH.dtype)
+    probs_BKGTS = probs_BKGTS.astype(v_BSKH.dtype)
+    # Key and value gradients as [B, K, H, S]: the big matrix is the right operand, contracted
+    # over its leading (G, T) axes in storage order; the small one is what gets transposed.
+    dims = (((3, 4), (2, 3)), ((0, 1), (0, 1)))
+    dv_BKHS = jax.lax.dot_general(denc_BKGTH.transpose(0, 1, 4, 2, 3), probs_BKGTS, dims,
+                                  preferred_element_type=f32)
+    dk_BKHS = jax.lax.dot_general(q_BTKGH.transpose(0, 2, 4, 3, 1), dlogits_BKGTS, dims,
+                                  preferred_element_type=f32)
+    dq_BKGTH = jax.lax.dot_general(dlogits_BKGTS, k_BSKH, (((4,), (1,)), ((0, 1), (0, 2))),
+                                   preferred_element_type=f32)
+    return (dq_BKGTH.transpose(0, 3, 1, 2, 4).astype(q_BTKGH.dtype),
+            dk_BKHS.transpose(0, 3, 1, 2).astype(k_BSKH.dtype),
+            dv_BKHS.transpose(0, 3, 1, 2).astype(v_BSKH.dtype),
+            np.zeros(mask_BTS.shape, jax.dtypes.float0))
+
+
+_dense_attention.defvjp(_dense_attention_fwd, _dense_attention_bwd)
+
+
 def final_logits(config: ModelConfig, x_BTD, table_VD):
     """Tied-embedding projection with the final soft-cap, in float32."""
     logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, table_VD.astype(x_BTD.dtype),
@@ -434,15 +509,15 @@ class Attention(nn.Module):
             enc_BTKGH = attention_kernels.splash_attention(
                 q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, window=c.sliding_window if self.local else None,
                 softcap=c.attn_softcap).astype(v_BSKH.dtype)
-        else:
-            probs_BKGTS = masked_softmax(attention_logits(c, q_BTKGH, k_BSKH), mask_BTS)
-            # Kept only when the caller asks: apply(..., mutable=["intermediates"]).
+        elif self.is_mutable_collection("intermediates"):
+            # The same forward, its float32 probabilities kept (apply(..., mutable=["intermediates"])).
+            enc_BTKGH, _, _, probs_BKGTS = _attention_fwd_parts(c.attn_softcap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
             self.sow("intermediates", "attention_probs", probs_BKGTS)
-            probs_BKGTS = probs_BKGTS.astype(v_BSKH.dtype)
-            enc_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-            if cache is not None:
-                # A prefill chunk attends to itself (the cache is empty), then fills its slots.
-                cache = {"k": _write(cache["k"], slots_BT, k_BSKH), "v": _write(cache["v"], slots_BT, v_BSKH)}
+        else:
+            enc_BTKGH = dense_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, c.attn_softcap)
+        if cache is not None and t > 1:
+            # A prefill chunk attends to itself (the cache is empty), then fills its slots.
+            cache = {"k": _write(cache["k"], slots_BT, k_BSKH), "v": _write(cache["v"], slots_BT, v_BSKH)}
         enc_BTNH = enc_BTKGH.reshape(b, t, n, h)
         out_BTD = Einsum((n, h, d), ("heads", "head_dim", "embed"), c, cached=cached,
                          name="attn_vec_einsum")("BTNH,NHD->BTD", enc_BTNH)

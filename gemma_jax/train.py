@@ -177,9 +177,12 @@ def _ce_chunks(config: ModelConfig, chunk: int, table_grad: bool, x_ND, table_VD
         loss, hits, dtable_VD = carry
         x_CD, y_C, m_C = xs
         logits_CV = model_lib.final_logits(config, x_CD[None], table_VD)[0]
-        logz_C = jax.nn.logsumexp(logits_CV, axis=-1)
+        max_C = jnp.max(logits_CV, axis=-1)
+        logz_C = max_C + jnp.log(jnp.sum(jnp.exp(logits_CV - max_C[:, None]), axis=-1))
         true_C = jnp.take_along_axis(logits_CV, y_C[:, None], axis=-1)[:, 0]
-        hits = hits + jnp.sum((jnp.argmax(logits_CV, axis=-1) == y_C) * m_C)
+        # A hit is a target logit equal to the row's maximum: the same as argmax == target but
+        # for exact ties, and a plain max instead of XLA:CPU's slow (value, index) reduction.
+        hits = hits + jnp.sum((true_C >= max_C) * m_C)
         dlogits_CV = jnp.exp(logits_CV - logz_C[:, None]) * m_C[:, None]
         dlogits_CV = dlogits_CV.at[jnp.arange(y_C.shape[0]), y_C].add(-m_C)
         if cap:  # d(cap * tanh(z / cap)) / dz = 1 - (capped / cap)^2
