@@ -247,6 +247,27 @@ def dense_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cap: float):
     return _dense_attention(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
 
 
+def causal_attention(q_BTKGH, k_BTKH, v_BTKH, mask_BTT, cap: float, window: int | None = None):
+    """dense_attention of a sequence attending to itself under a causal (and for local layers
+    windowed) mask, by query blocks that each read only the keys they can see.
+
+    The skipped keys are masked anyway, so the result is the same; at 4 blocks the [T, S]
+    work drops to 62% (global layers) or less (window <= T/2) of the full square; sequences
+    of 256 to 511 tokens use 2 blocks (75%), shorter ones a single block.
+    """
+    t = q_BTKGH.shape[1]
+    n = 4 if t >= 512 and t % 4 == 0 else 2 if t >= 256 and t % 2 == 0 else 1
+    if n == 1:
+        return dense_attention(q_BTKGH, k_BTKH, v_BTKH, mask_BTT, cap)
+    size, outs = t // n, []
+    for i in range(n):
+        lo, hi = i * size, (i + 1) * size
+        first = 0 if window is None else max(0, lo - window + 1)  # first key the block's first query sees
+        outs.append(dense_attention(q_BTKGH[:, lo:hi], k_BTKH[:, first:hi], v_BTKH[:, first:hi],
+                                    mask_BTT[:, lo:hi, first:hi], cap))
+    return jnp.concatenate(outs, axis=1)
+
+
 def _attention_fwd_parts(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
     """(output, capped float32 logits, log-sum-exp over visible keys, float32 probabilities)."""
     capped_BKGTS = softcap(jax.lax.dot_general(q_BTKGH, k_BSKH, (((4,), (3,)), ((0, 2), (0, 2))),
@@ -513,6 +534,9 @@ class Attention(nn.Module):
             # The same forward, its float32 probabilities kept (apply(..., mutable=["intermediates"])).
             enc_BTKGH, _, _, probs_BKGTS = _attention_fwd_parts(c.attn_softcap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
             self.sow("intermediates", "attention_probs", probs_BKGTS)
+        elif cache is None:
+            enc_BTKGH = causal_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, c.attn_softcap,
+                                         c.sliding_window if self.local else None)
         else:
             enc_BTKGH = dense_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, c.attn_softcap)
         if cache is not None and t > 1:

@@ -132,6 +132,30 @@ def test_dense_attention_gradient_matches_autodiff(cap):
             np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()))
 
 
+@pytest.mark.parametrize("t", [512, 256])
+def test_causal_blocks_equal_dense_attention(t):
+    """Query blocks that skip the keys they cannot see give the full product's values and
+    gradients, for global and windowed masks over packed sequences."""
+    b, k, g, h = 1, 1, 2, 8
+    rq, rk, rv, rw = jax.random.split(jax.random.key(4), 4)
+    q = 2 * jax.random.normal(rq, (b, t, k, g, h))
+    key, v = 2 * jax.random.normal(rk, (b, t, k, h)), jax.random.normal(rv, (b, t, k, h))
+    w = jax.random.normal(rw, (b, t, k, g, h))
+    segments = jnp.repeat(jnp.arange(1, 4), jnp.array([t // 2 + 3, t // 4, t // 4 - 3]))[None]
+    local, global_ = M.attention_masks(segments, sliding_window=100)
+    for mask, window in ((global_, None), (local, 100)):
+        def full(q, key, v):
+            return jnp.sum(M.dense_attention(q, key, v, mask, 50.0) * w)
+
+        def blocked(q, key, v):
+            return jnp.sum(M.causal_attention(q, key, v, mask, 50.0, window) * w)
+
+        np.testing.assert_allclose(M.causal_attention(q, key, v, mask, 50.0, window),
+                                   M.dense_attention(q, key, v, mask, 50.0), atol=1e-5)
+        for got, want in zip(jax.grad(blocked, (0, 1, 2))(q, key, v), jax.grad(full, (0, 1, 2))(q, key, v)):
+            np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()))
+
+
 def test_scan_equals_unrolled(small):
     cfg, params = small
     toks = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 20))
