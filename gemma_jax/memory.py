@@ -87,25 +87,32 @@ def activation_bytes(config, rows: int, seq_len: int, *, loss_chunk: int, table_
 
     What a layer keeps for its backward pass: the residual stream, norms, q / k / v, the
     attention output and the MLP's gate, up and product (~8D + 4NH + 4KH + 4F values per token
-    in the compute dtype), and per row and head the T x T attention scores as float32 logits,
-    soft-capped logits, masked logits, their softmax and its gradient buffers (~6 float32
-    copies) plus the probabilities cast to the compute dtype. Remat "full" and "dots_no_batch"
-    keep only each layer's input and rebuild one layer at a time; "dots" also keeps every
-    matmul output. The backward pass of a layer adds two more float32 score arrays. The loss
-    adds three [chunk, vocab] float32 blocks, the float32 hidden-state gradient and, for full
-    fine-tuning, the [vocab, embed] float32 embedding-gradient accumulator. A fused attention
-    kernel (splash on TPU) never forms the scores: it keeps float32 softmax statistics per
-    query instead.
+    in the compute dtype), and per row and head ~4 float32 arrays over the key ranges the query
+    blocks see (model.causal_blocks): the soft-capped logits that model.dense_attention keeps
+    for its backward, and the logits, masked logits and probabilities XLA holds alongside. Remat "full" and "dots_no_batch" keep only each
+    layer's input and rebuild one layer at a time; "dots" also keeps every matmul output. The
+    backward pass of a layer adds ~3 float32 score arrays (probabilities, their gradient, the
+    logits' gradient) plus a forward's worth of transient ones. The loss adds three
+    [chunk, vocab] float32 blocks, the float32 hidden-state gradient and, for full fine-tuning,
+    the [vocab, embed] float32 embedding-gradient accumulator. A fused attention kernel (splash
+    on TPU) never forms the scores: it keeps float32 softmax statistics per query instead.
     (The coefficients were checked against XLA's memory analysis of the compiled step; see
     tests/test_memory.py.)
     """
+    from gemma_jax.model import causal_blocks
+
     c = config
     a = _itemsize(c.compute_dtype)
     tok = rows * seq_len
     d, f, nh, kh = c.embed_dim, c.hidden_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    scores = rows * c.num_heads * seq_len * (seq_len if not fused_attention else 2)
-    layer = tok * (8 * d + 4 * nh + 4 * kh + 4 * f) * a + scores * (6 * 4 + a)
-    backward = scores * 2 * 4 + tok * d * 4
+    if fused_attention:
+        scores = rows * c.num_heads * seq_len * 2
+    else:  # query x key entries per row and head, averaged over alternating local/global layers
+        area = sum((hi - lo) * (hi - first) for window in (c.sliding_window, None)
+                   for lo, hi, first in causal_blocks(seq_len, window)) / 2
+        scores = int(rows * c.num_heads * area)
+    layer = tok * (8 * d + 4 * nh + 4 * kh + 4 * f) * a + scores * 4 * 4
+    backward = scores * 5 * 4 + tok * d * 4
     saved_input = tok * d * a
     if c.remat == "none":
         layers = c.num_layers * layer

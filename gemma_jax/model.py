@@ -247,25 +247,29 @@ def dense_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cap: float):
     return _dense_attention(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
 
 
+def causal_blocks(t: int, window: int | None = None) -> list[tuple[int, int, int]]:
+    """(first query, end query, first key) of the query blocks causal_attention splits a
+    length-t sequence into: 4 from 512 tokens (when t divides by 4), 2 from 256, else 1. A
+    block's keys run from its first key to its last query (causal), starting no earlier than
+    the window reaches back from its first query."""
+    n = 4 if t >= 512 and t % 4 == 0 else 2 if t >= 256 and t % 2 == 0 else 1
+    size = t // n
+    return [(i * size, (i + 1) * size, 0 if window is None else max(0, i * size - window + 1)) for i in range(n)]
+
+
 def causal_attention(q_BTKGH, k_BTKH, v_BTKH, mask_BTT, cap: float, window: int | None = None):
     """dense_attention of a sequence attending to itself under a causal (and for local layers
-    windowed) mask, by query blocks that each read only the keys they can see.
+    windowed) mask, by query blocks (causal_blocks) that each read only the keys they can see.
 
     The skipped keys are masked anyway, so the result is the same; at 4 blocks the [T, S]
-    work drops to 62% (global layers) or less (window <= T/2) of the full square; sequences
-    of 256 to 511 tokens use 2 blocks (75%), shorter ones a single block.
+    work drops to 62% (global layers) or less (window <= T/2) of the full square, at 2 to 75%.
     """
-    t = q_BTKGH.shape[1]
-    n = 4 if t >= 512 and t % 4 == 0 else 2 if t >= 256 and t % 2 == 0 else 1
-    if n == 1:
+    blocks = causal_blocks(q_BTKGH.shape[1], window)
+    if len(blocks) == 1:
         return dense_attention(q_BTKGH, k_BTKH, v_BTKH, mask_BTT, cap)
-    size, outs = t // n, []
-    for i in range(n):
-        lo, hi = i * size, (i + 1) * size
-        first = 0 if window is None else max(0, lo - window + 1)  # first key the block's first query sees
-        outs.append(dense_attention(q_BTKGH[:, lo:hi], k_BTKH[:, first:hi], v_BTKH[:, first:hi],
-                                    mask_BTT[:, lo:hi, first:hi], cap))
-    return jnp.concatenate(outs, axis=1)
+    return jnp.concatenate([
+        dense_attention(q_BTKGH[:, lo:hi], k_BTKH[:, first:hi], v_BTKH[:, first:hi], mask_BTT[:, lo:hi, first:hi], cap)
+        for lo, hi, first in blocks], axis=1)
 
 
 def _attention_fwd_parts(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
