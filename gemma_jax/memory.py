@@ -89,9 +89,9 @@ def activation_bytes(config, rows: int, seq_len: int, *, loss_chunk: int, table_
     attention output and the MLP's gate, up and product (~8D + 4NH + 4KH + 4F values per token
     in the compute dtype), and per row and head ~4 float32 arrays over the key ranges the query
     blocks see (model.causal_blocks): the soft-capped logits that model.dense_attention keeps
-    for its backward, and the logits, masked logits and probabilities XLA holds alongside. Remat "full" and "dots_no_batch" keep only each
-    layer's input and rebuild one layer at a time; "dots" also keeps every matmul output. The
-    backward pass of a layer adds ~3 float32 score arrays (probabilities, their gradient, the
+    for its backward, and the logits, masked logits and probabilities XLA holds alongside.
+    Remat "full" and "dots_no_batch" keep only each layer's input and rebuild one layer at a
+    time; "dots" also keeps every matmul output. The backward pass of a layer adds ~3 float32 score arrays (probabilities, their gradient, the
     logits' gradient) plus a forward's worth of transient ones. The loss adds three
     [chunk, vocab] float32 blocks, the float32 hidden-state gradient and, for full fine-tuning,
     the [vocab, embed] float32 embedding-gradient accumulator. A fused attention kernel (splash

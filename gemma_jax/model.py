@@ -274,10 +274,10 @@ def causal_attention(q_BTKGH, k_BTKH, v_BTKH, mask_BTT, cap: float, window: int 
 
 def _attention_fwd_parts(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
     """(output, capped float32 logits, log-sum-exp over visible keys, float32 probabilities)."""
-    capped_BKGTS = softcap(jax.lax.dot_general(q_BTKGH, k_BSKH, (((4,), (3,)), ((0, 2), (0, 2))),
+    # The small q is reordered to [B, K, G, T, H] so the product comes out as [B, K, G, T, S].
+    q_BKGTH = q_BTKGH.transpose(0, 2, 3, 1, 4)
+    capped_BKGTS = softcap(jax.lax.dot_general(q_BKGTH, k_BSKH, (((4,), (3,)), ((0, 1), (0, 2))),
                                                preferred_element_type=jnp.float32), cap)
-    # dot_general puts the batch axes B, K first, then T, G: reorder to [B, K, G, T, S].
-    capped_BKGTS = capped_BKGTS.transpose(0, 1, 3, 2, 4)
     visible_B11TS = mask_BTS[:, None, None]
     masked_BKGTS = jnp.where(visible_B11TS, capped_BKGTS, jnp.finfo(jnp.float32).min)
     max_BKGT = jax.lax.stop_gradient(jnp.max(masked_BKGTS, axis=-1))

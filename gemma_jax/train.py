@@ -73,7 +73,8 @@ def model_config(cfg, tokenizer: Tokenizer, loaded: ModelConfig | None = None) -
     elif "vocab_size" not in dims:
         # Round up so the vocab axis shards evenly (Gemma itself pads 256000 to 256128).
         dims["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
-    fields = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers, attention_impl=m.attention_impl, **dims)
+    fields = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
+                  attention_impl=m.attention_impl, **dims)
     config = base.replace(**fields) if base is not None else ModelConfig(**fields)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model "
