@@ -137,7 +137,10 @@ def from_unrolled(config: ModelConfig, unrolled, *, dtype=None, mesh=None, rules
             if tuple(a.shape) != tuple(expected):
                 raise ValueError(f"parameter {'/'.join(p)}: expected shape {tuple(expected)}, "
                                  f"found {tuple(a.shape)}")
-        source = Stacked(arrays) if stacked else arrays[0]
+        if stacked and not arrays:  # a 1-layer model: its scan over layer pairs is empty
+            source = np.zeros(sds.shape, np_dtype)
+        else:
+            source = Stacked(arrays) if stacked else arrays[0]
         cache: dict = {}
 
         def read(index, source=source, cache=cache):

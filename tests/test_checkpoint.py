@@ -61,7 +61,8 @@ def loaded_a(hf_dir):
 
 
 @pytest.mark.parametrize("config,scale,capped", [(CFG_A, CAP_SCALE, True), (CFG_B, CAP_SCALE, True),
-                                                 (CFG_A, 0.25, False)], ids=["gqa2-odd", "gqa4", "mild"])
+                                                 (CFG_A, 0.25, False), (CFG_A.replace(num_layers=1), 0.25, False)],
+                         ids=["gqa2-odd", "gqa4", "mild", "one-layer"])  # one layer: the scan over pairs is empty
 def test_parity_with_transformers(tmp_path, config, scale, capped):
     hf_model = helpers.make_hf_model(config, tmp_path, scale=scale)
     tokens, mask = tokens_and_mask(config)
