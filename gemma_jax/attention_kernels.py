@@ -20,7 +20,6 @@ import math
 
 import flax.linen as nn
 import jax
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 IMPLS = ("auto", "xla", "splash")
 
@@ -68,6 +67,14 @@ def block_size(seq_len: int) -> int:
     raise ValueError(f"sequence length {seq_len} is not a multiple of {MIN_BLOCK}")
 
 
+def _splash():
+    """jax's Pallas TPU splash-attention module, imported on first use: runs that never take
+    the splash path (GPUs, most CPU runs) must not depend on where a jax release keeps it."""
+    from jax.experimental.pallas.ops.tpu import splash_attention  # pylint: disable=g-import-not-at-top
+
+    return splash_attention
+
+
 def _kernel(num_heads: int, seq_len: int, window: int | None, cap: float | None, block: int, interpret: bool):
     """A splash kernel for one sequence: [N, T, H] queries, [K, T, H] keys and values.
 
@@ -75,7 +82,7 @@ def _kernel(num_heads: int, seq_len: int, window: int | None, cap: float | None,
     trace that made them (a cached kernel leaks tracers out of flax's scan). The costly part,
     walking the mask block by block in numpy, is cached inside jax by mask and block size.
     """
-    shape = (seq_len, seq_len)
+    splash, shape = _splash(), (seq_len, seq_len)
     # Gemma 2's window: a key k is visible from query q when 0 <= q - k < window, i.e. the
     # window_size (left, right) = (window - 1, 0) of LocalMask, which is causal by itself.
     mask = splash.CausalMask(shape) if window is None else splash.LocalMask(shape, (window - 1, 0), 0)
@@ -115,7 +122,7 @@ def splash_attention(q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int | N
 
     def per_shard(q_BNTH, k_BKSH, v_BKSH, segment_ids_BT):
         kernel = _kernel(q_BNTH.shape[1], t, window, cap, block, interpret)
-        segments = splash.SegmentIds(q=segment_ids_BT, kv=segment_ids_BT)
+        segments = _splash().SegmentIds(q=segment_ids_BT, kv=segment_ids_BT)
         return jax.vmap(kernel)(q_BNTH, k_BKSH, v_BKSH, segments)
 
     mesh = jax.sharding.get_abstract_mesh()
