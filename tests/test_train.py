@@ -538,6 +538,29 @@ def test_chunked_cross_entropy_matches_full_logits(chunk):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
 
 
+def test_chunked_cross_entropy_in_bfloat16_follows_float32():
+    """Mixed precision: bf16 hidden states give bf16 products against the float32 table, and
+    the gradients stay within bf16 rounding of the float32 computation on the same inputs."""
+    config = model_lib.ModelConfig(num_layers=2, embed_dim=32, hidden_dim=64, num_heads=2, num_kv_heads=1,
+                                   head_dim=16, vocab_size=300, final_softcap=30.0)
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(2, 24, 32)), jnp.bfloat16)
+    table = jnp.asarray(rng.normal(size=(300, 32)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 300, (2, 24)), jnp.int32)
+    mask = jnp.ones((2, 24), jnp.float32)
+
+    def loss(h, t):
+        return train.chunked_cross_entropy(config, h, t, targets, mask, 16)[0]
+
+    got, got_g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hidden, table)
+    want, want_g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hidden.astype(jnp.float32), table)
+    assert got_g[0].dtype == jnp.bfloat16 and got_g[1].dtype == jnp.float32
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-2)
+    for g, w in zip(got_g, want_g):
+        g, w = np.asarray(g, np.float32), np.asarray(w)
+        assert np.linalg.norm(g - w) / np.linalg.norm(w) < 2e-2
+
+
 # ----------------------------------------------------------------------------- 10. clear errors
 
 
