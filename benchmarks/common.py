@@ -17,8 +17,26 @@ def gemma_config(**overrides):
     return ModelConfig(**{**BENCH, **overrides})
 
 
+def torch_device() -> str:
+    """Where the HF side runs: the GPU when JAX runs on one (and torch sees it), else the CPU.
+    Both sides then run on the same kind of device."""
+    import jax
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def machine() -> str:
+    """The device both sides run on, for the header line."""
+    import jax
+
+    dev = jax.devices()[0]
+    return f"{os.cpu_count()} CPU cores" if dev.platform == "cpu" else f"{dev.device_kind} (torch on {torch_device()})"
+
+
 def hf_model(config, attn="eager", seed=0):
-    """A transformers Gemma2ForCausalLM with the same shape (float32, random weights)."""
+    """A transformers Gemma2ForCausalLM with the same shape (float32, random weights), on
+    torch_device()."""
     import torch
     import transformers
 
@@ -31,7 +49,7 @@ def hf_model(config, attn="eager", seed=0):
         query_pre_attn_scalar=config.query_pre_attn_scalar, sliding_window=config.sliding_window,
         attn_logit_softcapping=config.attn_softcap, final_logit_softcapping=config.final_softcap,
         max_position_embeddings=8192, attn_implementation=attn, dtype=torch.float32)
-    return transformers.Gemma2ForCausalLM(hf_cfg)
+    return transformers.Gemma2ForCausalLM(hf_cfg).to(torch_device())
 
 
 def params_from_hf(config, hf):
@@ -41,7 +59,7 @@ def params_from_hf(config, hf):
     from gemma_jax import checkpoint
 
     with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
+        hf.save_pretrained(d)  # from any device: safetensors writes host copies
         loaded, params = checkpoint.load(d)
     assert loaded.replace(dtype=config.dtype, remat=config.remat) == config.replace(param_dtype=loaded.param_dtype), \
         (loaded, config)

@@ -8,7 +8,8 @@ with one new token (prefill + first sample); decode tokens/s counts the remainin
 the remaining time. HF runs with eager attention (SDPA ignores Gemma 2's soft-cap) and its
 default dynamic cache, at its better thread count. The sides alternate, so load drift on a
 shared machine hits both; best of --repeats. The weight-read floor printed first bounds batch-1
-decoding: each step reads every weight once.
+decoding: each step reads every weight once. With a GPU both sides run on it, in full float32
+(JAX's matmul precision set to "highest", torch's TF32 left off), so the tokens can still match.
 """
 
 import argparse
@@ -42,7 +43,7 @@ def theirs(hf, prompts, threads):
     ids, mask = np.zeros((len(prompts), width), np.int64), np.zeros((len(prompts), width), np.int64)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-    ids, mask = torch.tensor(ids), torch.tensor(mask)
+    ids, mask = torch.tensor(ids, device=common.torch_device()), torch.tensor(mask, device=common.torch_device())
 
     def run(n):
         torch.set_num_threads(threads)
@@ -77,6 +78,8 @@ def main():
     ap.add_argument("--shape", choices=sorted(SHAPES), default="bench",
                     help="bench: common.BENCH; tiny: the gemma2_tiny dims (weights fit in cache)")
     args = ap.parse_args()
+    if jax.default_backend() == "gpu":  # full float32 on both sides (JAX's GPU default is TF32)
+        jax.config.update("jax_default_matmul_precision", "highest")
 
     config = common.gemma_config(**SHAPES[args.shape])
     hf = common.hf_model(config, attn="eager").eval()
@@ -84,7 +87,7 @@ def main():
     # Laid out for decoding once, as the CLI does (on CPU: layers unrolled, see decoding_layout).
     config, params = sample.decoding_layout(config, jax.device_put(common.params_from_hf(config, hf)))
     print(f"config: {common.BENCH | SHAPES[args.shape]}, prompt {args.prompt} tokens, {args.new} new tokens, "
-          f"greedy, float32, {os.cpu_count()} CPU cores")
+          f"greedy, float32, {common.machine()}")
     # At batch 1 a decode step reads every weight once: reading them all is the floor of a step.
     read_all = jax.jit(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(p)))
     floor = common.best_time(lambda: read_all(params).block_until_ready(), 20)
@@ -99,7 +102,7 @@ def main():
         runs = {"gemma_jax": ours(config, params, prompts)}
         # transformers at 1 thread and at every core: on a busy machine torch's spinning thread
         # team can be 10x slower than one thread, and the comparison takes its best.
-        for threads in sorted({1, os.cpu_count()}):
+        for threads in sorted({1, os.cpu_count()}) if common.torch_device() == "cpu" else [os.cpu_count()]:
             runs[f"transformers {threads}T"] = theirs(hf, prompts, threads)
         best = timings(runs, args.new, args.repeats)
         hf_key = min((k for k in best if k != "gemma_jax"), key=lambda k: best[k][1])

@@ -1,4 +1,4 @@
-"""Training tokens/s: gemma_jax train_step vs transformers + torch AdamW, same config, CPU.
+"""Training tokens/s: gemma_jax train_step vs transformers + torch AdamW, same config, same device.
 
   python benchmarks/train_step.py [--batch 4 --seq 512]                # float32 on both sides
   python benchmarks/train_step.py --dtype bfloat16                     # mixed precision on both sides
@@ -8,7 +8,9 @@ HF runs with eager attention (what HF recommends for Gemma 2: SDPA ignores the s
 --dtype bfloat16 is each side's mixed precision: float32 master weights and optimizer, bfloat16
 compute (ours: model.dtype="bfloat16", our training default; HF: torch.autocast("cpu", bfloat16),
 what the Trainer does with bf16=True).
-MFU is against the measured float32 matmul peak of this machine.
+MFU is against the measured float32 matmul peak of this machine (CPU) or the dense bf16 peak of
+the accelerator. With a GPU, both sides run on it (torch on cuda, autocast "cuda"); there JAX's
+default float32 matmuls use TF32, so torch is allowed TF32 too.
 """
 
 import argparse
@@ -52,12 +54,14 @@ def theirs(hf, config, b, t, dtype="float32"):
 
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.01)
     batch = common.batch_of(config, b, t)
-    inputs, targets = torch.tensor(batch["inputs"]), torch.tensor(batch["targets"]).long()
+    dev = common.torch_device()
+    torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default float32 GPU matmuls are TF32
+    inputs, targets = torch.tensor(batch["inputs"], device=dev), torch.tensor(batch["targets"], device=dev).long()
     hf.train()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16"
+        autocast = (torch.autocast(dev, dtype=torch.bfloat16) if dtype == "bfloat16"
                     else contextlib.nullcontext())
         with autocast:
             logits = hf(inputs).logits
@@ -90,8 +94,20 @@ def main():
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     ap.add_argument("--memory", action="store_true", help="only our step: peak host memory, chunked loss")
+    ap.add_argument("--preset", default="", help="a Gemma 2 preset's shape instead (e.g. gemma2_2b; its vocab "
+                    "unless --vocab is given), cut to --layers")
+    ap.add_argument("--layers", type=int, default=0, help="with --preset: keep this many layers")
     args = ap.parse_args()
-    config = common.gemma_config(vocab_size=args.vocab, dtype=args.dtype)
+    if args.preset:
+        from gemma_jax.model import ModelConfig
+
+        cut = {"num_layers": args.layers} if args.layers else {}
+        if "--vocab" in sys.argv:
+            cut["vocab_size"] = args.vocab
+        config = ModelConfig.from_preset(args.preset, dtype=args.dtype, param_dtype="float32", remat="none", **cut)
+        args.vocab = config.vocab_size
+    else:
+        config = common.gemma_config(vocab_size=args.vocab, dtype=args.dtype)
     n = args.batch * args.seq
     if args.memory:
         dt, _ = alternate({"ours": ours(config, args.batch, args.seq)}, 1)["ours"]
@@ -108,8 +124,10 @@ def main():
          "theirs": theirs(hf, config, args.batch, args.seq, args.dtype)}, args.steps).values()
     peak = peak_flops_per_device()
     flops = config.flops_per_token(args.seq) * n
-    print(f"config: {common.BENCH | {'vocab_size': args.vocab}}, batch {args.batch}, seq {args.seq}, {args.dtype} compute, "
-          f"{os.cpu_count()} CPU cores, matmul peak {peak / 1e9:.0f} GFLOP/s")
+    shape = (f"{args.preset} cut to {config.num_layers} layers, vocab {config.vocab_size}" if args.preset
+             else common.BENCH | {'vocab_size': args.vocab})
+    print(f"config: {shape}, batch {args.batch}, seq {args.seq}, {args.dtype} compute, "
+          f"{common.machine()}, matmul peak {peak / 1e9:.0f} GFLOP/s")
     print(f"gemma_jax    : {n / ours_t:8.0f} tokens/s  step {ours_t:.2f}s  MFU {flops / ours_t / peak:.1%}  "
           f"loss after {args.steps + 1} steps {ours_loss:.4f}")
     print(f"transformers : {n / theirs_t:8.0f} tokens/s  step {theirs_t:.2f}s  MFU {flops / theirs_t / peak:.1%}  "
