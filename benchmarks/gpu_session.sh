@@ -1,11 +1,11 @@
 #!/bin/bash
-# Every GPU figure of the README's Benchmarks section in one short run (about 8 minutes on one
+# Every GPU figure of the README's Benchmarks section in one short run (about 5 minutes on one
 # H100/H200), each benchmark under its own time limit so one failure costs only its slot.
 #
 #   bash benchmarks/gpu_session.sh            # logs to $OUT (or /tmp/gemma_jax_gpu)
 #
 # Packages the image lacks (ml_collections, grain, ...) can come as wheels in .whl/ (see
-# benchmarks/README.md); they are installed to /tmp/site first.
+# the README's Benchmarks section); they are installed to /tmp/site first.
 set -u
 OUT=${OUT:-/tmp/gemma_jax_gpu}
 mkdir -p "$OUT"
