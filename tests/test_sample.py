@@ -61,12 +61,17 @@ def random_prompts(config, lengths, seed=0):
 # ----------------------------------------------------------------------------- numerics
 
 
-@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
-def test_cached_decoding_matches_full_forward(scan, monkeypatch):
+@pytest.mark.parametrize("scan,few_tokens", [(True, M.FEW_TOKENS), (False, M.FEW_TOKENS), (True, 8)],
+                         ids=["scanned", "unrolled", "plain-prefill"])
+def test_cached_decoding_matches_full_forward(scan, few_tokens, monkeypatch, request):
     config = ModelConfig.from_preset("gemma2_test")  # window 8, odd layer count, GQA
     params = jax.tree.map(lambda p: p * 10 if p.ndim > 1 else p + 0.3, init(config))
     # The scanned layers decode as they do on accelerators (CPU otherwise unrolls them first).
     monkeypatch.setattr(S, "UNROLL_LAYERS_ON_CPU", not scan)
+    if few_tokens != M.FEW_TOKENS:  # prefill (4 x 32 tokens) by per-slice products, decode steps stacked
+        monkeypatch.setattr(M, "FEW_TOKENS", few_tokens)
+        jax.clear_caches()  # programs traced under the other setting must not be reused, nor leak out
+        request.addfinalizer(jax.clear_caches)
     # One prompt inside the window, two longer than it; 30 new tokens wrap the 8-slot ring ~4 times.
     prompts = random_prompts(config, (3, 13, 20))
     out = S.generate_ids(config, params, prompts, max_new_tokens=30, temperature=1.0, seed=3, return_logits=True)
