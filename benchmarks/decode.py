@@ -43,7 +43,8 @@ def theirs(hf, prompts, threads):
     ids, mask = np.zeros((len(prompts), width), np.int64), np.zeros((len(prompts), width), np.int64)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-    ids, mask = torch.tensor(ids, device=common.torch_device()), torch.tensor(mask, device=common.torch_device())
+    dev = common.torch_device()
+    ids, mask = torch.tensor(ids, device=dev), torch.tensor(mask, device=dev)
 
     def run(n):
         torch.set_num_threads(threads)

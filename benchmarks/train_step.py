@@ -55,7 +55,8 @@ def theirs(hf, config, b, t, dtype="float32"):
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.01)
     batch = common.batch_of(config, b, t)
     dev = common.torch_device()
-    torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default float32 GPU matmuls are TF32
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default float32 GPU matmuls are TF32
     inputs, targets = torch.tensor(batch["inputs"], device=dev), torch.tensor(batch["targets"], device=dev).long()
     hf.train()
 
@@ -91,7 +92,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per side")
-    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--vocab", type=int, default=None, help="default 32000, or the --preset's")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     ap.add_argument("--memory", action="store_true", help="only our step: peak host memory, chunked loss")
     ap.add_argument("--preset", default="", help="a Gemma 2 preset's shape instead (e.g. gemma2_2b; its vocab "
@@ -101,13 +102,11 @@ def main():
     if args.preset:
         from gemma_jax.model import ModelConfig
 
-        cut = {"num_layers": args.layers} if args.layers else {}
-        if "--vocab" in sys.argv:
-            cut["vocab_size"] = args.vocab
+        cut = {k: v for k, v in (("num_layers", args.layers), ("vocab_size", args.vocab)) if v}
         config = ModelConfig.from_preset(args.preset, dtype=args.dtype, param_dtype="float32", remat="none", **cut)
-        args.vocab = config.vocab_size
     else:
-        config = common.gemma_config(vocab_size=args.vocab, dtype=args.dtype)
+        config = common.gemma_config(vocab_size=args.vocab or 32000, dtype=args.dtype)
+    args.vocab = config.vocab_size
     n = args.batch * args.seq
     if args.memory:
         dt, _ = alternate({"ours": ours(config, args.batch, args.seq)}, 1)["ours"]

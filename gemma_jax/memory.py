@@ -91,12 +91,13 @@ def activation_bytes(config, rows: int, seq_len: int, *, loss_chunk: int, table_
     blocks see (model.causal_blocks): the soft-capped logits that model.dense_attention keeps
     for its backward, and the logits, masked logits and probabilities XLA holds alongside.
     Remat "full" and "dots_no_batch" keep only each layer's input and rebuild one layer at a
-    time; "dots" also keeps every matmul output. The backward pass of a layer adds ~3 float32 score arrays (probabilities, their gradient, the
-    logits' gradient) plus a forward's worth of transient ones. The loss adds three
-    [chunk, vocab] float32 blocks (and the logits' gradient in the compute dtype when that is
-    narrower, which the two gradient products read), the float32 hidden-state gradient and, for full fine-tuning,
-    the [vocab, embed] float32 embedding-gradient accumulator. A fused attention kernel (splash
-    on TPU) never forms the scores: it keeps float32 softmax statistics per query instead.
+    time; "dots" also keeps every matmul output. The backward pass of a layer adds ~3 float32
+    score arrays (probabilities, their gradient, the logits' gradient) plus a forward's worth
+    of transient ones. The loss adds three [chunk, vocab] float32 blocks (and the logits'
+    gradient in the compute dtype when that is narrower, which the two gradient products
+    read), the float32 hidden-state gradient and, for full fine-tuning, the [vocab, embed]
+    float32 embedding-gradient accumulator. A fused attention kernel (splash on TPU) never
+    forms the scores: it keeps float32 softmax statistics per query instead.
     (The coefficients were checked against XLA's memory analysis of the compiled step; see
     tests/test_memory.py.)
     """
@@ -123,7 +124,8 @@ def activation_bytes(config, rows: int, seq_len: int, *, loss_chunk: int, table_
     else:
         layers = c.num_layers * saved_input + layer
     chunk = min(loss_chunk, tok)
-    loss = chunk * c.vocab_size * (12 + (a if a < 4 else 0)) + tok * d * 4 + (c.vocab_size * d * 4 if table_grad else 0)
+    narrow_dlogits = a if a < 4 else 0
+    loss = chunk * c.vocab_size * (12 + narrow_dlogits) + tok * d * 4 + (c.vocab_size * d * 4 if table_grad else 0)
     return int(layers + backward + loss)
 
 

@@ -386,6 +386,11 @@ EINSUMS = {
 FEW_TOKENS = 256
 
 
+def _few_tokens(x_BTD, cache) -> bool:
+    """Whether a pass multiplies stacked weights in one product (Einsum.cached): see FEW_TOKENS."""
+    return cache is not None and x_BTD.shape[0] * x_BTD.shape[1] < FEW_TOKENS
+
+
 def lora_equations(eqn: str) -> tuple[str, str, str]:
     """(x-to-rank, rank-to-output, merge) einsums of an adapter pair A, B for a weight product.
 
@@ -524,7 +529,7 @@ class Attention(nn.Module):
     def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, slots_BT=None, segment_ids_BT=None):
         c = self.config
         n, k, g, h, d = c.num_heads, c.num_kv_heads, c.num_groups, c.head_dim, c.embed_dim
-        cached = cache is not None and x_BTD.shape[0] * x_BTD.shape[1] < FEW_TOKENS
+        cached = _few_tokens(x_BTD, cache)
         q_BTNH = Einsum((n, d, h), ("heads", "embed", "head_dim"), c, cached=cached,
                         name="q_einsum")("BTD,NDH->BTNH", x_BTD)
         k_BSKH, v_BSKH = Einsum((2, k, d, h), (None, "kv_heads", "embed", "head_dim"), c,
@@ -616,8 +621,7 @@ class Block(nn.Module):
         attn_BTD, cache = Attention(c, local=self.local, name="attn")(
             RMSNorm(c, name="pre_attention_norm")(x_BTD), positions_BT, mask_BTS, cache, slots_BT, segment_ids_BT)
         x_BTD = x_BTD + RMSNorm(c, name="post_attention_norm")(attn_BTD)
-        few = cache is not None and x_BTD.shape[0] * x_BTD.shape[1] < FEW_TOKENS
-        mlp_BTD = MLP(c, cached=few, name="mlp")(RMSNorm(c, name="pre_ffw_norm")(x_BTD))
+        mlp_BTD = MLP(c, cached=_few_tokens(x_BTD, cache), name="mlp")(RMSNorm(c, name="pre_ffw_norm")(x_BTD))
         x_BTD = x_BTD + RMSNorm(c, name="post_ffw_norm")(mlp_BTD)
         return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), cache
 
