@@ -552,9 +552,14 @@ def test_chunked_cross_entropy_in_bfloat16_follows_float32():
     def loss(h, t):
         return train.chunked_cross_entropy(config, h, t, targets, mask, 16)[0]
 
-    got, got_g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hidden, table)
-    want, want_g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hidden.astype(jnp.float32), table)
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    got, got_g = grad_fn(hidden, table)
+    want, want_g = grad_fn(hidden.astype(jnp.float32), table)
     assert got_g[0].dtype == jnp.bfloat16 and got_g[1].dtype == jnp.float32
+    # Both gradient products (hidden and table) take the [chunk, vocab] gradient in bf16.
+    hlo = grad_fn.lower(hidden, table).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    assert sum("tensor<16x300xbf16>" in line for line in dots) == 2, dots
     np.testing.assert_allclose(float(got), float(want), rtol=1e-2)
     for g, w in zip(got_g, want_g):
         g, w = np.asarray(g, np.float32), np.asarray(w)
