@@ -56,11 +56,11 @@ def params_from_hf(config, hf):
     """gemma_jax params holding the same weights as the HF model, through a safetensors export."""
     import tempfile
 
-    from gemma_jax import checkpoint
+    from gemma_jax import weights
 
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)  # from any device: safetensors writes host copies
-        loaded, params = checkpoint.load(d)
+        loaded, params = weights.load(d)
     assert loaded.replace(dtype=config.dtype, remat=config.remat) == config.replace(param_dtype=loaded.param_dtype), \
         (loaded, config)
     return params

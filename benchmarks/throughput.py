@@ -23,9 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma_jax import attention_kernels, config as config_lib, sharding, train  # noqa: E402
+from gemma_jax import config as config_lib, sharding, train  # noqa: E402
+from gemma_jax.model import kernels as attention_kernels  # noqa: E402
 from gemma_jax.model import ModelConfig  # noqa: E402
-from gemma_jax.train_log import peak_flops_per_device  # noqa: E402
+from gemma_jax.train.log import peak_flops_per_device  # noqa: E402
 
 # The remat policy each size trains with in gemma_jax.config.
 REMAT = {"2b": "dots_no_batch", "9b": "full", "27b": "full"}

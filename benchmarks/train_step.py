@@ -25,7 +25,7 @@ import jax  # noqa: E402
 
 import common  # noqa: E402
 from gemma_jax import config as config_lib, sharding, train  # noqa: E402
-from gemma_jax.train_log import peak_flops_per_device  # noqa: E402
+from gemma_jax.train.log import peak_flops_per_device  # noqa: E402
 
 
 def ours(config, b, t, params=None, chunk=1024):

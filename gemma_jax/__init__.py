@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ModelConfig": "gemma_jax.model",
     "logits": "gemma_jax.model",
-    "load": "gemma_jax.checkpoint",
-    "save": "gemma_jax.checkpoint",
+    "load": "gemma_jax.weights",
+    "save": "gemma_jax.weights",
     "Tokenizer": "gemma_jax.tokenizer",
     "generate": "gemma_jax.sample",
 }

@@ -6,6 +6,9 @@ config is locked, so a misspelled key on the command line or in a file is an err
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -117,6 +120,19 @@ def base_config() -> ml_collections.ConfigDict:
         async_save=True,
     ))
     return c
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """configs/NAME.py[:ARG] -> its get_config(ARG): the same syntax as --config of gemma_jax.train."""
+    path, arg = (spec.rsplit(":", 1) if ".py:" in spec else (spec, None))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config={spec}: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"_gemma_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config={spec}: {path} defines no get_config()")
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

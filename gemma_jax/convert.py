@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from gemma_jax import weights
+from gemma_jax.weights import native
+
 flags.DEFINE_string("input", None, "Checkpoint directory to read (any supported format).")
 flags.DEFINE_string("output", None, "Directory to write.")
 flags.DEFINE_enum("to", None, ["hf", "official", "gemma_jax", "keras"], "Output format.")
@@ -32,21 +35,19 @@ def convert(input_path: str, output_path: str, to: str, *, dtype=None, gating_la
             max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, merge_lora: bool = False,
             lora_base: str | None = None) -> str:
     """Loads `input_path`, writes it as `to` into `output_path`; returns a summary line."""
-    from gemma_jax import checkpoint, lora
-
-    fmt = checkpoint.detect_format(input_path)
-    meta = lora.read_json(input_path) if fmt == "workdir" else None
+    fmt = weights.detect_format(input_path)
+    meta = native.read_lora_json(input_path) if fmt == "workdir" else None
     if (merge_lora or lora_base) and meta is None:
         raise ValueError(f"--merge_lora: {input_path} is a {fmt} checkpoint, not a LoRA training workdir "
-                         f"(a workdir with {lora.LORA_JSON})")
-    config, params = checkpoint.load(input_path, dtype=dtype, lora_base=lora_base)
+                         f"(a workdir with {native.LORA_JSON})")
+    config, params = weights.load(input_path, dtype=dtype, lora_base=lora_base)
     kwargs = {}
     if to == "official" and gating_layout:
         kwargs["gating_layout"] = gating_layout
     if to == "hf":
         kwargs["max_shard_bytes"] = max_shard_bytes
-    tokenizer = checkpoint.find_tokenizer(input_path)
-    out = checkpoint.save(output_path, config, params, format=to, tokenizer=tokenizer,
+    tokenizer = weights.find_tokenizer(input_path)
+    out = weights.save(output_path, config, params, format=to, tokenizer=tokenizer,
                           overwrite=overwrite, **kwargs)
     what = f"LoRA workdir {input_path} (rank {meta['rank']}, merged into {lora_base or meta['base']})" if meta else \
         f"{fmt} checkpoint {input_path}"

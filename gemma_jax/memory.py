@@ -23,6 +23,15 @@ import math
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_jax import config as config_lib, sharding, train
+from gemma_jax.model import kernels as attention_kernels, layers as model_lib, lora as lora_lib
+from gemma_jax.model.attention import causal_blocks
+from gemma_jax.model.config import ModelConfig
+
 # HBM per chip, GiB.
 DEVICES = {
     "tpu-v2": 8, "tpu-v3": 16, "tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32,
@@ -75,8 +84,6 @@ def _bytes_per_value(dtype) -> float:
 
 
 def _per_device(shapes, shardings) -> int:
-    import jax
-
     return int(sum(math.prod(sh.shard_shape(s.shape)) * _bytes_per_value(s.dtype)
                    for s, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings))))
 
@@ -101,8 +108,6 @@ def activation_bytes(config, rows: int, seq_len: int, *, loss_chunk: int, table_
     (The coefficients were checked against XLA's memory analysis of the compiled step; see
     tests/test_memory.py.)
     """
-    from gemma_jax.model import causal_blocks
-
     c = config
     a = _itemsize(c.compute_dtype)
     tok = rows * seq_len
@@ -130,8 +135,6 @@ def activation_bytes(config, rows: int, seq_len: int, *, loss_chunk: int, table_
 
 
 def _itemsize(dtype) -> int:
-    import numpy as np
-
     return np.dtype(dtype).itemsize
 
 
@@ -145,10 +148,6 @@ def backend_of(device: str | None) -> str:
 def plan(cfg, config, mesh, *, mode: str, compile: bool = True, device: str | None = None) -> Plan:
     """The Plan of training `config` under `cfg` on `mesh` in `mode`, for `device` (sets the
     attention kernel the run would pick: splash on TPU)."""
-    import jax
-
-    from gemma_jax import attention_kernels, lora as lora_lib, model as model_lib, train
-
     cfg = cfg.copy_and_resolve_references()
     if mode == "full":
         cfg.lora.rank = 0
@@ -188,8 +187,6 @@ def plan(cfg, config, mesh, *, mode: str, compile: bool = True, device: str | No
 
 def compiled_memory(trainer, shapes, opt_shapes, frozen_shapes, batch: int, seq: int) -> dict | None:
     """XLA's memory analysis of the compiled train step, per device (None if unavailable)."""
-    import jax
-    import jax.numpy as jnp
 
     def abstract(tree, shardings):
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
@@ -238,19 +235,6 @@ def table(plans: list[Plan], device: str | None, devices: int) -> str:
     return "\n".join(lines)
 
 
-def _load_config(spec: str):
-    """configs/x.py:arg -> ConfigDict (the same syntax as --config of gemma_jax.train)."""
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config: no such file {path}")
-    mod_spec = importlib.util.spec_from_file_location("_planned_config", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg) if arg else mod.get_config()
-
-
 class _Vocab:
     """Stands in for the tokenizer when none is at hand: only the vocabulary size matters here."""
 
@@ -260,9 +244,6 @@ class _Vocab:
 
 def model_config_for(cfg):
     """The run's ModelConfig without loading weights (tokenizer if found, else the preset's vocab)."""
-    from gemma_jax import train
-    from gemma_jax.model import ModelConfig
-
     try:
         tok = train.find_tokenizer(cfg)
     except (FileNotFoundError, OSError):
@@ -286,19 +267,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = device_name(args.device) if args.device else None
     n = args.devices or _HOST_CHIPS.get(device or "", 8)
-    # Virtual CPU devices for an emulated mesh; must be set before jax initialises.
+    # Virtual CPU devices for an emulated mesh; read when jax first initialises its backends.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
     if args.backend == "cpu":
-        os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
-
+        jax.config.update("jax_platforms", "cpu")
     devices = jax.devices()
     if len(devices) < n or devices[0].platform == "cpu":
         devices = jax.devices("cpu")
 
-    from gemma_jax import sharding
-
-    cfg = _load_config(args.config)
+    cfg = config_lib.load(args.config)
     config = model_config_for(cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices[:n])
     compile_ = not args.no_compile and n <= COMPILE_MAX_DEVICES

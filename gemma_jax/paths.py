@@ -47,6 +47,22 @@ def copy_file(src, dst) -> None:
     Path(dst).write_bytes(Path(src).read_bytes())
 
 
+def write_text_atomic(path, text: str) -> None:
+    """Writes `text` under a temporary name, then renames it onto `path`: a kill leaves the old
+    file or the new one, never half of one (object stores write whole objects anyway)."""
+    path = os.fspath(path)
+    if is_remote(path):
+        Path(path).write_text(text)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def copy_tree(src, dst) -> None:
     """Copies a directory tree file by file (local <-> remote)."""
     src, dst = Path(src), Path(dst)

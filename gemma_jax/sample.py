@@ -14,20 +14,19 @@ short runs of the loop.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_jax import kv_cache, sharding
-from gemma_jax import model as M
-from gemma_jax.model import ModelConfig
+from gemma_jax import sharding, weights
+from gemma_jax.model import kv_cache, layers as M
+from gemma_jax.model.config import ModelConfig
+from gemma_jax.tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 256
 # Smallest compiled prompt length, cache length and output buffer: below these, one program
@@ -231,15 +230,6 @@ def _spare_row(config, params, cache_length) -> bool:
     return 8 * cache_bytes > layer_bytes
 
 
-def _mesh_context(mesh, rules):
-    if mesh is None:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(rules))
-    return stack
-
-
 def generate_ids(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int | Sequence[int] = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
@@ -294,7 +284,7 @@ def generate_ids(config: ModelConfig, params, prompts: Sequence[Sequence[int]], 
     stop = np.full(bucket(len(stop_ids), 4), -1, np.int32)
     stop[:len(stop_ids)] = list(stop_ids)
     dyn = (jnp.asarray(stop), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jax.random.key(seed))
-    with _mesh_context(mesh, rules):
+    with sharding.mesh_context(mesh, rules):
         state = _prefill(config, params, tokens, lengths, limits, *dyn, pad_id, cache_length=cache_length,
                          num_steps=num_steps, sampler=sampler, return_logits=return_logits, rows=rows)
         step = 1
@@ -427,18 +417,6 @@ def generate(config: ModelConfig, params, tokenizer, prompts, *, max_new_tokens:
 # ----------------------------------------------------------------------------- command line
 
 
-def _parse_mesh(spec: str):
-    if spec == "none" or (spec == "auto" and (jax.device_count() == 1 or jax.default_backend() == "cpu")):
-        return None
-    if spec == "auto":  # tensor parallel across the host: decoding reads every weight each step
-        return sharding.make_mesh(1, 1, -1)
-    try:
-        data, fsdp, tensor = (int(x) for x in spec.split(","))
-    except ValueError:
-        raise ValueError(f"--mesh={spec!r}: expected auto, none, or DATA,FSDP,TENSOR such as 1,1,8") from None
-    return sharding.make_mesh(data, fsdp, tensor)
-
-
 def _chat_loop(run, read=None, out=None):
     """Multi-turn chat on stdin: the history is re-sent in the turn format each time."""
     read, out = read or sys.stdin, out or sys.stdout
@@ -488,15 +466,12 @@ def main(argv=None):
         ap.error("--prompt is required (or --chat for an interactive conversation)")
     validate_sampling(args.temperature, args.top_k, args.top_p)
 
-    from gemma_jax import checkpoint
-    from gemma_jax.tokenizer import Tokenizer
-
-    tok_path = args.tokenizer or checkpoint.find_tokenizer(args.checkpoint)
+    tok_path = args.tokenizer or weights.find_tokenizer(args.checkpoint)
     if not tok_path:
         ap.error(f"no tokenizer.model in or beside {args.checkpoint}; pass --tokenizer=PATH")
     tokenizer = Tokenizer(tok_path)
-    mesh = _parse_mesh(args.mesh)
-    config, params = decoding_layout(*checkpoint.load(args.checkpoint, dtype=args.dtype, mesh=mesh), donate=True)
+    mesh = sharding.parse_mesh(args.mesh)
+    config, params = decoding_layout(*weights.load(args.checkpoint, dtype=args.dtype, mesh=mesh), donate=True)
 
     def run(prompt):
         def emit(_, text):

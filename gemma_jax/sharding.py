@@ -8,6 +8,7 @@ rather than failing, so one rule set serves every model size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -16,6 +17,8 @@ import jax
 import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from gemma_jax.model import layers
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -116,9 +119,7 @@ def logical_to_shardings(logical_specs, shapes, mesh: Mesh, rules=DEFAULT_RULES)
 
 def param_shardings(config, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedSharding for every model parameter."""
-    from gemma_jax import model
-
-    return logical_to_shardings(model.param_axes(config), model.param_shapes(config), mesh, rules)
+    return logical_to_shardings(layers.param_axes(config), layers.param_shapes(config), mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
@@ -136,3 +137,27 @@ def describe(mesh: Mesh) -> str:
     """One line such as 'mesh data=2 fsdp=2 tensor=2 over 8 cpu devices'."""
     axes = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
     return f"mesh {axes} over {mesh.devices.size} {np.ravel(mesh.devices)[0].platform} devices"
+
+
+def mesh_context(mesh: Mesh | None, rules=DEFAULT_RULES):
+    """The mesh and logical-axis rules active while tracing (so activation constraints apply);
+    a no-op without a mesh."""
+    stack = contextlib.ExitStack()
+    if mesh is not None:
+        stack.enter_context(jax.set_mesh(mesh))
+        stack.enter_context(nn.logical_axis_rules(rules))
+    return stack
+
+
+def parse_mesh(spec: str) -> Mesh | None:
+    """--mesh of the inference CLIs: none, auto (tensor parallel over the host's accelerators,
+    none on CPU), or DATA,FSDP,TENSOR axis sizes."""
+    if spec == "none" or (spec == "auto" and (jax.device_count() == 1 or jax.default_backend() == "cpu")):
+        return None
+    if spec == "auto":  # tensor parallel across the host: decoding reads every weight each step
+        return make_mesh(1, 1, -1)
+    try:
+        data, fsdp, tensor = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--mesh={spec!r}: expected auto, none, or DATA,FSDP,TENSOR such as 1,1,8") from None
+    return make_mesh(data, fsdp, tensor)

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_jax import attention, checkpoint, model as model_lib
+from gemma_jax import attention, model as model_lib, weights
+from gemma_jax.eval import attention as analysis
 from gemma_jax.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def packed_batch():
 def test_probabilities_respect_causal_window_and_segment_masks(test_model):
     config, params = test_model
     tokens, segments = packed_batch()
-    probs = np.asarray(jax.jit(attention.attention_probs, static_argnames="config")(config, params, tokens, segments))
+    probs = np.asarray(jax.jit(analysis.attention_probs, static_argnames="config")(config, params, tokens, segments))
     L, B, N, T, S = probs.shape
     assert (L, B, N, T, S) == (3, 2, 4, 24, 24)
 
@@ -93,7 +94,7 @@ def test_layer_probs_puts_scanned_pairs_in_layer_order():
     unrolled = {f"layer_{i}": sown(layer(i)) for i in range(5)}
     want = np.arange(5)[:, None] + np.arange(K * G)[None, :] / 10  # [L, N]
     for cfg, tree in ((config, scanned), (config.replace(scan_layers=False), unrolled)):
-        probs = np.asarray(attention.layer_probs(cfg, tree))
+        probs = np.asarray(analysis.layer_probs(cfg, tree))
         assert probs.shape == (5, 1, K * G, T, T)
         np.testing.assert_allclose(probs[:, 0, :, 0, 0], want, atol=1e-6)
 
@@ -101,7 +102,7 @@ def test_layer_probs_puts_scanned_pairs_in_layer_order():
 def test_model_against_itself_changes_nothing(test_model):
     config, params = test_model
     tokens, _ = packed_batch()
-    stats = attention.head_changes(config, params, params, [list(r) for r in tokens], batch_size=2)
+    stats = analysis.head_changes(config, params, params, [list(r) for r in tokens], batch_size=2)
     assert stats["js"].shape == (3, 4)
     assert np.all(stats["js"] == 0)
     np.testing.assert_array_equal(stats["entropy_base"], stats["entropy_tuned"])
@@ -115,26 +116,26 @@ def test_statistics_by_hand():
     p = np.zeros((1, 1, 1, 4, 4), np.float32)
     p[..., 3, :] = 0.25
     p[..., :3, 0] = 1.0  # other queries: all weight on key 0 (entropy 0)
-    assert np.asarray(attention.entropy(p))[0, 0, 0].tolist() == pytest.approx([0, 0, 0, 2])
-    assert np.asarray(attention.mean_distance(p))[0, 0, 0].tolist() == pytest.approx([0, 1, 2, 1.5])
+    assert np.asarray(analysis.entropy(p))[0, 0, 0].tolist() == pytest.approx([0, 0, 0, 2])
+    assert np.asarray(analysis.mean_distance(p))[0, 0, 0].tolist() == pytest.approx([0, 1, 2, 1.5])
     q = np.zeros_like(p)
     q[..., 3, :2], q[..., :3, 0] = 0.5, 1.0
     r = np.zeros_like(p)
     r[..., 3, 2:], r[..., :3, 0] = 0.5, 1.0
-    assert np.asarray(attention.js_divergence(q, r))[0, 0, 0].tolist() == pytest.approx([0, 0, 0, 1])
+    assert np.asarray(analysis.js_divergence(q, r))[0, 0, 0].tolist() == pytest.approx([0, 0, 0, 1])
     # Uniform vs half: KL terms 0.5*log2(0.25/0.375)*2 + ... computed directly.
     m = (p[0, 0, 0, 3] + q[0, 0, 0, 3]) / 2
     kl = lambda a: sum(x * np.log2(x / y) for x, y in zip(a, m) if x > 0)  # noqa: E731
     want = 0.5 * kl(p[0, 0, 0, 3]) + 0.5 * kl(q[0, 0, 0, 3])
-    assert float(np.asarray(attention.js_divergence(p, q))[0, 0, 0, 3]) == pytest.approx(want, rel=1e-5)
+    assert float(np.asarray(analysis.js_divergence(p, q))[0, 0, 0, 3]) == pytest.approx(want, rel=1e-5)
 
 
 def test_altered_head_ranks_first(test_model):
     config, params = test_model
     tokens, _ = packed_batch()
     altered = with_altered_head(params, ALTERED_HEAD, 4.0)
-    stats = attention.head_changes(config, params, altered, [list(r) for r in tokens], batch_size=2)
-    ranked = attention.rank_heads(config, stats)
+    stats = analysis.head_changes(config, params, altered, [list(r) for r in tokens], batch_size=2)
+    ranked = analysis.rank_heads(config, stats)
     assert (ranked[0]["layer"], ranked[0]["head"], ranked[0]["kind"]) == (0, ALTERED_HEAD, "local")
     # Its layer-mates read the same inputs with unchanged weights: exactly unchanged.
     others = np.delete(stats["js"][0], ALTERED_HEAD)
@@ -155,7 +156,7 @@ def test_cli_writes_json_markdown_and_heatmap(tmp_path, test_model, monkeypatch)
         loaded.append((path, dtype))
         return config, models[path]
 
-    monkeypatch.setattr(checkpoint, "load", load)
+    monkeypatch.setattr(weights, "load", load)
     tok = str(REPO / "data" / "tokenizer.model")
     out = tmp_path / "report"
     rc = attention.main(["--base=base", "--tuned=tuned", f"--tokenizer={tok}",

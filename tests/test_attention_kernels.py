@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_jax import attention_kernels as AK
+from gemma_jax.model import kernels as AK
 from gemma_jax import model as M
 from gemma_jax import sharding
 from gemma_jax.model import ModelConfig

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import helpers
-from gemma_jax import checkpoint, hf_format, model, official_format, sharding
+from gemma_jax import model, sharding, weights
+from gemma_jax.weights import hf as hf_format, layout, native, official as official_format
 from gemma_jax.model import ModelConfig
 
 # Odd layer count, 2 query heads per kv head, query scale 24 != head_dim 16, window 8 < length.
@@ -37,7 +38,7 @@ def tokens_and_mask(config, batch=2, length=24, seed=1):
 
 
 def same_tree(a, b, exact=True):
-    flat_a, flat_b = checkpoint.flatten(a), checkpoint.flatten(b)
+    flat_a, flat_b = layout.flatten(a), layout.flatten(b)
     assert flat_a.keys() == flat_b.keys()
     for k in flat_a:
         x, y = np.asarray(flat_a[k]), np.asarray(flat_b[k])
@@ -54,7 +55,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded_a(hf_dir):
-    return checkpoint.load(hf_dir)
+    return weights.load(hf_dir)
 
 
 # ----------------------------------------------------------------------------- parity
@@ -69,7 +70,7 @@ def test_parity_with_transformers(tmp_path, config, scale, capped):
     assert tokens.shape[1] > config.sliding_window
     with helpers.record_attention_logits() as attn_raw:
         ref = helpers.hf_logits(hf_model, tokens, mask)
-    cfg, params = checkpoint.load(tmp_path)
+    cfg, params = weights.load(tmp_path)
     assert cfg == config.replace(query_pre_attn_scalar=float(config.query_pre_attn_scalar))
     out = np.asarray(model.logits(cfg, params, tokens))
     valid = mask.astype(bool)
@@ -86,21 +87,21 @@ def test_sharded_index_and_bf16(tmp_path, loaded_a):
     hf_model = helpers.make_hf_model(CFG_A, tmp_path / "shards", scale=CAP_SCALE, max_shard_size="40KB")
     assert (tmp_path / "shards" / hf_format.INDEX).is_file()
     assert len(list((tmp_path / "shards").glob("*.safetensors"))) > 3
-    cfg, params = checkpoint.load(tmp_path / "shards")
+    cfg, params = weights.load(tmp_path / "shards")
     same_tree(params, loaded_a[1])  # same seed as the single-file fixture
 
     hf_model.to(dtype=__import__("torch").bfloat16).save_pretrained(tmp_path / "bf16")
-    cfg16, p16 = checkpoint.load(tmp_path / "bf16")
+    cfg16, p16 = weights.load(tmp_path / "bf16")
     assert cfg16.param_dtype == "bfloat16"
     assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(p16))
-    cfg32, p32 = checkpoint.load(tmp_path / "bf16", dtype="float32")
+    cfg32, p32 = weights.load(tmp_path / "bf16", dtype="float32")
     assert cfg32.param_dtype == "float32"
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(p32))
     same_tree(jax.tree.map(lambda x: x.astype(np.float32), p16), p32)
     stored = hf_model.model.embed_tokens.weight.float().detach().numpy()
     np.testing.assert_array_equal(np.asarray(p32["embedder"]["input_embedding"]), stored)
     # bf16 is written back as BF16 and reads bit-exact.
-    checkpoint.save(tmp_path / "bf16_out", cfg16, p16, format="hf")
+    weights.save(tmp_path / "bf16_out", cfg16, p16, format="hf")
     header = hf_format.SafetensorsFile(tmp_path / "bf16_out" / "model.safetensors")
     assert header.tensors["model.embed_tokens.weight"]["dtype"] == "BF16"
     orig, back = helpers.read_safetensors_dir(tmp_path / "bf16"), helpers.read_safetensors_dir(tmp_path / "bf16_out")
@@ -113,15 +114,15 @@ def test_sharded_index_and_bf16(tmp_path, loaded_a):
 
 def test_round_trip_hf_official_gemma_jax_hf(tmp_path, hf_dir, loaded_a):
     cfg, params = loaded_a
-    checkpoint.save(tmp_path / "official", cfg, params, format="official")
-    assert checkpoint.detect_format(tmp_path / "official") == "official"
-    cfg1, p1 = checkpoint.load(tmp_path / "official")
+    weights.save(tmp_path / "official", cfg, params, format="official")
+    assert weights.detect_format(tmp_path / "official") == "official"
+    cfg1, p1 = weights.load(tmp_path / "official")
     assert cfg1 == cfg
-    checkpoint.save(tmp_path / "gj", cfg1, p1, format="gemma_jax")
-    assert checkpoint.detect_format(tmp_path / "gj") == "gemma_jax"
-    cfg2, p2 = checkpoint.load(tmp_path / "gj")
+    weights.save(tmp_path / "gj", cfg1, p1, format="gemma_jax")
+    assert weights.detect_format(tmp_path / "gj") == "gemma_jax"
+    cfg2, p2 = weights.load(tmp_path / "gj")
     assert cfg2 == cfg
-    checkpoint.save(tmp_path / "hf", cfg2, p2, format="hf", max_shard_bytes=60_000)
+    weights.save(tmp_path / "hf", cfg2, p2, format="hf", max_shard_bytes=60_000)
     assert (tmp_path / "hf" / hf_format.INDEX).is_file()
     orig, back = helpers.read_safetensors_dir(hf_dir), helpers.read_safetensors_dir(tmp_path / "hf")
     orig.pop("lm_head.weight", None)
@@ -141,17 +142,17 @@ def test_official_vocab_padding(tmp_path):
     rng = np.random.RandomState(0)  # numpy: jax's RNG takes ~20 s for a 256000-row table on CPU
     params = jax.tree.map(lambda s: jax.numpy.asarray(rng.standard_normal(s.shape), np.float32),
                           model.param_shapes(cfg))
-    checkpoint.save(tmp_path / "official", cfg, params, format="official")
+    weights.save(tmp_path / "official", cfg, params, format="official")
     meta = official_format.read_metadata(tmp_path / "official")
     assert meta[("transformer/embedder", "input_embedding")][0] == (256128, 8)
-    cfg1, p1 = checkpoint.load(tmp_path / "official")
+    cfg1, p1 = weights.load(tmp_path / "official")
     assert cfg1.vocab_size == 256128
     table = np.asarray(p1["embedder"]["input_embedding"])
     assert not table[256000:].any()
     np.testing.assert_array_equal(table[:256000], np.asarray(params["embedder"]["input_embedding"]))
-    checkpoint.save(tmp_path / "hf", cfg1, p1, format="hf")
+    weights.save(tmp_path / "hf", cfg1, p1, format="hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 256000
-    cfg2, p2 = checkpoint.load(tmp_path / "hf")
+    cfg2, p2 = weights.load(tmp_path / "hf")
     assert cfg2.vocab_size == 256000
     same_tree(p2, params)
 
@@ -192,10 +193,10 @@ def test_official_checkpoint_written_by_hand(tmp_path, layout, writer):
     kaggle = tmp_path / "kaggle"
     write_orbax(kaggle / "gemma2-test", tree, writer)
     (kaggle / "tokenizer.model").write_bytes(b"spm")
-    assert checkpoint.detect_format(kaggle) == "official"
-    assert checkpoint.find_tokenizer(kaggle / "gemma2-test") == str(kaggle / "tokenizer.model")
+    assert weights.detect_format(kaggle) == "official"
+    assert weights.find_tokenizer(kaggle / "gemma2-test") == str(kaggle / "tokenizer.model")
     for where in (kaggle, kaggle / "gemma2-test"):
-        loaded_cfg, params = checkpoint.load(where)
+        loaded_cfg, params = weights.load(where)
         # No sidecar and no published size: the query scale falls back to head_dim.
         assert loaded_cfg == cfg.replace(query_pre_attn_scalar=16.0, sliding_window=4096)
         for i in range(cfg.num_layers):
@@ -213,7 +214,7 @@ def test_official_checkpoint_written_by_hand(tmp_path, layout, writer):
         np.testing.assert_array_equal(params["embedder"]["input_embedding"],
                                       tree["transformer/embedder"]["input_embedding"])
     # Written back in the same gating layout, the arrays are unchanged.
-    checkpoint.save(tmp_path / "again", loaded_cfg, params, format="official", gating_layout=layout)
+    weights.save(tmp_path / "again", loaded_cfg, params, format="official", gating_layout=layout)
     import orbax.checkpoint as ocp
     meta = ocp.PyTreeCheckpointer().metadata(tmp_path / "again").item_metadata.tree
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(meta))
@@ -229,15 +230,15 @@ def test_official_checkpoint_written_by_hand(tmp_path, layout, writer):
 def test_sharded_load_on_mesh(tmp_path, hf_dir, loaded_a):
     cfg, params = loaded_a
     mesh = sharding.make_mesh(1, 4, 2)
-    checkpoint.save(tmp_path / "official", cfg, params, format="official")
-    checkpoint.save(tmp_path / "gj", cfg, params, format="gemma_jax")
+    weights.save(tmp_path / "official", cfg, params, format="official")
+    weights.save(tmp_path / "gj", cfg, params, format="gemma_jax")
     tokens, _ = tokens_and_mask(CFG_A)
     expected_logits = np.asarray(model.logits(cfg, params, tokens))
     for path in (hf_dir, tmp_path / "official", tmp_path / "gj"):
-        scfg, sparams = checkpoint.load(path, mesh=mesh)
+        scfg, sparams = weights.load(path, mesh=mesh)
         assert scfg == cfg
-        want = checkpoint.flatten(sharding.param_shardings(cfg, mesh))
-        for k, x in checkpoint.flatten(sparams).items():
+        want = layout.flatten(sharding.param_shardings(cfg, mesh))
+        for k, x in layout.flatten(sparams).items():
             assert x.sharding.is_equivalent_to(want[k], x.ndim), (path, k, x.sharding, want[k])
         assert not sparams["layers"]["local"]["mlp"]["gating_einsum"]["w"].sharding.is_fully_replicated
         same_tree(sparams, params)
@@ -256,20 +257,20 @@ def test_gemma_jax_and_workdir(tmp_path, loaded_a):
         for step, p in ((10, params), (20, later)):
             manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(p)))
         manager.wait_until_finished()
-    checkpoint.write_model_json(workdir, cfg, fmt="workdir")
-    assert checkpoint.detect_format(workdir) == "workdir"
-    wcfg, wparams = checkpoint.load(workdir)
+    native.write_model_json(workdir, cfg, fmt="workdir")
+    assert weights.detect_format(workdir) == "workdir"
+    wcfg, wparams = weights.load(workdir)
     assert wcfg == cfg
     same_tree(wparams, later)
-    _, first = checkpoint.load(workdir / "checkpoints" / "10")
+    _, first = weights.load(workdir / "checkpoints" / "10")
     same_tree(first, params)
-    _, bf16 = checkpoint.load(workdir, dtype="bfloat16")
+    _, bf16 = weights.load(workdir, dtype="bfloat16")
     assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(bf16))
-    path = checkpoint.save(tmp_path / "gj", cfg, later, format="gemma_jax", tokenizer=__file__)
+    path = weights.save(tmp_path / "gj", cfg, later, format="gemma_jax", tokenizer=__file__)
     assert json.loads((Path(path) / "model.json").read_text())["format"] == "gemma_jax"
     assert (Path(path) / "tokenizer.model").is_file()
-    same_tree(checkpoint.load(path)[1], later)
-    assert checkpoint.detect_format(Path(path) / "params") == "gemma_jax"
+    same_tree(weights.load(path)[1], later)
+    assert weights.detect_format(Path(path) / "params") == "gemma_jax"
 
 
 # ----------------------------------------------------------------------------- errors
@@ -298,60 +299,60 @@ def test_errors(tmp_path, hf_dir, loaded_a):
     bad = copy("missing")
     rewrite_tensors(bad, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight in .*model\.safetensors"):
-        checkpoint.load(bad)
+        weights.load(bad)
 
     bad = copy("shape")
     rewrite_tensors(bad, lambda t: t.update({"model.layers.1.mlp.down_proj.weight": np.zeros((64, 127), np.float32)}))
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight.*expected shape \(64, 128\), found \(64, 127\)"):
-        checkpoint.load(bad)
+        weights.load(bad)
 
     bad = copy("layers")
     edit_config(bad, num_hidden_layers=4, layer_types=None)
     with pytest.raises(ValueError, match=r"num_hidden_layers=4 but the weights have 3 layers"):
-        checkpoint.load(bad)
+        weights.load(bad)
 
     bad = copy("heads")
     edit_config(bad, num_attention_heads=5)
     with pytest.raises(ValueError, match=r"num_attention_heads\*head_dim = 5\*16 = 80 .* has 64 rows"):
-        checkpoint.load(bad)
+        weights.load(bad)
 
     bad = copy("model_type")
     edit_config(bad, model_type="gemma")
     with pytest.raises(ValueError, match=r"model_type='gemma'"):
-        checkpoint.load(bad)
+        weights.load(bad)
 
     bad = copy("no_weights")
     (bad / "model.safetensors").unlink()
     with pytest.raises(ValueError, match=r"config\.json but no model\.safetensors"):
-        checkpoint.load(bad)
+        weights.load(bad)
 
     (tmp_path / "unknown").mkdir()
     (tmp_path / "unknown" / "weights.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"could not detect the checkpoint format .*weights\.bin.*config\.json"):
-        checkpoint.load(tmp_path / "unknown")
+        weights.load(tmp_path / "unknown")
     with pytest.raises(ValueError, match="does not exist"):
-        checkpoint.load(tmp_path / "nowhere")
+        weights.load(tmp_path / "nowhere")
 
     cfg = CFG_A.replace(vocab_size=640)
     tree = official_tree(cfg, "FD")
     tree["transformer/layer_1/mlp/linear"]["w"] = np.zeros((128, 63), np.float32)
     write_orbax(tmp_path / "off_shape", tree, "pytree")
     with pytest.raises(ValueError, match=r"transformer/layer_1/mlp/linear/w .*expected shape \(128, 64\), found \(128, 63\)"):
-        checkpoint.load(tmp_path / "off_shape")
+        weights.load(tmp_path / "off_shape")
     tree = official_tree(cfg, "FD")
     del tree["transformer/layer_2/pre_ffw_norm"]
     write_orbax(tmp_path / "off_missing", tree, "pytree")
     with pytest.raises(ValueError, match=r"missing transformer/layer_2/pre_ffw_norm/scale"):
-        checkpoint.load(tmp_path / "off_missing")
+        weights.load(tmp_path / "off_missing")
 
-    gj = checkpoint.save(tmp_path / "gj", *loaded_a, format="gemma_jax")
-    checkpoint.write_model_json(gj, CFG_A.replace(embed_dim=32))
+    gj = weights.save(tmp_path / "gj", *loaded_a, format="gemma_jax")
+    native.write_model_json(gj, CFG_A.replace(embed_dim=32))
     with pytest.raises(ValueError, match=r"embedder/input_embedding: expected shape \(512, 32\) .*found \(512, 64\)"):
-        checkpoint.load(gj)
+        weights.load(gj)
     with pytest.raises(ValueError, match="not empty"):
-        checkpoint.save(gj, *loaded_a, format="gemma_jax")
+        weights.save(gj, *loaded_a, format="gemma_jax")
     with pytest.raises(ValueError, match="unknown save format 'safetensors'"):
-        checkpoint.save(tmp_path / "k", *loaded_a, format="safetensors")
+        weights.save(tmp_path / "k", *loaded_a, format="safetensors")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -371,7 +372,7 @@ def test_convert_cli(tmp_path, hf_dir):
 
     out = convert(f"--input={src}", f"--output={tmp_path / 'off'}", "--to=official")
     assert "official" in out and "tokenizer.model" in out
-    assert checkpoint.detect_format(tmp_path / "off") == "official"
+    assert weights.detect_format(tmp_path / "off") == "official"
     convert(f"--input={tmp_path / 'off'}", f"--output={tmp_path / 'back'}", "--to=hf")
     assert (tmp_path / "back" / "tokenizer.model").read_bytes() == b"spm-bytes"
     orig, back = helpers.read_safetensors_dir(src), helpers.read_safetensors_dir(tmp_path / "back")

@@ -12,6 +12,7 @@ import pytest
 
 import gemma_jax
 from gemma_jax import config as config_lib, data as data_lib, evaluate, model as model_lib, sharding, train
+from gemma_jax.eval import report as report_lib, tasks
 from gemma_jax.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def test_model_against_itself_reports_zero_change():
     config = small_model_config()
     params = on_device(random_params(config, seed=0))
     eval_cfg, data_cfg = eval_settings("translation", metric="chrf")
-    report = evaluate.run_eval(config, params, Tokenizer(TOKENIZER), eval_cfg,
+    report = tasks.run_eval(config, params, Tokenizer(TOKENIZER), eval_cfg,
                                str(REPO / "data/translation/eval.csv"), baseline_params=params, data_cfg=data_cfg)
     expected = {"chrf", "bleu", "loss", "perplexity", "token_accuracy", "general_loss", "general_perplexity"}
     assert set(report["tuned"]) == set(report["baseline"]) == expected
@@ -74,12 +75,12 @@ def test_loss_on_a_mesh_matches_one_device():
     config = small_model_config()
     params = on_device(random_params(config, seed=1))
     tok = Tokenizer(TOKENIZER)
-    rows = evaluate.pack_rows(evaluate.read_eval_data(str(REPO / "data/legal/eval.jsonl")), tok, seq_len=128)
+    rows = tasks.pack_rows(tasks.read_eval_data(str(REPO / "data/legal/eval.jsonl")), tok, seq_len=128)
     mesh = sharding.make_mesh(1, -1, 1)
     sharded = jax.device_put(params, sharding.param_shardings(config, mesh))
-    one = evaluate.token_loss(config, params, rows, batch_size=8, pad_id=tok.pad_id)
+    one = tasks.token_loss(config, params, rows, batch_size=8, pad_id=tok.pad_id)
     # batch_size 6 is rounded up to 8 so every fsdp shard gets a whole row.
-    many = evaluate.token_loss(config, sharded, rows, batch_size=6, pad_id=tok.pad_id, mesh=mesh)
+    many = tasks.token_loss(config, sharded, rows, batch_size=6, pad_id=tok.pad_id, mesh=mesh)
     assert one["tokens"] == many["tokens"] == rows["loss_mask"].sum()
     for k in ("loss", "token_accuracy"):
         assert many[k] == pytest.approx(one[k], rel=1e-5), k
@@ -91,22 +92,22 @@ def test_held_out_fraction_is_the_split_training_held_out():
     cfg.data.train, cfg.data.eval_fraction, cfg.data.seq_len = str(REPO / "data/legal/train.jsonl"), 0.1, 128
     tok = Tokenizer(TOKENIZER)
     built = data_lib.build(cfg.data, tok, global_batch_size=8, seed=3)
-    mine = evaluate.pack_rows(evaluate.read_eval_data("", cfg.data, holdout_seed=3), tok, seq_len=128)
+    mine = tasks.pack_rows(tasks.read_eval_data("", cfg.data, holdout_seed=3), tok, seq_len=128)
     n = len(mine["inputs"])
     for k in ("inputs", "targets", "loss_mask"):
         np.testing.assert_array_equal(np.concatenate([b[k] for b in built.eval])[:n], mine[k], err_msg=k)
-    other = evaluate.pack_rows(evaluate.read_eval_data("", cfg.data, holdout_seed=4), tok, seq_len=128)
+    other = tasks.pack_rows(tasks.read_eval_data("", cfg.data, holdout_seed=4), tok, seq_len=128)
     assert other["inputs"].shape != mine["inputs"].shape or (other["inputs"] != mine["inputs"]).any()
 
 
 def test_forgetting_threshold_warns(caplog):
     base, tuned = {"general_loss": 2.0}, {"general_loss": 2.5}
     with caplog.at_level(logging.WARNING):
-        f = evaluate.forgetting_check(base, tuned, 0.10, "general.txt")
+        f = tasks.forgetting_check(base, tuned, 0.10, "general.txt")
     assert f["relative_change"] == pytest.approx(0.25) and f["exceeded"]
     assert "catastrophic forgetting" in caplog.text and "25.0%" in caplog.text
-    assert not evaluate.forgetting_check(base, {"general_loss": 2.1}, 0.10, "general.txt")["exceeded"]
-    md = evaluate.markdown(dict(task="lm", metric="loss", data="x", generated=0, tuned=tuned, baseline=base,
+    assert not tasks.forgetting_check(base, {"general_loss": 2.1}, 0.10, "general.txt")["exceeded"]
+    md = report_lib.markdown(dict(task="lm", metric="loss", data="x", generated=0, tuned=tuned, baseline=base,
                                 forgetting=f, settings=dict(max_new_tokens=1, temperature=0.0, seq_len=8)))
     assert "WARNING: past the threshold" in md and "| general_loss | 2.0000 | 2.5000 | +0.5000 | worse |" in md
 
@@ -114,21 +115,21 @@ def test_forgetting_threshold_warns(caplog):
 def test_code_items_carry_their_tests(tmp_path):
     """Every code example keeps its asserts; the reference programs pass them, an empty answer does not."""
     spec = str(REPO / "data/code/eval.json")
-    items = evaluate.generation_items(evaluate.read_eval_data(spec), task="code", spec=spec, limit=4)
+    items = tasks.generation_items(tasks.read_eval_data(spec), task="code", spec=spec, limit=4)
     assert len(items) == 4 and all(it.tests and it.tests[0].startswith("assert") for it in items)
-    scores, results = evaluate.score_answers("code", [it.reference for it in items], items, code_timeout=5)
+    scores, results = tasks.score_answers("code", [it.reference for it in items], items, code_timeout=5)
     assert scores == {"pass_rate": 100.0} and results == ["passed"] * 4
-    assert evaluate.score_answers("code", ["pass"] * 4, items, code_timeout=5)[0] == {"pass_rate": 0.0}
+    assert tasks.score_answers("code", ["pass"] * 4, items, code_timeout=5)[0] == {"pass_rate": 0.0}
 
     bad = tmp_path / "no_tests.jsonl"
     bad.write_text(json.dumps({"instruction": "Write f.", "output": "def f(): pass"}) + "\n")
     with pytest.raises(ValueError, match=r"no_tests.jsonl:1: task 'code' needs a field \"tests\""):
-        evaluate.generation_items(evaluate.read_eval_data(str(bad)), task="code", spec=str(bad))
+        tasks.generation_items(tasks.read_eval_data(str(bad)), task="code", spec=str(bad))
 
 
 def small_translation_config(steps: int):
     """configs/translation.py:tiny shrunk to a 2-layer, width-64 model: about a second per 10 steps."""
-    cfg = evaluate.load_config(str(REPO / "configs/translation.py") + ":tiny")
+    cfg = config_lib.load(str(REPO / "configs/translation.py") + ":tiny")
     m = cfg.model
     m.num_layers, m.embed_dim, m.hidden_dim = 2, 64, 128
     m.num_heads, m.num_kv_heads, m.head_dim = 4, 2, 16

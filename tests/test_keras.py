@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_jax import checkpoint, keras_format, model, sharding
+from gemma_jax import model, sharding, weights
+from gemma_jax.weights import keras as keras_format
 
 D, N, K, H, F, V, L, WINDOW = 96, 4, 2, 16, 128, 512, 3, 8  # D // N = 24 != H: scale matters
 
@@ -103,7 +104,7 @@ def test_logits_match_keras(preset):
         block.attention.query_head_dim_normalize = False
     config, params = keras_format.load(path)
     assert config.query_pre_attn_scalar == 24 and config.param_dtype == "float32"
-    assert checkpoint.detect_format(path) == "keras"
+    assert weights.detect_format(path) == "keras"
 
     tokens = np.random.default_rng(1).integers(0, V, (2, 3 * WINDOW)).astype("int32")
     # predict() runs the keras graph under jit: same numbers as an eager call, 5x faster here.
@@ -123,7 +124,7 @@ def test_logits_match_keras(preset):
     # The preset's tokenizer works with gemma_jax's Tokenizer.
     from gemma_jax.tokenizer import Tokenizer
 
-    tok = Tokenizer(checkpoint.find_tokenizer(path))
+    tok = Tokenizer(weights.find_tokenizer(path))
     assert tok.decode(tok.encode("the lazy fox 42")) == "the lazy fox 42"
 
 

@@ -186,13 +186,13 @@ def test_errors_name_the_flag(argv, message):
 
 def test_pack_ships_sources_and_data_not_weights(tmp_path):
     files = tpu_vm.source_files()
-    assert {"gemma_jax/train.py", "configs/legal.py", "data/tokenizer.model", "launch/tpu_vm.py",
+    assert {"gemma_jax/train/loop.py", "configs/legal.py", "data/tokenizer.model", "launch/tpu_vm.py",
             "setup.py"} <= set(files)
     assert not [f for f in files if f.startswith(("weights/", ".git/")) or "__pycache__" in f]
     path = tmp_path / "src.tar.gz"
     assert tpu_vm.pack(str(path)) == len(files)
     with tarfile.open(path) as tar:
-        assert "gemma_jax/train.py" in tar.getnames()
+        assert "gemma_jax/train/loop.py" in tar.getnames()
 
 
 # ----------------------------------------------------------------------------- the worker scripts, locally

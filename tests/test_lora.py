@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_jax import lora
+from gemma_jax.model import lora
 from gemma_jax import model as M
 from gemma_jax.config import DEFAULT_LORA_TARGETS
 from gemma_jax.model import ModelConfig

@@ -3,12 +3,12 @@
 import jax
 import pytest
 
-from gemma_jax import memory, sharding
+from gemma_jax import config as config_lib, memory, sharding
 from gemma_jax.memory import GiB
 
 
 def tiny_cfg(remat: str, *, seq_len: int = 256, batch: int = 8):
-    cfg = memory._load_config("configs/legal.py:tiny")
+    cfg = config_lib.load("configs/legal.py:tiny")
     cfg.model.remat, cfg.data.seq_len, cfg.train.batch_size = remat, seq_len, batch
     return cfg
 
@@ -46,7 +46,7 @@ def test_state_bytes_follow_the_sharding_and_the_mode():
 def test_full_size_plans_decide_fits(capsys):
     """Estimates only (no compile) for the real 9B on one v5e-8 host: full fine-tuning does not fit,
     LoRA does; the printed table names the device."""
-    cfg = memory._load_config("configs/legal.py:9b_lora")
+    cfg = config_lib.load("configs/legal.py:9b_lora")
     config = memory.model_config_for(cfg)
     mesh = sharding.make_mesh(1, 8, 1, devices=jax.devices()[:8])
     full = memory.plan(cfg, config, mesh, mode="full", compile=False)

@@ -9,7 +9,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from gemma_jax import metrics
+from gemma_jax.eval import metrics
 
 PRED = ["the cat sat on the mat", "the cat sat"]
 REF = ["the cat is on the mat", "the cat sat on the mat"]

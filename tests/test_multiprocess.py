@@ -24,7 +24,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from gemma_jax import train
+from gemma_jax.train import __main__ as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,7 +223,7 @@ def _flags(coordinator_address="", num_processes=0, process_id=0):
 
 
 def test_explicit_flags_are_passed_to_initialize(init_calls):
-    train._maybe_init_distributed(_flags("10.0.0.1:1234", 4, 3))
+    train_main._maybe_init_distributed(_flags("10.0.0.1:1234", 4, 3))
     assert init_calls == [((), dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3))]
 
 
@@ -232,7 +232,7 @@ def test_explicit_flags_are_passed_to_initialize(init_calls):
 def test_detected_clusters_call_initialize_without_arguments(init_calls, monkeypatch, env):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    train._maybe_init_distributed(_flags())
+    train_main._maybe_init_distributed(_flags())
     assert init_calls == [((), {})]
 
 
@@ -240,10 +240,10 @@ def test_detected_clusters_call_initialize_without_arguments(init_calls, monkeyp
 def test_single_process_does_not_initialize(init_calls, monkeypatch, env):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    train._maybe_init_distributed(_flags())
+    train_main._maybe_init_distributed(_flags())
     assert init_calls == []
 
 
 def test_coordinator_alone_leaves_count_and_index_to_jax(init_calls):
-    train._maybe_init_distributed(_flags("10.0.0.1:1234"))
+    train_main._maybe_init_distributed(_flags("10.0.0.1:1234"))
     assert init_calls == [((), dict(coordinator_address="10.0.0.1:1234", num_processes=None, process_id=None))]

@@ -15,7 +15,8 @@ import pytest
 from etils.epath import testing as epath_testing
 
 import gemma_jax
-from gemma_jax import model as model_lib, paths, train_log
+from gemma_jax import model as model_lib, paths
+from gemma_jax.train import log as train_log
 from gemma_jax.model import ModelConfig
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import helpers
-from gemma_jax import checkpoint, kv_cache, sharding
-from gemma_jax import model as M
+from gemma_jax import sharding, weights
+from gemma_jax.model import kv_cache
+from gemma_jax.model import layers as M
 from gemma_jax import sample as S
 from gemma_jax.model import ModelConfig
 from gemma_jax.tokenizer import Tokenizer
@@ -127,7 +128,7 @@ def test_greedy_matches_transformers_generate(tmp_path):
             if "post_" in name:
                 p.normal_(30.0, 1.0)
     hf.save_pretrained(tmp_path)
-    cfg, params = checkpoint.load(tmp_path)
+    cfg, params = weights.load(tmp_path)
     prompts = random_prompts(config, (3, 13, 7), seed=4)
     new = 24  # every row runs well past the 8-token window
 
@@ -325,7 +326,7 @@ def test_sharded_params_give_the_same_tokens(chatty):
 
 def test_cli_raw_and_chat(tmp_path, chatty, tokenizer):
     config, params = chatty
-    ckpt = checkpoint.save(tmp_path / "ckpt", config, params, format="gemma_jax", tokenizer=str(TOKENIZER))
+    ckpt = weights.save(tmp_path / "ckpt", config, params, format="gemma_jax", tokenizer=str(TOKENIZER))
     # The second run reuses the first one's compiled programs.
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}

@@ -24,7 +24,7 @@ import optax
 import pytest
 
 import gemma_jax
-from gemma_jax import data as data_lib, model as model_lib, sharding, train
+from gemma_jax import data as data_lib, loss as loss_lib, model as model_lib, sharding, train
 from gemma_jax.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def greedy_generate(config, params, prompts: list[list[int]], *, end_id: int, le
 def _jit_loss(config, chunk: int = 64):
     """jit(value_and_grad) of the token-normalised loss."""
     def mean_loss(params, batch):
-        loss_sum, (tokens, correct) = train.loss_fn(params, batch, config=config, chunk=chunk)
+        loss_sum, (tokens, correct) = loss_lib.batch_loss(params, batch, config=config, chunk=chunk)
         return loss_sum / tokens, (loss_sum, tokens, correct)
     return jax.jit(jax.value_and_grad(mean_loss, has_aux=True))
 
@@ -223,7 +223,7 @@ def test_loss_mask_covers_model_turns_only():
     assert not np.any(mask[rows["segment_ids"] == 0]), "padding is in the loss"
 
     config, params = small_model()
-    loss = jax.jit(functools.partial(train.loss_fn, config=config, chunk=64))
+    loss = jax.jit(functools.partial(loss_lib.batch_loss, config=config, chunk=64))
 
     def value(targets):
         loss_sum, (tokens, _) = loss(params, dict(rows, targets=targets))
@@ -310,7 +310,7 @@ def test_grad_accum_equals_one_big_batch_sgd():
     assert_trees_close(delta(many), delta(one), rtol=1e-4, atol=1e-6, what="update")
 
     # Sensitivity: averaging per-micro-batch mean losses (ignoring token counts) differs.
-    loss = jax.jit(functools.partial(train.loss_fn, config=config, chunk=64))
+    loss = jax.jit(functools.partial(loss_lib.batch_loss, config=config, chunk=64))
     means = []
     for i in range(accum):
         mb = {k: v[i::accum] for k, v in rows.items()}
@@ -527,7 +527,7 @@ def test_chunked_cross_entropy_matches_full_logits(chunk):
         return jnp.sum(nll * mask), jnp.sum(hits * mask)
 
     def chunked(h, t):
-        return train.chunked_cross_entropy(config, h, t, targets, mask, chunk)
+        return loss_lib.chunked_cross_entropy(config, h, t, targets, mask, chunk)
 
     assert float(jnp.abs(jnp.einsum("BTD,VD->BTV", hidden, table)).max()) > 60.0  # the cap bites
     (want, want_hits), want_g = jax.value_and_grad(reference, argnums=(0, 1), has_aux=True)(hidden, table)
@@ -550,7 +550,7 @@ def test_chunked_cross_entropy_in_bfloat16_follows_float32():
     mask = jnp.ones((2, 24), jnp.float32)
 
     def loss(h, t):
-        return train.chunked_cross_entropy(config, h, t, targets, mask, 16)[0]
+        return loss_lib.chunked_cross_entropy(config, h, t, targets, mask, 16)[0]
 
     grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     got, got_g = grad_fn(hidden, table)

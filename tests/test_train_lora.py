@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gemma_jax
-from gemma_jax import lora, model as model_lib, train
+from gemma_jax import model as model_lib, train
 from test_train import (LEGAL_TRAIN, assert_trees_close, init_checkpoint, leaves, loss_records, one_device_mesh,  # noqa: F401
                         random_params, rows_of, legal_examples, small_config, tokenizer)
 

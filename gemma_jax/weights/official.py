@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from gemma_jax import checkpoint, model
-from gemma_jax.model import ModelConfig
+from gemma_jax.model import layers as model
+from gemma_jax.model.config import ModelConfig
+from gemma_jax.weights import layout
 
 SIDECAR = "gemma_jax_config.json"
 HF_VOCAB, OFFICIAL_VOCAB = 256000, 256128
@@ -110,7 +111,7 @@ def infer_config(directory, meta, gating_layout: str | None = None) -> tuple[Mod
             logging.warning("%s: shapes match no published Gemma 2 size and there is no %s; using "
                             "query_pre_attn_scalar=head_dim=%d and sliding_window=4096", directory, SIDECAR, h)
             base = ModelConfig(**dims, query_pre_attn_scalar=float(h))
-    param_dtype = checkpoint.dtype_name(meta[_key(("embedder", "input_embedding"))][1])
+    param_dtype = layout.dtype_name(meta[_key(("embedder", "input_embedding"))][1])
     return base.replace(**dims, vocab_size=v, param_dtype=param_dtype, scan_layers=True), gating_layout
 
 
@@ -120,22 +121,22 @@ def load(directory, *, dtype=None, mesh=None, rules=None, gating_layout=None):
 
     directory = Path(directory)
     meta = read_metadata(directory)
-    config, layout = infer_config(directory, meta, gating_layout)
-    config = checkpoint.scanned_config(config, dtype)
+    config, gating = infer_config(directory, meta, gating_layout)
+    config = layout.scanned_config(config, dtype)
     target_dtype = config.weight_dtype
-    shapes = checkpoint.flatten(model.param_shapes(config))
-    shardings = checkpoint.flatten(checkpoint.target_shardings(config, mesh, rules))
+    shapes = layout.flatten(model.param_shapes(config))
+    shardings = layout.flatten(layout.target_shardings(config, mesh, rules))
 
     # Every stored array is restored straight into the sharding its scanned leaf will have
     # (minus the layer axis), so each device reads only its slice; layers are then stacked on
     # device by a jitted stack whose output sharding is the target.
     item, restore_args, plan = {}, {}, []
     for path, sds in shapes.items():
-        sources, stacked = checkpoint.layer_sources(config, path)
+        sources, stacked = layout.layer_sources(config, path)
         per_layer = sds.shape[1:] if stacked else sds.shape
         target = shardings[path]
         layer_sharding = _drop_leading(target) if stacked else target
-        transpose = path[-2:] == ("gating_einsum", "w") and layout == "DF"
+        transpose = path[-2:] == ("gating_einsum", "w") and gating == "DF"
         if transpose:  # stored (2, D, F): restore in that layout, swap on device
             per_layer = (per_layer[0], per_layer[2], per_layer[1])
             layer_sharding = _permute(layer_sharding, (0, 2, 1))
@@ -162,7 +163,7 @@ def load(directory, *, dtype=None, mesh=None, rules=None, gating_layout=None):
                 a.delete()  # frees each layer as soon as its stacked copy exists
         else:
             out[path] = arrays[0]
-    return config, checkpoint.unflatten(out)
+    return config, layout.unflatten(out)
 
 
 def _stacker(stacked: bool, transpose: bool, out_sharding):
@@ -190,14 +191,14 @@ def write(path, config: ModelConfig, params, *, gating_layout: str | None = None
     """Writes the FLAT Orbax layout of the official release (+ gemma_jax_config.json beside it)."""
     import orbax.checkpoint as ocp
 
-    layout = gating_layout or default_gating_layout(config.embed_dim)
-    if layout not in ("DF", "FD"):
-        raise ValueError(f"gating_layout must be 'DF' or 'FD', got {layout!r}")
-    src = checkpoint.flatten(checkpoint.unrolled_view(config, params, dtype=dtype, host=False))
+    gating = gating_layout or default_gating_layout(config.embed_dim)
+    if gating not in ("DF", "FD"):
+        raise ValueError(f"gating_layout must be 'DF' or 'FD', got {gating!r}")
+    src = layout.flatten(layout.unrolled_view(config, params, dtype=dtype, host=False))
     flat: dict = {}
     for p, get in src.items():
         x = get()
-        if p[-2:] == ("gating_einsum", "w") and layout == "DF":
+        if p[-2:] == ("gating_einsum", "w") and gating == "DF":
             x = jnp.swapaxes(x, 1, 2)
         if p == ("embedder", "input_embedding") and x.shape[0] == HF_VOCAB:
             # The official table has 128 zero padding rows after the 256000 pieces.
@@ -207,5 +208,5 @@ def write(path, config: ModelConfig, params, *, gating_layout: str | None = None
     ocp.PyTreeCheckpointer().save(path, flat)
     if jax.process_index() == 0:
         # The official files hold no hyperparameters; keep ours so a reload is exact.
-        cfg = config.replace(param_dtype=checkpoint.dtype_name(dtype) or config.param_dtype, scan_layers=True)
+        cfg = config.replace(param_dtype=layout.dtype_name(dtype) or config.param_dtype, scan_layers=True)
         (Path(path) / SIDECAR).write_text(json.dumps({**cfg.to_dict(), "format": "official"}, indent=2))

@@ -1,4 +1,4 @@
-"""Gemma 2 decoder in Flax linen.
+"""Gemma 2 decoder in Flax linen: the modules, the functional API, layer stacking.
 
 Dimension letters used in names and einsums:
   B batch, T query length, S key length, N query heads, K kv heads, G = N/K query heads per
@@ -25,7 +25,6 @@ cache=cache)`, laid out like the layers; local layers keep a ring buffer of slid
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -35,304 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from gemma_jax import attention_kernels
-from gemma_jax.kv_cache import cache_update
+from gemma_jax.model import kernels
+from gemma_jax.model.attention import (apply_rope, attention_logits, attention_masks, attention_parts, causal_attention,
+                                       dense_attention, masked_softmax, segment_positions, softcap)
+from gemma_jax.model.config import REMAT_POLICIES, ModelConfig
+from gemma_jax.model.kv_cache import cache_update
 
 Params = Any
-
-_PRESETS: dict[str, dict[str, Any]] = {
-    "gemma2_2b": dict(num_layers=26, embed_dim=2304, hidden_dim=9216, num_heads=8,
-                      num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256),
-    "gemma2_9b": dict(num_layers=42, embed_dim=3584, hidden_dim=14336, num_heads=16,
-                      num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256),
-    # 27B scales queries by (D/N)^-0.5 = 144^-0.5, not head_dim^-0.5.
-    "gemma2_27b": dict(num_layers=46, embed_dim=4608, hidden_dim=36864, num_heads=32,
-                       num_kv_heads=16, head_dim=128, query_pre_attn_scalar=144),
-    # Small shapes for CPU runs; vocab is set from the tokenizer at train time.
-    "gemma2_tiny": dict(num_layers=4, embed_dim=128, hidden_dim=512, num_heads=4,
-                        num_kv_heads=2, head_dim=32, query_pre_attn_scalar=32,
-                        vocab_size=2048, sliding_window=64),
-    "gemma2_test": dict(num_layers=3, embed_dim=64, hidden_dim=128, num_heads=4,
-                        num_kv_heads=2, head_dim=16, query_pre_attn_scalar=24,
-                        vocab_size=512, sliding_window=8),
-}
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Gemma 2 shape and numerics; hashable so it can be a static jit argument."""
-
-    num_layers: int
-    embed_dim: int
-    hidden_dim: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int = 256128
-    sliding_window: int = 4096
-    query_pre_attn_scalar: float = 256.0
-    attn_softcap: float = 50.0  # 0 disables
-    final_softcap: float = 30.0  # 0 disables
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-6
-    max_seq_len: int = 8192
-    dtype: str = "float32"  # compute
-    param_dtype: str = "float32"
-    remat: str = "none"
-    scan_layers: bool = True
-    # Training-pass attention: auto | xla | splash (gemma_jax.attention_kernels).
-    attention_impl: str = "auto"
-    # Low-rank adapters (gemma_jax.lora), used only when a "lora" collection is passed.
-    lora_scale: float = 1.0  # alpha / rank
-    lora_dropout: float = 0.0  # on the adapter input, when a "dropout" rng is passed
-
-    def __post_init__(self):
-        for field in ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads",
-                      "head_dim", "vocab_size", "sliding_window"):
-            if int(getattr(self, field)) <= 0:
-                raise ValueError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
-                             f"num_kv_heads={self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        for field in ("dtype", "param_dtype"):
-            if getattr(self, field) not in _DTYPES:
-                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}; "
-                                 f"choose one of {sorted(_DTYPES)}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"ModelConfig.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-        attention_kernels.check_impl(self.attention_impl)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
-        """The named preset (gemma2_2b, gemma2_9b, gemma2_27b, gemma2_tiny, gemma2_test)."""
-        if name not in _PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(_PRESETS)}")
-        return cls(**{**_PRESETS[name], **overrides})
-
-    @staticmethod
-    def presets() -> list[str]:
-        """Names accepted by from_preset."""
-        return sorted(_PRESETS)
-
-    def replace(self, **changes) -> "ModelConfig":
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for JSON files."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Inverse of to_dict; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}")
-        return cls(**d)
-
-    @property
-    def compute_dtype(self):
-        return _DTYPES[self.dtype]
-
-    @property
-    def weight_dtype(self):
-        return _DTYPES[self.param_dtype]
-
-    @property
-    def num_groups(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    def is_local(self, layer: int) -> bool:
-        """Layer 0 is local (sliding window); layers alternate local/global."""
-        return layer % 2 == 0
-
-    def num_params(self) -> int:
-        """Parameter count (embedding counted once: it is tied)."""
-        d, f, n, k, h = self.embed_dim, self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim
-        block = n * d * h * 2 + 2 * k * d * h + 3 * d * f + 4 * d
-        return self.vocab_size * d + self.num_layers * block + d
-
-    def flops_per_token(self, seq_len: int, *, training: bool = True) -> float:
-        """Model FLOPs per token for causal sequences of seq_len, counting only visible keys.
-
-        Local layers see at most sliding_window keys, so long sequences cost less than a
-        full-attention count would claim. Training is 3x the forward (forward + backward).
-        """
-        d, f, n, k, h = self.embed_dim, self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim
-        matmul = 2 * (2 * n * d * h + 2 * k * d * h + 3 * d * f)
-        t, w = seq_len, self.sliding_window
-        global_keys = (t + 1) / 2
-        local_keys = global_keys if t <= w else (w * (w + 1) / 2 + (t - w) * w) / t
-        attention = sum(4 * n * h * (local_keys if self.is_local(i) else global_keys)
-                        for i in range(self.num_layers))
-        forward = self.num_layers * matmul + attention + 2 * d * self.vocab_size
-        return forward * (3 if training else 1)
-
-
-# ----------------------------------------------------------------------------- primitives
-
-
-def softcap(x, cap: float):
-    """cap * tanh(x / cap); identity when cap is 0."""
-    return jnp.tanh(x / cap) * cap if cap else x
-
-
-def apply_rope(x_BTNH, positions_BT, base: float):
-    """Rotary embedding, half-split convention, angles in float32."""
-    h = x_BTNH.shape[-1]
-    inv_freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-    angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
-    sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
-    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTNH.dtype)
-
-
-def segment_positions(segment_ids_BT):
-    """Positions that restart at 0 where the segment id changes (packed sequences)."""
-    t = segment_ids_BT.shape[1]
-    idx_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_BT.shape)
-    starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids_BT[:, :1], bool),
-         segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
-    start_idx_BT = jax.lax.cummax(jnp.where(starts, idx_BT, 0), axis=1)
-    return idx_BT - start_idx_BT
-
-
-def attention_masks(segment_ids_BT, sliding_window: int):
-    """(local, global) boolean [B, T, S] masks: causal, same segment, local also windowed."""
-    t = segment_ids_BT.shape[1]
-    q_T1 = jnp.arange(t)[:, None]
-    k_1S = jnp.arange(t)[None, :]
-    same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    global_BTS = same_BTS & (k_1S <= q_T1)[None]
-    local_BTS = global_BTS & (q_T1 - k_1S < sliding_window)[None]
-    return local_BTS, global_BTS
-
-
-def attention_logits(config: ModelConfig, q_BTKGH, k_BSKH, keys: str = "BSKH"):
-    """Soft-capped float32 attention logits [B, K, G, T, S] of scaled queries against keys."""
-    logits_BKGTS = jnp.einsum(f"BTKGH,{keys}->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    # The cap applies before masking, as in the reference implementations.
-    return softcap(logits_BKGTS, config.attn_softcap)
-
-
-def masked_softmax(logits_BKGTS, mask_BTS):
-    """float32 softmax over keys, masked keys excluded."""
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(logits_BKGTS, axis=-1)
-
-
-def dense_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cap: float):
-    """softmax(softcap(q k) masked) v over all keys at once -> [B, T, K, G, H] (the xla path).
-
-    Same math as masked_softmax(attention_logits(...)) followed by the value product, with a
-    hand-written gradient (`_dense_attention_bwd`) whose products read the [T, S] matrices in
-    the layout they were written in. Left to autodiff, the key and value gradients contract
-    over the query axis, and XLA:CPU first writes a transposed copy of each [B, K, G, T, S]
-    float32 matrix, which made the attention backward ~2.5x slower than its matmuls.
-    """
-    return _dense_attention(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
-
-
-def causal_blocks(t: int, window: int | None = None) -> list[tuple[int, int, int]]:
-    """(first query, end query, first key) of the query blocks causal_attention splits a
-    length-t sequence into: 4 from 512 tokens (when t divides by 4), 2 from 256, else 1. A
-    block's keys run from its first key to its last query (causal), starting no earlier than
-    the window reaches back from its first query."""
-    n = 4 if t >= 512 and t % 4 == 0 else 2 if t >= 256 and t % 2 == 0 else 1
-    size = t // n
-    return [(i * size, (i + 1) * size, 0 if window is None else max(0, i * size - window + 1)) for i in range(n)]
-
-
-def causal_attention(q_BTKGH, k_BTKH, v_BTKH, mask_BTT, cap: float, window: int | None = None):
-    """dense_attention of a sequence attending to itself under a causal (and for local layers
-    windowed) mask, by query blocks (causal_blocks) that each read only the keys they can see.
-
-    The skipped keys are masked anyway, so the result is the same; at 4 blocks the [T, S]
-    work drops to 62% (global layers) or less (window <= T/2) of the full square, at 2 to 75%.
-    """
-    blocks = causal_blocks(q_BTKGH.shape[1], window)
-    if len(blocks) == 1:
-        return dense_attention(q_BTKGH, k_BTKH, v_BTKH, mask_BTT, cap)
-    return jnp.concatenate([
-        dense_attention(q_BTKGH[:, lo:hi], k_BTKH[:, first:hi], v_BTKH[:, first:hi], mask_BTT[:, lo:hi, first:hi], cap)
-        for lo, hi, first in blocks], axis=1)
-
-
-def _attention_fwd_parts(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
-    """(output, capped float32 logits, log-sum-exp over visible keys, float32 probabilities)."""
-    # The small q is reordered to [B, K, G, T, H] so the product comes out as [B, K, G, T, S].
-    q_BKGTH = q_BTKGH.transpose(0, 2, 3, 1, 4)
-    capped_BKGTS = softcap(jax.lax.dot_general(q_BKGTH, k_BSKH, (((4,), (3,)), ((0, 1), (0, 2))),
-                                               preferred_element_type=jnp.float32), cap)
-    visible_B11TS = mask_BTS[:, None, None]
-    masked_BKGTS = jnp.where(visible_B11TS, capped_BKGTS, jnp.finfo(jnp.float32).min)
-    max_BKGT = jax.lax.stop_gradient(jnp.max(masked_BKGTS, axis=-1))
-    lse_BKGT = max_BKGT + jnp.log(jnp.sum(jnp.exp(masked_BKGTS - max_BKGT[..., None]), axis=-1))
-    probs_BKGTS = jnp.exp(masked_BKGTS - lse_BKGT[..., None])
-    enc_BKGTH = jax.lax.dot_general(probs_BKGTS.astype(v_BSKH.dtype), v_BSKH, (((4,), (1,)), ((0, 1), (0, 2))))
-    return enc_BKGTH.transpose(0, 3, 1, 2, 4), capped_BKGTS, lse_BKGT, probs_BKGTS
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dense_attention(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
-    return _attention_fwd_parts(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)[0]
-
-
-def _dense_attention_fwd(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
-    enc_BTKGH, capped_BKGTS, lse_BKGT, _ = _attention_fwd_parts(cap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
-    return enc_BTKGH, (q_BTKGH, k_BSKH, v_BSKH, mask_BTS, capped_BKGTS, lse_BKGT, enc_BTKGH)
-
-
-def _dense_attention_bwd(cap, residuals, denc_BTKGH):
-    """Gradients of q, k, v. The products against the [B, K, G, T, S] matrices contract them
-    over S (query gradient) or over their leading G, T (key and value gradients, computed
-    transposed as [B, K, H, S]), so neither matrix is copied into another layout."""
-    q_BTKGH, k_BSKH, v_BSKH, mask_BTS, capped_BKGTS, lse_BKGT, enc_BTKGH = residuals
-    f32 = jnp.float32
-    probs_BKGTS = jnp.where(mask_BTS[:, None, None], jnp.exp(capped_BKGTS - lse_BKGT[..., None]), 0.0)
-    denc_BKGTH = denc_BTKGH.transpose(0, 2, 3, 1, 4)
-    # d(probs): [B, K, G, T, H] x [B, S, K, H] over H.
-    dprobs_BKGTS = jax.lax.dot_general(denc_BKGTH, v_BSKH, (((4,), (3,)), ((0, 1), (0, 2))),
-                                       preferred_element_type=f32)
-    # Softmax backward: probs * (dprobs - sum_S probs dprobs), where the row sum equals
-    # sum_H denc * enc (the output is probs @ v), a [B, K, G, T] product instead of a pass
-    # over the [T, S] matrix.
-    row_BKGT = jnp.einsum("BTKGH,BTKGH->BKGT", denc_BTKGH.astype(f32), enc_BTKGH.astype(f32))
-    dlogits_BKGTS = probs_BKGTS * (dprobs_BKGTS - row_BKGT[..., None])
-    if cap:  # d(cap * tanh(z / cap)) / dz = 1 - (capped / cap)^2
-        dlogits_BKGTS = dlogits_BKGTS * (1.0 - jnp.square(capped_BKGTS / cap))
-    dlogits_BKGTS = dlogits_BKGTS.astype(q_BTKGH.dtype)
-    probs_BKGTS = probs_BKGTS.astype(v_BSKH.dtype)
-    # Key and value gradients as [B, K, H, S]: the big matrix is the right operand, contracted
-    # over its leading (G, T) axes in storage order; the small one is what gets transposed.
-    dims = (((3, 4), (2, 3)), ((0, 1), (0, 1)))
-    dv_BKHS = jax.lax.dot_general(denc_BKGTH.transpose(0, 1, 4, 2, 3), probs_BKGTS, dims,
-                                  preferred_element_type=f32)
-    dk_BKHS = jax.lax.dot_general(q_BTKGH.transpose(0, 2, 4, 3, 1), dlogits_BKGTS, dims,
-                                  preferred_element_type=f32)
-    dq_BKGTH = jax.lax.dot_general(dlogits_BKGTS, k_BSKH, (((4,), (1,)), ((0, 1), (0, 2))),
-                                   preferred_element_type=f32)
-    return (dq_BKGTH.transpose(0, 3, 1, 2, 4).astype(q_BTKGH.dtype),
-            dk_BKHS.transpose(0, 3, 1, 2).astype(k_BSKH.dtype),
-            dv_BKHS.transpose(0, 3, 1, 2).astype(v_BSKH.dtype),
-            np.zeros(mask_BTS.shape, jax.dtypes.float0))
-
-
-_dense_attention.defvjp(_dense_attention_fwd, _dense_attention_bwd)
 
 
 def final_logits(config: ModelConfig, x_BTD, table_VD):
@@ -542,12 +250,12 @@ class Attention(nn.Module):
         if cache is not None and t == 1:
             enc_BTKGH, cache = self._decode_step(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cache, slots_BT)
         elif self._fused(t, cache, segment_ids_BT) == "splash":
-            enc_BTKGH = attention_kernels.splash_attention(
+            enc_BTKGH = kernels.splash_attention(
                 q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, window=c.sliding_window if self.local else None,
                 softcap=c.attn_softcap).astype(v_BSKH.dtype)
         elif self.is_mutable_collection("intermediates"):
             # The same forward, its float32 probabilities kept (apply(..., mutable=["intermediates"])).
-            enc_BTKGH, _, _, probs_BKGTS = _attention_fwd_parts(c.attn_softcap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
+            enc_BTKGH, _, _, probs_BKGTS = attention_parts(c.attn_softcap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
             self.sow("intermediates", "attention_probs", probs_BKGTS)
         elif cache is None:
             enc_BTKGH = causal_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, c.attn_softcap,
@@ -567,10 +275,10 @@ class Attention(nn.Module):
         if cache is not None or segment_ids_BT is None or self.is_mutable_collection("intermediates"):
             return "xla"
         c = self.config
-        impl = attention_kernels.choose(c.attention_impl, jax.default_backend(), t, c.head_dim)
+        impl = kernels.choose(c.attention_impl, jax.default_backend(), t, c.head_dim)
         if impl != c.attention_impl and c.attention_impl == "splash" and not self.is_initializing():
             logging.warning("attention_impl='splash' runs xla for length %d (not a multiple of %d)",
-                            t, attention_kernels.MIN_BLOCK)
+                            t, kernels.MIN_BLOCK)
         return impl
 
     def _decode_step(self, q_B1KGH, k_B1KH, v_B1KH, mask_B1S, cache, slots_B1):

@@ -19,7 +19,6 @@ time inside the scan, so the full-precision weights never exist all at once.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from typing import Any
 
@@ -28,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from gemma_jax import model as model_lib
-from gemma_jax.model import ModelConfig
+from gemma_jax.model import layers as model_lib
+from gemma_jax.model.config import ModelConfig
 
 Params = Any
 
@@ -37,7 +36,6 @@ QUANT_DTYPES = {"int8": (jnp.int8, 127), "int4": (jnp.int4, 7)}
 # int4 keeps one scale per group of this many inputs (its 15 levels are too coarse for a whole
 # row); int8 one per output channel.
 INT4_GROUP = 32
-LORA_JSON = "lora.json"
 
 
 def _leaves(tree, is_leaf=None) -> list[tuple[tuple[str, ...], Any]]:
@@ -201,24 +199,3 @@ def dequantize(params: Params, scales: Params) -> Params:
         s = sc.get(path[:-1] + ("scale",)) if path[-1] == "w" else None
         _set(out, path, w if s is None else model_lib.dequantize(w, s, jnp.float32).astype(s.dtype))
     return out
-
-
-# ----------------------------------------------------------------------------- run metadata
-
-
-def write_json(workdir, lora_cfg, base: str) -> None:
-    """WORKDIR/lora.json: the adapter settings and where the frozen base comes from."""
-    from etils import epath
-
-    meta = dict(rank=int(lora_cfg.rank), alpha=float(lora_cfg.alpha), dropout=float(lora_cfg.dropout),
-                targets=str(lora_cfg.targets), quantize=str(lora_cfg.quantize),
-                base_dtype=str(lora_cfg.base_dtype), base=base)
-    (epath.Path(workdir) / LORA_JSON).write_text(json.dumps(meta, indent=2))
-
-
-def read_json(workdir) -> dict | None:
-    """The lora.json of a LoRA workdir, or None for a full fine-tuning run."""
-    from etils import epath
-
-    p = epath.Path(workdir) / LORA_JSON
-    return json.loads(p.read_text()) if p.exists() else None

@@ -4,7 +4,7 @@ A preset is a directory with `config.json` (a `GemmaBackbone` config), `model.we
 (or, for backbones over 10 GB saved by recent keras-hub, `model.weights.json` plus
 `model_NNNNN.weights.h5` shards) and `assets/tokenizer/vocabulary.spm`. The weights are read
 straight from the H5 files with h5py, so neither keras nor keras-hub is needed at run time, and
-lazily: each device reads only its own slices. `checkpoint.find_tokenizer` finds the tokenizer.
+lazily: each device reads only its own slices. `weights.find_tokenizer` finds the tokenizer.
 
 Keras 3 names H5 groups by the Python attribute path, not by the variable path:
 `layers/gemma_decoder_block_2/attention/query_dense/vars/0` holds what `backbone.weights`
@@ -22,7 +22,8 @@ import jax
 import ml_dtypes  # a jax dependency; h5py has no bfloat16 type
 import numpy as np
 
-from gemma_jax import checkpoint, model
+from gemma_jax.model.config import ModelConfig
+from gemma_jax.weights import layout
 
 _INSTALL_HINT = ('reading KerasHub presets needs h5py: pip install "gemma_jax[keras]" '
                  '(or just pip install h5py)')
@@ -64,7 +65,7 @@ def _h5_path(name: str) -> str:
     return f"layers/{group}/{_BLOCK_H5[rest]}/vars/0"
 
 
-def config_from_keras(keras_config: dict, **overrides) -> model.ModelConfig:
+def config_from_keras(keras_config: dict, **overrides) -> ModelConfig:
     """ModelConfig of a keras `GemmaBackbone` config (config.json, whole or its "config")."""
     cls = keras_config.get("class_name", "GemmaBackbone")
     if cls not in ("GemmaBackbone", "Gemma2Backbone"):
@@ -87,10 +88,10 @@ def config_from_keras(keras_config: dict, **overrides) -> model.ModelConfig:
         attn_softcap=float(c.get("attention_logit_soft_cap") or 0.0),
         final_softcap=float(c.get("final_logit_soft_cap") or 0.0),
         norm_eps=float(c.get("layer_norm_epsilon", 1e-6)))
-    return model.ModelConfig(**{**fields, **overrides})
+    return ModelConfig(**{**fields, **overrides})
 
 
-def keras_shapes(config: model.ModelConfig) -> dict[str, tuple[int, ...]]:
+def keras_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every keras variable path of the backbone with its expected shape."""
     d, f, n, k, h = config.embed_dim, config.hidden_dim, config.num_heads, config.num_kv_heads, config.head_dim
     block = {**{f"{norm}/scale": (d,) for norm in _NORMS},
@@ -146,7 +147,7 @@ def _weight_files(path: str) -> list[str]:
     raise FileNotFoundError(f"no model.weights.h5 or model.weights.json in {path!r}")
 
 
-def open_weights(path, config: model.ModelConfig, stack: contextlib.ExitStack) -> dict[str, _H5Array]:
+def open_weights(path, config: ModelConfig, stack: contextlib.ExitStack) -> dict[str, _H5Array]:
     """Lazy arrays keyed by keras variable path, shape-checked; files stay open until `stack` closes."""
     h5py, expected = _h5py(), keras_shapes(config)
     files = [stack.enter_context(h5py.File(f, "r")) for f in _weight_files(path)]
@@ -168,7 +169,7 @@ def open_weights(path, config: model.ModelConfig, stack: contextlib.ExitStack) -
     return out
 
 
-def to_unrolled(config: model.ModelConfig, w: dict) -> dict:
+def to_unrolled(config: ModelConfig, w: dict) -> dict:
     """Keras variables -> unrolled gemma_jax tree (embedder, layer_{i}, final_norm), still lazy."""
     tree = {"embedder": {"input_embedding": w["token_embedding/embeddings"]},
             "final_norm": {"scale": w["final_normalization/scale"]}}
@@ -177,11 +178,11 @@ def to_unrolled(config: model.ModelConfig, w: dict) -> dict:
         tree[f"layer_{i}"] = {
             **{norm: {"scale": g(f"{norm}/scale")} for norm in _NORMS},
             "attn": {"q_einsum": {"w": g("attention/query/kernel")},
-                     "kv_einsum": {"w": checkpoint.Stacked([g("attention/key/kernel"),
+                     "kv_einsum": {"w": layout.Stacked([g("attention/key/kernel"),
                                                             g("attention/value/kernel")])},
                      "attn_vec_einsum": {"w": g("attention/attention_output/kernel")}},
             # keras keeps gate and up as separate (D, F) kernels; ours is one (2, F, D).
-            "mlp": {"gating_einsum": {"w": checkpoint.Stacked([_H5Array(g("ffw_gating/kernel").ds, True),
+            "mlp": {"gating_einsum": {"w": layout.Stacked([_H5Array(g("ffw_gating/kernel").ds, True),
                                                                _H5Array(g("ffw_gating_2/kernel").ds, True)])},
                     "linear": {"w": g("ffw_linear/kernel")}}}
     return tree
@@ -195,9 +196,9 @@ def load(path, *, dtype=None, mesh=None, rules=None):
     with contextlib.ExitStack() as stack:
         weights = open_weights(path, config, stack)
         # Without a dtype, keep the stored one (bfloat16 for the Kaggle presets).
-        stored = checkpoint.dtype_name(weights["token_embedding/embeddings"].dtype)
-        config = checkpoint.scanned_config(config.replace(param_dtype=stored or "float32"), dtype)
-        params = checkpoint.from_unrolled(config, to_unrolled(config, weights), mesh=mesh, rules=rules)
+        stored = layout.dtype_name(weights["token_embedding/embeddings"].dtype)
+        config = layout.scanned_config(config.replace(param_dtype=stored or "float32"), dtype)
+        params = layout.from_unrolled(config, to_unrolled(config, weights), mesh=mesh, rules=rules)
     return config, params
 
 
@@ -221,7 +222,7 @@ def _keras_leaf(view, name: str) -> np.ndarray:
             "ffw_linear/kernel": lambda: mlp["linear"]["w"]()}[rest]()
 
 
-def save(path, config: model.ModelConfig, params, *, dtype=None) -> str:
+def save(path, config: ModelConfig, params, *, dtype=None) -> str:
     """Writes a KerasHub preset (config.json, metadata.json, model.weights.h5) that keras-hub loads."""
     h5py = _h5py()
     d, n, h = config.embed_dim, config.num_heads, config.head_dim
@@ -229,8 +230,8 @@ def save(path, config: model.ModelConfig, params, *, dtype=None) -> str:
     if config.query_pre_attn_scalar not in (h, d // n) or config.rope_base != 10000.0:
         raise ValueError(f"query_pre_attn_scalar={config.query_pre_attn_scalar} (keras-hub allows {h} or "
                          f"{d // n}) / rope_base={config.rope_base} (keras-hub: 10000) cannot be saved")
-    stored = checkpoint.dtype_name(dtype) or config.param_dtype
-    view = checkpoint.unrolled_view(config, params, dtype=stored)  # one leaf at a time, on the host
+    stored = layout.dtype_name(dtype) or config.param_dtype
+    view = layout.unrolled_view(config, params, dtype=stored)  # one leaf at a time, on the host
     path, writer = os.fspath(path), jax.process_index() == 0
     with contextlib.ExitStack() as stack:
         if writer:

@@ -1,6 +1,6 @@
 """Fused attention kernels for the training forward pass, chosen by ModelConfig.attention_impl.
 
-  xla     the einsum path in model.py: materialises [B, K, G, T, S] logits; runs everywhere and
+  xla     the einsum path in model/attention.py: materialises [B, K, G, T, S] logits; runs everywhere and
           is the only path that can hand back attention probabilities.
   splash  the Pallas TPU splash-attention kernel: blockwise, never holds the full logits, and
           skips key blocks the causal / sliding-window mask hides entirely.

@@ -27,8 +27,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from gemma_jax import checkpoint
-from gemma_jax.model import ModelConfig
+from gemma_jax.model.config import ModelConfig
+from gemma_jax.weights import layout
 
 DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
           "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -200,7 +200,7 @@ def config_from_hf(hf: dict, ck: HFCheckpoint, prefix: str) -> ModelConfig:
         rope_base=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
         norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
         max_seq_len=_get(hf, "max_position_embeddings", 8192),
-        param_dtype=checkpoint.dtype_name(ck.dtype(emb_key)))
+        param_dtype=layout.dtype_name(ck.dtype(emb_key)))
 
 
 def read(directory) -> tuple[ModelConfig, dict]:
@@ -218,13 +218,13 @@ def read(directory) -> tuple[ModelConfig, dict]:
         layer = {
             "attn": {
                 "q_einsum": {"w": heads_first(t("self_attn.q_proj.weight", (n * h, d)), n)},
-                "kv_einsum": {"w": checkpoint.Stacked([
+                "kv_einsum": {"w": layout.Stacked([
                     heads_first(t("self_attn.k_proj.weight", (k * h, d)), k),
                     heads_first(t("self_attn.v_proj.weight", (k * h, d)), k)])},
                 "attn_vec_einsum": {"w": t("self_attn.o_proj.weight", (d, n * h)).reshape(d, n, h).transpose(1, 2, 0)},
             },
             "mlp": {
-                "gating_einsum": {"w": checkpoint.Stacked([t("mlp.gate_proj.weight", (f, d)),
+                "gating_einsum": {"w": layout.Stacked([t("mlp.gate_proj.weight", (f, d)),
                                                            t("mlp.up_proj.weight", (f, d))])},
                 "linear": {"w": t("mlp.down_proj.weight", (d, f)).T},
             },
@@ -283,9 +283,9 @@ def write(path, config: ModelConfig, params, *, max_shard_bytes: int = 5 * 10**9
     """Writes config.json and model.safetensors (or shards + index) for Gemma2ForCausalLM."""
     import jax
 
-    dtype = np.dtype(checkpoint.dtype_name(dtype) or config.param_dtype)
+    dtype = np.dtype(layout.dtype_name(dtype) or config.param_dtype)
     config = config.replace(param_dtype=dtype.name)
-    src = checkpoint.unrolled_view(config, params, dtype=dtype, host=True)
+    src = layout.unrolled_view(config, params, dtype=dtype, host=True)
     d, f, n, k, h, v = (config.embed_dim, config.hidden_dim, config.num_heads, config.num_kv_heads,
                         config.head_dim, config.vocab_size)
     # HF Gemma 2 has exactly the tokenizer's 256000 rows; the official files pad to 256128 so the

@@ -1,4 +1,4 @@
-"""The decoding KV cache: layout, slot bookkeeping and masks (the attention itself is in model.py).
+"""The decoding KV cache: layout, slot bookkeeping and masks (the attention itself is in layers.py).
 
 A cache mirrors the parameter tree: layers/{local,global} hold k and v [L/2, B, K, S, H] (the
 pair axis first, so they scan with the layers), layer_{i} [B, K, S, H] for layers outside the

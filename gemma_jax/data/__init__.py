@@ -1,0 +1,21 @@
+"""Training data: sources -> records -> Examples (chat turns) -> tokens + loss mask -> packed batches.
+
+Host side only: numpy, grain and absl; nothing here imports jax (grain does, so it is imported
+only when a train iterator is made).
+
+  readers.py   files (jsonl, json, csv, tsv, txt) and TFDS -> records with file:line places
+  schema.py    records -> Examples: the schemas, field renames, DataError with file/line/field
+  packing.py   Examples -> token ids and loss masks -> packed rows (segment ids, positions)
+  pipeline.py  rows -> the shuffled, resumable, per-process train iterator; eval batches; build()
+
+`from gemma_jax import data` keeps the names it always had.
+"""
+
+from gemma_jax.data.packing import encode, pack
+from gemma_jax.data.pipeline import Data, build, eval_batches, holdout, train_iterator
+from gemma_jax.data.readers import read_examples, records, sources
+from gemma_jax.data.schema import CANONICAL, EXTENSIONS, FIELDS, DataError, Example, parse_field_map, to_example
+
+__all__ = ["encode", "pack", "Data", "build", "eval_batches", "holdout", "train_iterator", "read_examples",
+           "records", "sources", "CANONICAL", "EXTENSIONS", "FIELDS", "DataError", "Example",
+           "parse_field_map", "to_example"]

@@ -1,0 +1,25 @@
+"""Fine-tuning: `python -m gemma_jax.train --config=configs/legal.py:tiny --workdir=DIR`.
+
+  model_setup.py  the run's tokenizer and ModelConfig (from the config and any init checkpoint)
+  optimizer.py    AdamW, warmup + schedule, decay mask, clipping
+  step.py         the pure train step (micro-batches, one update, metrics)
+  state.py        Trainer: state shardings, sharded init, the jitted train and eval steps
+  checkpoints.py  Orbax checkpoints of the train state and data iterator, exact resume
+  log.py          progress, metrics.jsonl, TensorBoard, plots
+  loop.py         run(): set up, restore, loop, finish
+  __main__.py     the command line
+
+The loss itself is `gemma_jax.loss`, shared with evaluation (it was `train.loss_fn`,
+`train.chunked_cross_entropy`, `train.eval_step`). `train.run`, `train.Trainer` and the
+optimizer helpers keep their names.
+"""
+
+from gemma_jax.train.loop import run
+from gemma_jax.train.model_setup import find_tokenizer, lora_enabled, lora_model_config, model_config
+from gemma_jax.train.optimizer import decay_mask, lr_schedule, make_optimizer
+from gemma_jax.train.state import Trainer
+from gemma_jax.train.step import train_step
+
+__all__ = ["run", "find_tokenizer", "lora_enabled",
+           "lora_model_config", "model_config", "decay_mask", "lr_schedule", "make_optimizer", "Trainer",
+           "train_step"]

@@ -1,0 +1,239 @@
+"""The training run: set up, restore, loop, finish.
+
+  python -m gemma_jax.train --config=configs/legal.py:tiny --workdir=/tmp/legal
+
+`run` reads top to bottom; each stage is a function below it. A run resumes from the workdir's
+latest checkpoint, saves every `checkpoint.every_steps` and when asked to stop (signals), and
+after the last step evaluates and exports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from gemma_jax import data as data_lib, paths, sharding, weights
+from gemma_jax.eval import report as report_lib, tasks
+from gemma_jax.model import lora as lora_lib
+from gemma_jax.model.config import ModelConfig
+from gemma_jax.tokenizer import Tokenizer
+from gemma_jax.train import checkpoints, log, model_setup
+from gemma_jax.train.state import Trainer
+from gemma_jax.weights import native
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Trains per `cfg` in `workdir`, resuming from its latest checkpoint. Returns final metrics.
+
+    `stop_after` ends this invocation after that many steps (as a kill would, but after a
+    checkpoint), without changing the schedule: the next run resumes where this one stopped.
+    """
+    r = setup(cfg, workdir)
+    manager = checkpoints.TrainCheckpoints(workdir, every_steps=int(cfg.checkpoint.every_steps),
+                                           keep=int(cfg.checkpoint.keep), async_save=bool(cfg.checkpoint.async_save))
+    state = restore_or_init(r, manager)
+    start = step = int(jax.device_get(state["step"]))
+    steps = int(cfg.train.steps)
+    end = steps if stop_after is None else min(steps, start + stop_after)
+    if start >= steps:
+        logging.warning("%s is already at step %d of train.steps=%d: nothing to train "
+                        "(raise train.steps to continue)", workdir, start, steps)
+    logger = log.Logger(workdir, config=r.config, seq_len=int(cfg.data.seq_len), batch_size=int(cfg.train.batch_size),
+                        total_steps=steps, start_step=start, progress=bool(cfg.train.progress), stats=r.data.stats)
+    eval_every, log_every = int(cfg.train.eval_every), max(int(cfg.train.log_every), 1)
+    with StopRequests() as stop:
+        while step < end:
+            state, step_metrics = r.trainer.step(state, r.trainer.put_batch(next(r.data.train)))
+            step += 1
+            logger.step(step, step_metrics, log=(step % log_every == 0 or step == end))
+            if eval_every and step % eval_every == 0 and step < steps:
+                logger.eval(step, evaluate(r, state, step))
+            stopping = stop.requested or manager.reached_preemption(step)
+            manager.maybe_save(step, state, r.data.train, force=stopping or step == end)
+            if stopping:
+                break
+    metrics = evaluate(r, state, step) if step == steps and step > start else {}
+    if metrics:  # not again when re-run after finishing
+        logger.eval(step, metrics)
+    manager.close()
+    metrics.update(logger.close())
+    if step == steps and step > start and cfg.train.export_format:
+        export(r, state)
+    metrics["step"] = step
+    return metrics
+
+
+@dataclasses.dataclass
+class Run:
+    """What `setup` builds once: the config, tokenizer, model, mesh, data, trainer, starting weights."""
+
+    cfg: Any
+    workdir: str
+    tokenizer: Tokenizer
+    config: ModelConfig
+    mesh: Any
+    rules: Any
+    data: data_lib.Data
+    trainer: Trainer
+    init_params: Any = None  # weights of model.init_checkpoint for a fresh run (None: random)
+
+
+def setup(cfg, workdir: str) -> Run:
+    """Tokenizer, model config, mesh, data and trainer of a run; writes the workdir's run files."""
+    resuming = checkpoints.has_train_checkpoint(workdir)
+    # Before the tokenizer lookup: a missing checkpoint also means no tokenizer beside it, and
+    # "weights not downloaded" is the error the user needs to see.
+    if cfg.model.init_checkpoint and not resuming and not paths.exists(cfg.model.init_checkpoint):
+        raise FileNotFoundError(
+            f"model.init_checkpoint={cfg.model.init_checkpoint!r} does not exist. Download Gemma 2 "
+            "weights first: Kaggle google/gemma-2/flax (official) or Hugging Face google/gemma-2-2b "
+            "(safetensors; accept the license, then `hf download google/gemma-2-2b`).")
+    tokenizer = model_setup.find_tokenizer(cfg, workdir)
+    mesh, rules = sharding.mesh_from_config(cfg.mesh), sharding.rules_from_config(cfg.mesh)
+    use_lora = model_setup.lora_enabled(cfg)
+    init_params = None
+    if cfg.model.init_checkpoint and (not resuming or use_lora):  # LoRA needs the frozen base again
+        loaded, init_params = weights.load(
+            cfg.model.init_checkpoint, dtype=cfg.lora.base_dtype if use_lora else cfg.model.param_dtype,
+            mesh=mesh, rules=rules)
+        config = model_setup.model_config(cfg, tokenizer, loaded)
+    elif cfg.model.init_checkpoint:
+        config = model_setup.model_config(cfg, tokenizer, native.read_model_json(workdir))
+    else:
+        config = model_setup.model_config(cfg, tokenizer)
+    if use_lora:
+        config = model_setup.lora_model_config(cfg, config)
+
+    batch_size, accum = int(cfg.train.batch_size), int(cfg.train.grad_accum)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % (accum * shards):
+        raise ValueError(f"train.batch_size={batch_size} must be a multiple of train.grad_accum={accum} "
+                         f"times the batch shards (mesh data*fsdp = {shards})")
+    data = data_lib.build(cfg.data, tokenizer, global_batch_size=batch_size, seed=int(cfg.train.seed),
+                          process_index=jax.process_index(), process_count=jax.process_count())
+    trainer = Trainer.create(cfg, config, mesh)
+    r = Run(cfg, workdir, tokenizer, config, mesh, rules, data, trainer, init_params)
+    write_run_files(r)
+    logging.info("%s; %s; %.1fM params", sharding.describe(mesh), config, config.num_params() / 1e6)
+    if use_lora:
+        set_lora_base(r)
+    return r
+
+
+def set_lora_base(r: Run) -> None:
+    """Puts the frozen base on the trainer; a random base is saved to WORKDIR/base so the adapters
+    can be merged into it later (gemma_jax.load)."""
+    cfg, trainer = r.cfg, r.trainer
+    trainer.set_base(r.init_params)
+    if not cfg.model.init_checkpoint and not paths.exists(paths.join(r.workdir, "base")):
+        weights.save(os.path.join(r.workdir, "base"), r.config, trainer.frozen["params"], format="gemma_jax")
+    if jax.process_index() == 0:
+        native.write_lora_json(r.workdir, cfg.lora, cfg.model.init_checkpoint or "base")
+    trained = sum(x.size for x in jax.tree.leaves(trainer.param_shapes))
+    logging.info("LoRA rank %d on %s: %.2fM trained params (%.3f%% of the model), base %s",
+                 int(cfg.lora.rank), cfg.lora.targets, trained / 1e6, 100 * trained / r.config.num_params(),
+                 cfg.lora.quantize if cfg.lora.quantize != "none" else cfg.lora.base_dtype)
+
+
+def write_run_files(r: Run) -> None:
+    """config.json, model.json and a copy of the tokenizer in the workdir (process 0)."""
+    if jax.process_index() != 0:
+        return
+    paths.Path(r.workdir).mkdir(parents=True, exist_ok=True)
+    paths.write_text_atomic(paths.join(r.workdir, "config.json"), r.cfg.to_json_best_effort(indent=2))
+    native.write_model_json(r.workdir, r.config, "workdir")
+    dst = paths.join(r.workdir, "tokenizer.model")
+    if paths.absolute(r.tokenizer.path) != paths.absolute(dst):
+        paths.copy_file(r.tokenizer.path, dst)
+
+
+def restore_or_init(r: Run, manager: checkpoints.TrainCheckpoints):
+    """The latest checkpoint's state (the data iterator moved to where it was), else a fresh one."""
+    state = manager.restore(r.trainer, r.data.train) if manager.latest_step() is not None else None
+    if state is None:
+        state = r.trainer.init_state(r.init_params)
+    r.init_params = None  # the state holds them now (or a copy in its shardings)
+    return state
+
+
+def evaluate(r: Run, state, step: int) -> dict[str, float]:
+    """Eval-split loss, perplexity and accuracy; with eval.in_training also the task metrics."""
+    if not r.data.eval:
+        return {}
+    metrics = r.trainer.evaluate(state["params"], r.data.eval, int(r.cfg.train.eval_batches))
+    if r.cfg.eval.in_training:
+        metrics.update(task_eval(r, state, step))
+    return metrics
+
+
+def task_eval(r: Run, state, step: int) -> dict[str, float]:
+    """eval.task's generation metrics on the eval split (gemma_jax.evaluate), with
+    WORKDIR/eval/step_N/report.{json,md}; returned as eval_<metric> values for the log."""
+    trainer, params = r.trainer, state["params"]
+    if trainer.lora:  # generation wants one plain tree: merge the adapters (dequantised base)
+        base = trainer.frozen["params"]
+        if "quant" in trainer.frozen:
+            base = lora_lib.dequantize(base, trainer.frozen["quant"])
+        with trainer.context():
+            params = jax.jit(lora_lib.merge, static_argnums=0)(trainer.config, base, params)
+    report = tasks.run_eval(trainer.config, params, r.tokenizer, r.cfg.eval, "", data_cfg=r.cfg.data,
+                            holdout_seed=int(r.cfg.train.seed), mesh=trainer.mesh, rules=trainer.rules)
+    if jax.process_index() == 0:
+        with paths.staged_dir(paths.join(r.workdir, "eval", f"step_{step}")) as out:
+            report_lib.write_report(report, out)
+    # loss / perplexity / accuracy are trainer.evaluate's already; keep the task and general-text scores.
+    return {f"eval_{k}": float(v) for k, v in report["tuned"].items()
+            if isinstance(v, (int, float)) and k not in ("loss", "perplexity", "accuracy")}
+
+
+def export(r: Run, state) -> str:
+    """WORKDIR/export in train.export_format: the trained model (LoRA: merged into its base)."""
+    if r.trainer.lora:  # merged into the base as read from disk (not the quantised copy)
+        r.trainer.frozen = None
+        export_config, params = weights.load(r.workdir, mesh=r.mesh, rules=r.rules)
+    else:
+        export_config, params = r.config, state["params"]
+    path = weights.save(os.path.join(r.workdir, "export"), export_config, params,
+                        format=r.cfg.train.export_format, tokenizer=r.tokenizer.path, overwrite=True)
+    logging.info("exported %s weights to %s", r.cfg.train.export_format, path)
+    return path
+
+
+class StopRequests:
+    """Turns SIGTERM (TPU preemption, `kill`) into a flag the loop checks after each step.
+
+    A context manager: the handler it replaced is put back on exit, so SIGTERM stops the process
+    again once the loop is over.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() > 1:
+            # jax.distributed's preemption notifier owns SIGTERM, and manager.reached_preemption(step)
+            # stops every process at the same step; a per-process flag would let one process stop
+            # while the others wait for it in the next step's collectives.
+            return self
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. some notebook runners)
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+        return False
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True

@@ -1,0 +1,70 @@
+"""What a run trains: its tokenizer and ModelConfig, from the config and any checkpoint it starts from."""
+
+from __future__ import annotations
+
+from gemma_jax import paths, weights
+from gemma_jax.model import lora
+from gemma_jax.model.config import ModelConfig
+from gemma_jax.tokenizer import Tokenizer
+
+_DIMS = ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim",
+         "vocab_size", "sliding_window", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
+
+
+def find_tokenizer(cfg, workdir: str = "") -> Tokenizer:
+    """data.tokenizer, else the copy a run keeps in its workdir, else one beside model.init_checkpoint."""
+    kept = paths.join(workdir, "tokenizer.model") if workdir else ""
+    path = (cfg.data.tokenizer or (kept if paths.exists(kept) else "")
+            or (cfg.model.init_checkpoint and weights.find_tokenizer(cfg.model.init_checkpoint)))
+    if not path:
+        raise FileNotFoundError(
+            "no tokenizer: set data.tokenizer to a tokenizer.model (it ships with the Gemma 2 "
+            "weights on Kaggle and Hugging Face), or put one beside model.init_checkpoint")
+    return Tokenizer(paths.local_copy(path))  # SentencePiece reads local files only
+
+
+def model_config(cfg, tokenizer: Tokenizer, loaded: ModelConfig | None = None) -> ModelConfig:
+    """ModelConfig from the checkpoint's (if any) or the preset, then explicit dims and dtypes."""
+    m = cfg.model
+    if loaded is not None:
+        base = loaded
+    elif m.preset:
+        base = ModelConfig.from_preset(m.preset)
+    else:
+        missing = [k for k in _DIMS if m[k] is None and k not in ("vocab_size",)]
+        if missing:
+            raise ValueError(f"model.preset is empty, so model.{', model.'.join(missing)} must be set")
+        base = None
+    dims = {k: m[k] for k in _DIMS if m[k] is not None}
+    if loaded is not None:
+        clash = {k: (v, getattr(loaded, k)) for k, v in dims.items() if v != getattr(loaded, k)}
+        if clash:
+            raise ValueError(f"model.* disagrees with {m.init_checkpoint}: "
+                             + ", ".join(f"{k}={a} in the config vs {b} in the checkpoint"
+                                         for k, (a, b) in clash.items()))
+    elif "vocab_size" not in dims:
+        # Round up so the vocab axis shards evenly (Gemma itself pads 256000 to 256128).
+        dims["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
+    fields = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
+                  attention_impl=m.attention_impl, **dims)
+    config = base.replace(**fields) if base is not None else ModelConfig(**fields)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model "
+                         f"only {config.vocab_size} embedding rows")
+    return config
+
+
+def lora_enabled(cfg) -> bool:
+    """Whether the run trains low-rank adapters (lora.rank > 0) instead of every weight."""
+    return int(cfg.lora.rank) > 0
+
+
+def lora_model_config(cfg, config: ModelConfig) -> ModelConfig:
+    """The model of a LoRA run: adapter scale and dropout, base held in lora.base_dtype."""
+    lo = cfg.lora
+    if lo.quantize not in ("none", *lora.QUANT_DTYPES):
+        raise ValueError(f"lora.quantize={lo.quantize!r}; choose none, {', '.join(lora.QUANT_DTYPES)}")
+    if not 0 <= float(lo.dropout) < 1:
+        raise ValueError(f"lora.dropout={lo.dropout} must be in [0, 1)")
+    return config.replace(lora_scale=float(lo.alpha) / int(lo.rank), lora_dropout=float(lo.dropout),
+                          param_dtype=lo.base_dtype)

@@ -1,0 +1,52 @@
+"""The pure train step: gradients over micro-batches, one optimizer update, step metrics."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gemma_jax import loss
+from gemma_jax.model.config import ModelConfig
+
+
+def train_step(state, batch, frozen=None, *, config: ModelConfig, tx, chunk: int, accum: int, schedule):
+    """One optimizer step over `accum` micro-batches, weighted by their target-token counts.
+
+    Gradients of the summed token losses are added up and divided by the step's total target
+    tokens, so k micro-batches of b rows give the same update as one batch of k*b rows. With
+    `frozen` (LoRA) only state["params"], the adapters, are differentiated and updated.
+    """
+    grad_fn = jax.value_and_grad(functools.partial(loss.batch_loss, config=config, chunk=chunk), has_aux=True)
+    params = state["params"]
+    # Only adapter dropout draws random numbers; without it the step carries no RNG work.
+    step_rng = (jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+                if config.lora_dropout else None)
+
+    def grads_of(mb, i):
+        return grad_fn(params, mb, frozen, rng=None if step_rng is None else jax.random.fold_in(step_rng, i))
+
+    def micro(carry, xs):
+        (loss_sum, (tokens, correct)), grads = grads_of(*xs)
+        g_acc, l_acc, t_acc, c_acc = carry
+        return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss_sum, t_acc + tokens, c_acc + correct), None
+
+    if accum == 1:  # no accumulator: zero-filling a float32 copy of the model costs a pass over it
+        (loss_sum, (tokens, correct)), grads = grads_of(batch, 0)
+    else:
+        # Rows i, i+accum, ... form micro-batch i, so each stays spread over the batch shards.
+        micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+        (grads, loss_sum, tokens, correct), _ = jax.lax.scan(micro, init, (micro_batches, jnp.arange(accum)))
+
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denom).astype(p.dtype), grads, params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
+                     opt_state=opt_state)
+    metrics = dict(loss=loss_sum / denom, accuracy=correct / denom, tokens=tokens,
+                   grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
+    return new_state, metrics
