@@ -36,11 +36,17 @@ setup(
             "torch==2.13.0",  # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
             "transformers>=4.44",
             "tensorflow-datasets>=4.9.4",  # array_record datasets, no TensorFlow needed
+            "lm-eval>=0.4",  # tests/test_harness.py (the harness extra)
         ],
+        # python -m gemma_jax.harness: lm-evaluation-harness tasks (keeps the CPU torch wheel pinned).
+        "harness": ["lm-eval>=0.4", "torch==2.13.0"],
         # gcsfs: gs:// workdirs and checkpoints for the small files Orbax does not write (paths.py).
         "tpu": ["jax[tpu]>=0.6.0", "gcsfs>=2023.1.0"],
         "gpu": ["jax[cuda12]>=0.6.0", "gcsfs>=2023.1.0"],
         "gcs": ["gcsfs>=2023.1.0"],
+        # Data sources: .parquet (pyarrow), .jsonl.zst (zstandard), hf:org/name:split (datasets).
+        "data": ["pyarrow>=14", "zstandard>=0.22"],
+        "hf": ["datasets>=2.16", "pyarrow>=14"],
         # keras-nlp pulls full TensorFlow through tensorflow-text; see README for a lighter recipe.
         "keras": ["keras>=3.5", "keras-hub>=0.18", "keras-nlp>=0.18", "h5py"],
     },

@@ -3,6 +3,7 @@
 # H100/H200), each benchmark under its own time limit so one failure costs only its slot.
 #
 #   bash benchmarks/gpu_session.sh            # logs to $OUT (or /tmp/gemma_jax_gpu)
+#   bash benchmarks/gpu_session.sh flash      # only the flash_gpu attention figures (~9 minutes)
 #
 # Packages the image lacks (ml_collections, grain, ...) can come as wheels in .whl/ (see
 # the README's Benchmarks section); they are installed to /tmp/site first.
@@ -34,6 +35,21 @@ run() {  # run NAME SECONDS COMMAND...: full log in $OUT/NAME.log, its end on st
   grep -v -e "Writing model shards" -e "^\s*$" "$OUT/$name.log" | tail -n 12
   echo "-- $name: rc $rc, $((SECONDS - t0)) s"
 }
+
+if [ "${1:-all}" = flash ]; then
+  # Issue 19: the Triton kernel compiled and checked against xla at the 2b head shape, one
+  # layer's attention timed at two tile settings; then the full 2b recipe at 2,048 and 8,192
+  # tokens (8,192 tokens a step either way), xla against flash_gpu over 20 steps (step time,
+  # MFU, peak memory, the loss curves); then the 4-layer 2b width against transformers.
+  run flash_check 100 python3 benchmarks/flash_check.py --blocks default,64:64:32:32
+  run flash_2b_2048 170 python3 benchmarks/throughput.py --sizes 2b --batch-per-device 4 --seq 2048 --steps 20 \
+    --attention xla,flash_gpu
+  run flash_2b_8192 190 python3 benchmarks/throughput.py --sizes 2b --batch-per-device 1 --seq 8192 --steps 20 \
+    --attention xla,flash_gpu
+  run flash_train_2b_4l 100 python3 benchmarks/train_step.py --preset gemma2_2b --layers 4 --batch 4 --seq 2048 \
+    --dtype bfloat16 --steps 5
+  exit 0
+fi
 
 # Issue 3 on a GPU: the benchmark shape, each side's mixed precision.
 run train_bench 100 python3 benchmarks/train_step.py --dtype bfloat16 --steps 10

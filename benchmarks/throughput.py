@@ -2,6 +2,7 @@
 
   python benchmarks/throughput.py                       # accelerator: 2b, 9b, 27b at full size
   python benchmarks/throughput.py --sizes 2b --batch-per-device 4 --attention splash
+  python benchmarks/throughput.py --sizes 2b --batch-per-device 4 --steps 20 --attention xla,flash_gpu
   python benchmarks/throughput.py --tiny                # CPU smoke run (gemma2_tiny shape, seq 256)
   python benchmarks/throughput.py --sizes 2b --layers 2 --seq 256 --vocab 32000   # a cut-down 2b
 
@@ -11,10 +12,17 @@ whose weights and Adam state (16 bytes/param, spread over the devices) do not fi
 MFU counts model FLOPs only (`ModelConfig.flops_per_token`: local layers see at most the
 window; remat recomputation is not credited) against the dense bf16 peak of the device kind.
 CPUs have no such peak: tokens/s only.
+
+Several --attention values run one after another, each in its own process so that each
+peak-memory figure is its own, and end with their step-time ratio against the first and the
+largest loss difference over the steps (the same batch every step, so the curves must agree
+to bf16 noise).
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -70,8 +78,14 @@ def fits(config: ModelConfig) -> tuple[bool, str]:
     return True, ""
 
 
-def measure(config: ModelConfig, batch: int, seq: int, steps: int) -> float:
-    """Mean seconds per train step after a compile step and a warm-up step."""
+def peak_gib() -> float | None:
+    """Peak device memory of this process so far, GiB; None where the backend keeps no count."""
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    return peak / 2**30 if peak else None
+
+
+def measure(config: ModelConfig, batch: int, seq: int, steps: int) -> tuple[float, list[float]]:
+    """(mean seconds per train step after a compile step and a warm-up step, every step's loss)."""
     cfg = config_lib.base_config()
     cfg.train.steps, cfg.train.batch_size, cfg.train.loss_chunk = 1000, batch, 1024
     cfg.opt.warmup_steps = 0
@@ -83,14 +97,41 @@ def measure(config: ModelConfig, batch: int, seq: int, steps: int) -> float:
     batch_arrays = trainer.put_batch(dict(
         inputs=toks[:, :-1], targets=toks[:, 1:], loss_mask=np.ones((batch, seq), np.float32),
         segment_ids=np.ones((batch, seq), np.int32), positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1))))
+    history = []
     for _ in range(2):  # compile, then one step at speed
         state, metrics = trainer.step(state, batch_arrays)
         jax.block_until_ready(metrics)
+        history.append(metrics["loss"])
     t = time.perf_counter()
     for _ in range(steps):
         state, metrics = trainer.step(state, batch_arrays)
+        history.append(metrics["loss"])  # device scalars, read after the clock stops
     jax.block_until_ready(metrics)
-    return (time.perf_counter() - t) / steps
+    dt = (time.perf_counter() - t) / steps
+    return dt, [float(x) for x in history]
+
+
+def compare(argv: list[str], attentions: list[str]) -> None:
+    """Runs this script once per attention value (own process, own memory peak), then
+    prints each one's step-time ratio and largest loss difference against the first."""
+    results = {}
+    for attn in attentions:
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--attention", attn, "--json"],
+                               capture_output=True, text=True)
+        lines = [line for line in child.stdout.splitlines() if not line.startswith("RESULT ")]
+        if attn != attentions[0]:  # rows only: the header is the first run's
+            lines = lines[next((i + 1 for i, line in enumerate(lines) if line.startswith("---")), 0):]
+        print("\n".join(lines), flush=True)
+        if child.returncode:
+            sys.stdout.write(child.stderr[-2000:])
+        results[attn] = [json.loads(line[7:]) for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+    base, rows = attentions[0], results[attentions[0]]
+    for attn in attentions[1:]:
+        for a, b in zip(rows, results[attn]):
+            diff = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
+            print(f"{a['size']}: {b['attention']} / {a['attention']}: step {a['step_s'] / b['step_s']:.2f}x faster, "
+                  f"max |loss difference| over {len(a['losses'])} steps {diff:.2e} "
+                  f"(losses {a['losses'][0]:.4f} -> {a['losses'][-1]:.4f} with {base})")
 
 
 def main():
@@ -103,8 +144,21 @@ def main():
     ap.add_argument("--batch-per-device", type=int, default=0, help="default 2, 8 with --tiny")
     ap.add_argument("--steps", type=int, default=0, help="timed steps (default 10, 3 with --tiny)")
     ap.add_argument("--remat", default="", help="override the per-size remat policy")
-    ap.add_argument("--attention", default="auto", help="auto | xla | splash")
+    ap.add_argument("--attention", default="auto",
+                    help="auto | xla | splash | flash_gpu, or a comma list to compare (one process each)")
+    ap.add_argument("--json", action="store_true", help="also print each row as a RESULT {json} line")
     args = ap.parse_args()
+    attentions = [a.strip() for a in args.attention.split(",")]
+    if len(attentions) > 1:
+        argv = sys.argv[1:]
+        for i, a in enumerate(argv):  # drop --attention LIST / --attention=LIST
+            if a == "--attention":
+                argv = argv[:i] + argv[i + 2:]
+                break
+            if a.startswith("--attention="):
+                argv = argv[:i] + argv[i + 1:]
+                break
+        return compare(argv, attentions)
 
     dev = jax.devices()[0]
     cut = args.layers or args.vocab
@@ -123,7 +177,7 @@ def main():
           + (f"{peak / 1e12:.0f} TFLOP/s/device (dense bf16)" if peak else "unknown: tokens/s only"))
     print(f"seq {seq}, batch {batch} ({per_device}/device), mesh fsdp={n}, {steps} timed steps\n")
     head = (f"{'size':<5} {'layers':>6} {'params':>8} {'remat':<14} {'attention':<9} {'step s':>8} "
-            f"{'tok/s/device':>13} {'TFLOP/s/dev':>12} {'MFU':>6}")
+            f"{'tok/s/device':>13} {'TFLOP/s/dev':>12} {'MFU':>6} {'peak GiB':>8} {'loss first -> last':>19}")
     print(head)
     print("-" * len(head))
     for size in sizes:
@@ -138,14 +192,20 @@ def main():
             print(f"skipped: {why}")
             continue
         try:
-            dt = measure(config, batch, seq, steps)
+            dt, losses = measure(config, batch, seq, steps)
         except jax.errors.JaxRuntimeError as e:  # out of memory for activations, most likely
             print(f"failed: {str(e).splitlines()[0][:80]}")
             continue
         tok_s = batch * seq / dt / n
         util = mfu(config.flops_per_token(seq), tok_s, peak)
+        peak_mem = peak_gib()
         print(f"{dt:>8.3f} {tok_s:>13.0f} {config.flops_per_token(seq) * tok_s / 1e12:>12.2f} "
-              + (f"{util:>6.1%}" if util is not None else f"{'n/a':>6}"))
+              + (f"{util:>6.1%}" if util is not None else f"{'n/a':>6}")
+              + (f" {peak_mem:>8.1f}" if peak_mem else f" {'n/a':>8}")
+              + f" {losses[0]:>8.4f} -> {losses[-1]:.4f}")
+        if args.json:
+            print("RESULT " + json.dumps(dict(size=size, attention=attn, step_s=dt, mfu=util, peak_gib=peak_mem,
+                                              losses=losses)))
 
 
 if __name__ == "__main__":

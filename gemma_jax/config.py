@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
         param_dtype="float32",  # master weights
         remat="none",  # none | full | dots | dots_no_batch
         scan_layers=True,
-        attention_impl="auto",  # auto | xla | splash (TPU kernel; auto picks it on TPU when shapes allow)
+        attention_impl="auto",  # auto | xla | splash (TPU kernel) | flash_gpu (GPU kernel); auto picks the kernel of the backend when shapes allow
         # Explicit dims: None takes the preset's (or the checkpoint's) value.
         num_layers=config_dict.placeholder(int),
         embed_dim=config_dict.placeholder(int),
@@ -73,6 +73,22 @@ def base_config() -> ml_collections.ConfigDict:
         loss_chunk=1024,  # tokens per logits chunk in the loss (bounds [chunk, vocab] f32 memory)
         export_format="",  # hf | official | gemma_jax: written to workdir/export at the end
         progress=True,  # progress bar on stdout
+        objective="sft",  # sft | dpo | orpo | simpo (preference pairs: README, Preference tuning)
+    ))
+
+    # Preference objectives, with TRL's names and defaults (gemma_jax.train.objectives).
+    c.dpo = ml_collections.ConfigDict(dict(
+        beta=0.1,  # how far the policy may move from the reference (higher: closer)
+        loss="sigmoid",  # sigmoid (the DPO paper's) | ipo (squared, per-token averaged log-ratios)
+        label_smoothing=0.0,  # > 0: conservative DPO, the assumed share of flipped labels (sigmoid only)
+        precompute_reference=False,  # reserved: reference log-probs from one pass over the data (not yet)
+    ))
+    c.orpo = ml_collections.ConfigDict({
+        "lambda": 0.1,  # weight of the odds-ratio term next to the chosen NLL (TRL's ORPOConfig.beta)
+    })
+    c.simpo = ml_collections.ConfigDict(dict(
+        beta=2.0,  # scale of the length-normalised reward difference (the SimPO paper's 2.0-2.5)
+        gamma=0.5,  # target reward margin (TRL's CPOConfig.simpo_gamma)
     ))
 
     c.opt = ml_collections.ConfigDict(dict(

@@ -124,3 +124,120 @@ def score_batch(params, batch, frozen=None, *, config: ModelConfig, chunk: int):
     """Summed loss, target tokens and correct tokens of one eval batch."""
     loss_sum, (tokens, correct) = batch_loss(params, batch, frozen, config=config, chunk=chunk)
     return dict(loss_sum=loss_sum, tokens=tokens, correct=correct)
+
+
+def token_logps(config: ModelConfig, hidden_BTD, table_VD, targets_BT, chunk: int, table_grad: bool = True):
+    """float32 log-probabilities [B, T] of the target tokens, computed `chunk` tokens at a time.
+
+    Like chunked_cross_entropy, [tokens, vocab] logits exist for one chunk at a time. Each
+    token's gradient with respect to its hidden state depends on its own logits only, so with
+    `table_grad=False` (LoRA) the differentiated pass forms it beside the forward one and the
+    backward pass only scales it; with a trained table the backward pass recomputes each chunk.
+    """
+    b, t, d = hidden_BTD.shape
+    x_ND, y_N = hidden_BTD.reshape(-1, d), targets_BT.reshape(-1)
+    n = x_ND.shape[0]
+    chunk = max(1, min(chunk, n))
+    pad = -n % chunk
+    if pad:
+        x_ND, y_N = jnp.pad(x_ND, ((0, pad), (0, 0))), jnp.pad(y_N, (0, pad))
+    return _fused_logp(config, chunk, table_grad, x_ND, table_VD, y_N)[:n].reshape(b, t)
+
+
+def _logp_chunk(config, x_CD, table_VD, y_C):
+    """(log p of the targets, logits, log Z) of one chunk."""
+    logits_CV = final_logits(config, x_CD[None], table_VD)[0]
+    max_C = jnp.max(logits_CV, axis=-1)
+    logz_C = max_C + jnp.log(jnp.sum(jnp.exp(logits_CV - max_C[:, None]), axis=-1))
+    true_C = jnp.take_along_axis(logits_CV, y_C[:, None], axis=-1)[:, 0]
+    return true_C - logz_C, logits_CV, logz_C
+
+
+def _dlogp_dlogits(config, logits_CV, logz_C, y_C, w_C):
+    """w * d(log p of the target) / d(pre-cap logits): w * (one-hot - softmax) * cap'."""
+    dlogits_CV = -jnp.exp(logits_CV - logz_C[:, None]) * w_C[:, None]
+    dlogits_CV = dlogits_CV.at[jnp.arange(y_C.shape[0]), y_C].add(w_C)
+    cap = config.final_softcap
+    return dlogits_CV * (1.0 - jnp.square(logits_CV / cap)) if cap else dlogits_CV
+
+
+def _logp_scan(config, chunk, x_ND, table_VD, y_N, with_dx: bool):
+    d = x_ND.shape[-1]
+
+    def one(_, xs):
+        x_CD, y_C = xs
+        logp_C, logits_CV, logz_C = _logp_chunk(config, x_CD, table_VD, y_C)
+        if not with_dx:
+            return None, (logp_C, jnp.zeros((0,), x_CD.dtype))
+        dlogits_CV = _dlogp_dlogits(config, logits_CV, logz_C, y_C, jnp.ones_like(logp_C)).astype(x_CD.dtype)
+        dx_CD = jnp.einsum("CV,VD->CD", dlogits_CV, table_VD.astype(x_CD.dtype), preferred_element_type=jnp.float32)
+        return None, (logp_C, dx_CD.astype(x_CD.dtype))
+
+    _, (logp, dx) = jax.lax.scan(one, None, (x_ND.reshape(-1, chunk, d), y_N.reshape(-1, chunk)))
+    return logp.reshape(-1), (dx.reshape(x_ND.shape) if with_dx else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_logp(config, chunk, table_grad, x_ND, table_VD, y_N):
+    return _logp_scan(config, chunk, x_ND, table_VD, y_N, with_dx=False)[0]
+
+
+def _fused_logp_fwd(config, chunk, table_grad, x_ND, table_VD, y_N):
+    if table_grad:  # the backward pass recomputes each chunk's logits for both gradients
+        logp_N, _ = _logp_scan(config, chunk, x_ND, table_VD, y_N, with_dx=False)
+        return logp_N, (x_ND, table_VD, y_N, None)
+    logp_N, dx_ND = _logp_scan(config, chunk, x_ND, table_VD, y_N, with_dx=True)
+    return logp_N, (None, table_VD, y_N, dx_ND)
+
+
+def _fused_logp_bwd(config, chunk, table_grad, residuals, g_N):
+    x_ND, table_VD, y_N, dx_ND = residuals
+    float0 = np.zeros(y_N.shape, jax.dtypes.float0)
+    if not table_grad:
+        return (dx_ND * g_N[:, None].astype(dx_ND.dtype), jnp.zeros(table_VD.shape, table_VD.dtype), float0)
+    d = x_ND.shape[-1]
+
+    def one(dtable_VD, xs):
+        x_CD, y_C, g_C = xs
+        _, logits_CV, logz_C = _logp_chunk(config, x_CD, table_VD, y_C)
+        dlogits_CV = _dlogp_dlogits(config, logits_CV, logz_C, y_C, g_C).astype(x_CD.dtype)
+        dx_CD = jnp.einsum("CV,VD->CD", dlogits_CV, table_VD.astype(x_CD.dtype), preferred_element_type=jnp.float32)
+        dtable_VD = dtable_VD + jnp.einsum("CV,CD->VD", dlogits_CV, x_CD, preferred_element_type=jnp.float32)
+        return dtable_VD, dx_CD.astype(x_CD.dtype)
+
+    xs = (x_ND.reshape(-1, chunk, d), y_N.reshape(-1, chunk), g_N.reshape(-1, chunk))
+    dtable_VD, dx = jax.lax.scan(one, jnp.zeros(table_VD.shape, jnp.float32), xs)
+    return dx.reshape(x_ND.shape), dtable_VD.astype(table_VD.dtype), float0
+
+
+_fused_logp.defvjp(_fused_logp_fwd, _fused_logp_bwd)
+
+
+def sequence_logps(params, batch, frozen=None, *, config: ModelConfig, chunk: int, rng=None, adapters: bool = True):
+    """(summed target log-probs [B, S], target-token counts [B, S]) per packed segment of each row.
+
+    Index s holds segment id s (0 is padding, so [:, 0] is zero), S = length + 1 bounds the
+    segments a row can hold. `params` and `frozen` as in batch_loss; `adapters=False` runs the
+    frozen base alone (LoRA switched off), and then `params` is unused.
+    """
+    if frozen:
+        variables = dict(frozen, lora=params) if adapters else dict(frozen)
+        table_VD = frozen["params"]["embedder"]["input_embedding"]
+    else:
+        variables = {"params": params}
+        table_VD = params["embedder"]["input_embedding"]
+    rngs = {"dropout": rng} if rng is not None and config.lora_dropout and adapters else None
+    hidden_BTD = Transformer(config).apply(
+        variables, batch["inputs"], batch["positions"], batch["segment_ids"], return_hidden=True, rngs=rngs)
+    logp_BT = token_logps(config, hidden_BTD, table_VD, batch["targets"], chunk, table_grad=not frozen)
+    mask_BT = batch["loss_mask"].astype(jnp.float32)
+    return segment_sums(logp_BT * mask_BT, batch["segment_ids"]), segment_sums(mask_BT, batch["segment_ids"])
+
+
+def segment_sums(values_BT, segment_ids_BT):
+    """[B, T] values summed per (row, segment id) -> [B, T + 1] (index s: segment s)."""
+    b, t = values_BT.shape
+    # A scatter-add: a [B, T, S] one-hot would be quadratic in the length.
+    index_BT = jnp.arange(b)[:, None] * (t + 1) + segment_ids_BT
+    out = jax.ops.segment_sum(values_BT.reshape(-1), index_BT.reshape(-1), num_segments=b * (t + 1))
+    return out.reshape(b, t + 1)

@@ -177,6 +177,11 @@ def plan(cfg, config, mesh, *, mode: str, compile: bool = True, device: str | No
     batch, accum, seq = int(cfg.train.batch_size), int(cfg.train.grad_accum), int(cfg.data.seq_len)
     rows = max(batch // (accum * shards), 1)
     fused = attention_kernels.choose(config.attention_impl, backend_of(device), seq, config.head_dim) != "xla"
+    if trainer.objective is not None:
+        # Two sequences per pair; the reference pass is forward-only and done before the policy's.
+        rows *= 2
+        if trainer.reference_sharding is not None:  # DPO, full fine-tuning: the frozen initial weights
+            frozen_b += _per_device(shapes, trainer.reference_sharding)
     act = activation_bytes(config, rows, seq, loss_chunk=int(cfg.train.loss_chunk), table_grad=not trainer.lora,
                            fused_attention=fused)
     result = Plan(mode, params_b, frozen_b, opt_b, grads_b, act)
@@ -196,11 +201,12 @@ def compiled_memory(trainer, shapes, opt_shapes, frozen_shapes, batch: int, seq:
                  params=abstract(shapes, sh["params"]), opt_state=abstract(opt_shapes, sh["opt_state"]),
                  rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sh["rng"]))
     bs = trainer.batch_sharding
-    rows = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=bs)
+    shape = trainer.batch_shape(batch, seq)  # [pairs, 2, T] for a preference objective
+    rows = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=bs)
             for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
     frozen = None if frozen_shapes is None else abstract(frozen_shapes, trainer.frozen_sharding)
     with trainer.context():
-        stats = trainer.step_fn.lower(state, rows, frozen).compile().memory_analysis()
+        stats = trainer.lower_step(state, rows, frozen).compile().memory_analysis()
     if stats is None:
         return None
     args, out = int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes)

@@ -115,7 +115,7 @@ class JsonlWriter:
     def __init__(self, path, interval: float = 10.0):
         self.path, self.interval = os.fspath(path), interval
         self.remote = is_remote(self.path)
-        self._written = 0.0
+        self._written = -float("inf")  # the first write goes out at once (monotonic() may be small)
         if self.remote:
             p = Path(self.path)
             self.lines = p.read_text().splitlines(keepends=True) if p.exists() else []

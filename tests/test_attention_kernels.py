@@ -23,7 +23,7 @@ def test_choose_picks_splash_only_where_it_fits():
     assert AK.choose("auto", "tpu", 8192, 128) == "splash"  # 27B head dim
     assert AK.choose("auto", "tpu", 2000, 256) == "xla"  # not whole blocks
     assert AK.choose("auto", "tpu", 2048, 32) == "xla"  # head dim off the 128 lanes
-    assert AK.choose("auto", "gpu", 2048, 256) == "xla"  # no soft-capping cuDNN path
+    assert AK.choose("auto", "gpu", 2048, 256) == "flash_gpu"  # our GPU kernel (tests/test_flash_gpu.py)
     assert AK.choose("auto", "cpu", 2048, 256) == "xla"
     assert AK.choose("xla", "tpu", 2048, 256) == "xla"
     assert AK.choose("splash", "cpu", 256, 16) == "splash"  # explicit: interpret mode off TPU

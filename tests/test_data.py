@@ -4,6 +4,7 @@ import collections
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -146,7 +147,7 @@ def test_several_files_and_globs(tmp_path):
     with pytest.raises(data.DataError, match="no such file"):
         data.read_examples(f"{tmp_path}/missing.jsonl")
     with pytest.raises(data.DataError, match="unsupported file type"):
-        data.read_examples(write(tmp_path, "z.parquet", "x"))
+        data.read_examples(write(tmp_path, "z.xlsx", "x"))
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -577,3 +578,71 @@ def test_data_module_does_not_import_jax():
     code = "import sys, gemma_jax.data; assert 'jax' not in sys.modules, 'jax imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
                    env={**os.environ, "PYTHONPATH": REPO})
+
+
+# ---------------------------------------------------------------------------------- more sources
+
+
+RECS = [{"instruction": "A", "input": "", "output": "1"}, {"prompt": "B", "completion": "2"}]
+
+
+def test_compressed_jsonl_keeps_lines(tmp_path):
+    import gzip  # pylint: disable=g-import-not-at-top
+    body = ("\n" + jsonl(*RECS)).encode()
+    p = tmp_path / "a.jsonl.gz"
+    p.write_bytes(gzip.compress(body))
+    exs, _ = data.read_examples(str(p))
+    assert [e.turns for e in exs] == [turns("A", "1"), turns("B", "2")]
+    assert [e.source for e in exs] == [f"{p}:2", f"{p}:3"]  # line numbers of the decompressed text
+    bad = tmp_path / "b.jsonl.gz"
+    bad.write_bytes(gzip.compress(jsonl(GOOD, {"prompt": "p", "completion": ""}).encode()))
+    with pytest.raises(data.DataError, match=rf'{bad}:2: field "completion": empty response'):
+        data.read_examples(str(bad))
+    zstd = pytest.importorskip("zstandard")
+    z = tmp_path / "c.jsonl.zst"
+    z.write_bytes(zstd.ZstdCompressor().compress(body))
+    assert [e.turns for e in data.read_examples(str(z))[0]] == [turns("A", "1"), turns("B", "2")]
+
+
+def test_parquet_rows_and_errors(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    p = str(tmp_path / "t.parquet")
+    pq.write_table(pa.table({"question": ["Why?", "How?", "When?"], "answer": ["Because.", "", "Now."]}), p,
+                   row_group_size=2)
+    with pytest.raises(data.DataError, match=rf'{p}\[1\]: field "answer": empty response'):
+        data.read_examples(p, field_map="prompt=question,completion=answer")
+    exs, skipped = data.read_examples(p, field_map="prompt=question,completion=answer", skip_invalid=True)
+    assert [e.turns for e in exs] == [turns("Why?", "Because."), turns("When?", "Now.")]
+    assert exs[1].source == f"{p}[2]" and skipped == collections.Counter(empty_response=1)
+    with pytest.raises(data.DataError, match="unreadable parquet"):
+        data.read_examples(write(tmp_path, "bad.parquet", "not parquet"))
+
+
+def test_sharegpt_schema():
+    rec = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                             {"from": "gpt", "value": "Hello."}]}
+    assert data.to_example(rec, "w").turns == turns("Be brief.\n\nHi", "Hello.")
+    for conv, field, part in [
+        ([{"from": "human", "value": "Hi"}, {"from": "bot", "value": "x"}], "conversations[1].from", "unknown speaker"),
+        ([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": " "}], "conversations[1].value", "empty response"),
+        ([{"from": "human", "value": "Hi"}, {"from": "gpt"}], "conversations[1].value", "missing"),
+        ([{"from": "human", "value": "Hi"}], "conversations", "no assistant/model message"),
+    ]:
+        with pytest.raises(data.DataError, match=rf'^f\.jsonl:4: field "{re.escape(field)}": {part}'):
+            data.to_example({"conversations": conv}, "f.jsonl:4")
+
+
+def test_hf_save_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": "B", "completion": "2"}, {"prompt": "C", "completion": "3"}]  # one Arrow schema
+    d = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                              "test": datasets.Dataset.from_list([{"text": "held out"}])})
+    d.save_to_disk(str(tmp_path / "ds"))
+    exs, _ = data.read_examples(f"hf:{tmp_path / 'ds'}")  # the train split by default
+    assert [e.turns for e in exs] == [turns("B", "2"), turns("C", "3")]
+    assert exs[1].source == f"hf:{tmp_path / 'ds'}[1]"
+    exs, _ = data.read_examples(f"hf:{tmp_path / 'ds'}:test")
+    assert [e.text for e in exs] == ["held out"]
+    with pytest.raises(data.DataError, match="no split 'validation'"):
+        data.read_examples(f"hf:{tmp_path / 'ds'}:validation")

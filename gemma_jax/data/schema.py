@@ -6,6 +6,8 @@ Schemas, detected per record after ``field_map`` renames columns (``"input=text,
   {"prompt", "completion"}          -> user ``prompt``, model ``completion``;
   {"messages": [{"role", "content"}, ...]} -> ``tokenizer.normalize_turns`` (system folded into the
       first user turn, ``assistant`` is the model role);
+  {"conversations": [{"from", "value"}, ...]} (ShareGPT) -> as messages, with ``from`` human ->
+      user, gpt -> assistant, system -> system;
   {"text"}                          -> raw document, loss on every token.
 
 Bad records raise ``DataError`` naming file, line (jsonl/csv/tsv/txt, 1-based) or record index
@@ -22,10 +24,13 @@ from collections.abc import Mapping
 from gemma_jax.errors import UserError
 from gemma_jax.tokenizer import normalize_turns
 
-CANONICAL = ("instruction", "input", "output", "prompt", "completion", "messages", "text")
-EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".txt")
+CANONICAL = ("instruction", "input", "output", "prompt", "completion", "messages", "conversations", "text")
+EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-SCHEMAS = '{"instruction","input","output"}, {"prompt","completion"}, {"messages"} or {"text"}'
+SCHEMAS = ('{"instruction","input","output"}, {"prompt","completion"}, {"messages"}, {"conversations"} '
+           '(ShareGPT) or {"text"}')
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "system": "system"}
 LOGGED_SKIPS = 10
 
 
@@ -125,6 +130,33 @@ def _chat(msgs, where, name):
     return turns
 
 
+def _sharegpt(convs, where, name):
+    # ShareGPT turns -> {role, content} messages; the checks of _chat then apply, with these names.
+    if not isinstance(convs, list):
+        raise _err(where, name, f"expected a list of {{from, value}} turns, got {type(convs).__name__}",
+                   "wrong_type")
+    msgs = []
+    for i, m in enumerate(convs):
+        f = f"{name}[{i}]"
+        if not isinstance(m, Mapping):
+            raise _err(where, f, f"expected a {{from, value}} object, got {type(m).__name__}", "wrong_type")
+        for key in ("from", "value"):
+            if key not in m:
+                raise _err(where, f"{f}.{key}", "missing", "missing_field")
+            if not isinstance(m[key], str):
+                raise _err(where, f"{f}.{key}", f"expected a string, got {type(m[key]).__name__}",
+                           "wrong_type")
+        role = SHAREGPT_ROLES.get(m["from"].lower())
+        if role is None:
+            raise _err(where, f"{f}.from", f"unknown speaker {m['from']!r} (expected human, gpt or "
+                       "system)", "bad_roles")
+        _check_utf8(m["value"], where, f"{f}.value")
+        if role == "assistant" and not m["value"].strip():
+            raise _err(where, f"{f}.value", "empty response", "empty_response")
+        msgs.append({"role": role, "content": m["value"]})
+    return _chat(msgs, where, name)
+
+
 def to_example(rec, where: str, field_map: Mapping[str, str] | None = None,
                default_instruction: str = "") -> Example:
     """One record (dict) -> Example, by schema; raises DataError naming where and the field."""
@@ -139,6 +171,8 @@ def to_example(rec, where: str, field_map: Mapping[str, str] | None = None,
     name = lambda k: field_map.get(k, k)  # noqa: E731  errors name the user's column
     if "messages" in rec:
         return Example(where, turns=_chat(rec["messages"], where, name("messages")))
+    if "conversations" in rec:
+        return Example(where, turns=_sharegpt(rec["conversations"], where, name("conversations")))
     if any(k in rec for k in ("instruction", "input", "output")):
         schema = '{"instruction","input","output"}'
         use_default = rec.get("instruction") is None and default_instruction

@@ -4,14 +4,16 @@
           is the only path that can hand back attention probabilities.
   splash  the Pallas TPU splash-attention kernel: blockwise, never holds the full logits, and
           skips key blocks the causal / sliding-window mask hides entirely.
-  auto    splash on TPU when the shapes suit it, else xla.
+  flash_gpu  our Pallas (Triton) flash kernel for GPUs (model/flash_gpu.py): blockwise forward
+          and backward with the soft-cap, window and segments, fully masked key blocks skipped.
+  auto    splash on TPU, flash_gpu on GPU, when the shapes suit them; else xla.
 
 There is no cuDNN choice: `jax.nn.dot_product_attention(implementation="cudnn")` has no logit
-soft-cap, and Gemma 2 is wrong without one (the cap changes every attention weight), so GPUs
-run the xla path.
+soft-cap, and Gemma 2 is wrong without one (the cap changes every attention weight); it also
+stops at head dim 128, and the 2B and 9B use 256. That is why GPUs get a kernel of our own.
 
-Off TPU an explicit "splash" runs the same kernel in Pallas interpret mode, which is slow but
-exact: that is how the CPU tests check it against the xla path.
+Off their hardware, an explicit "splash" or "flash_gpu" runs the same kernel in Pallas
+interpret mode, which is slow but exact: that is how the CPU tests check them against xla.
 """
 
 from __future__ import annotations
@@ -21,19 +23,22 @@ import math
 import flax.linen as nn
 import jax
 
-IMPLS = ("auto", "xla", "splash")
+IMPLS = ("auto", "xla", "splash", "flash_gpu")
 
 # The kernel tiles queries and keys in blocks whose key side must fill whole 128-lane vregs.
 MIN_BLOCK = 128
 # Larger tiles amortise per-block overhead; 512 is the largest that divides the usual lengths.
 MAX_BLOCK = 512
+# flash_gpu's smallest tile (Triton's dot needs 16 along every axis); the same as
+# flash_gpu.MIN_BLOCK, kept here so choosing never imports Pallas.
+FLASH_MIN_BLOCK = 16
 
 
 def check_impl(impl: str) -> None:
     """Raises for a value ModelConfig.attention_impl does not accept, saying why for cudnn."""
     if impl == "cudnn":
         raise ValueError("attention_impl='cudnn' is not offered: jax.nn.dot_product_attention has no "
-                         "attention-logit soft-cap, which Gemma 2 needs; GPUs use 'xla' (the 'auto' default)")
+                         "attention-logit soft-cap, which Gemma 2 needs; GPUs use 'flash_gpu' (the 'auto' default)")
     if impl not in IMPLS:
         raise ValueError(f"ModelConfig.attention_impl={impl!r}; choose one of {list(IMPLS)}")
 
@@ -43,20 +48,38 @@ def splash_fits(seq_len: int, head_dim: int) -> bool:
     return seq_len % MIN_BLOCK == 0 and head_dim % 128 == 0
 
 
-def choose(impl: str, backend: str, seq_len: int, head_dim: int) -> str:
-    """The implementation ("xla" or "splash") that runs for a config value on a backend.
+def flash_gpu_runs(seq_len: int, head_dim: int) -> bool:
+    """Whether the GPU kernel takes these shapes: whole 16-token tiles, and a power-of-two
+    head dim up to 256 (Triton tiles are powers of two; 256 is the largest Gemma 2 uses)."""
+    return seq_len % FLASH_MIN_BLOCK == 0 and head_dim in (16, 32, 64, 128, 256)
 
-    "auto" takes splash only on TPU and only for shapes it runs well (every Gemma 2 size at a
-    sequence length divisible by 128). An explicit "splash" runs it on any backend and head
-    dim, but a sequence that does not fill whole blocks still takes xla: the one-token pass of
-    `init_params` and odd-length evaluation must work whatever the config says.
+
+def choose(impl: str, backend: str, seq_len: int, head_dim: int) -> str:
+    """The implementation ("xla", "splash" or "flash_gpu") that runs for a config value on a backend.
+
+    "auto" takes splash only on TPU and flash_gpu only on GPU, each only for shapes it runs
+    well (every Gemma 2 size at a sequence length divisible by 128). An explicit kernel runs
+    on any backend (interpret mode off its hardware), but shapes it cannot take still run
+    xla: the one-token pass of `init_params` and odd-length evaluation must work whatever
+    the config says.
     """
     check_impl(impl)
-    if impl == "xla" or seq_len % MIN_BLOCK:
+    if impl == "xla":
         return "xla"
     if impl == "splash":
+        return "splash" if seq_len % MIN_BLOCK == 0 else "xla"
+    if impl == "flash_gpu":
+        return "flash_gpu" if flash_gpu_runs(seq_len, head_dim) else "xla"
+    if backend == "tpu" and splash_fits(seq_len, head_dim):
         return "splash"
-    return "splash" if backend == "tpu" and splash_fits(seq_len, head_dim) else "xla"
+    if backend == "gpu" and seq_len % MIN_BLOCK == 0 and flash_gpu_runs(seq_len, head_dim):
+        return "flash_gpu"
+    return "xla"
+
+
+def min_block(impl: str) -> int:
+    """The sequence-length multiple an explicit kernel needs (for the fallback warning)."""
+    return FLASH_MIN_BLOCK if impl == "flash_gpu" else MIN_BLOCK
 
 
 def block_size(seq_len: int) -> int:
@@ -108,31 +131,63 @@ def splash_attention(q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int | N
 
     The logits are soft-capped (softcap > 0) before the causal mask, the sliding window (local
     layers; None for global ones) and the segment mask, matching model.attention_logits and
-    model.attention_masks. Under a mesh the kernel runs per shard (shard_map), batch split as
-    the "batch" rule says and heads as "kv_heads": a Pallas call inside a partitioned program
-    would otherwise be gathered onto every device.
+    model.attention_masks. Under a mesh the kernel runs per shard (`_per_shard`).
     """
-    b, t, k, g, h = q_BTKGH.shape
+    _, t, _, g, h = q_BTKGH.shape
     block = block_size(t) if block is None else block
     interpret = jax.default_backend() != "tpu" if interpret is None else interpret
     cap = float(softcap) if softcap else None
-    # The kernel maps query head n to kv head n // G, which is the K-major order of BTKGH.
-    q_BNTH = q_BTKGH.reshape(b, t, k * g, h).transpose(0, 2, 1, 3)
-    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
 
-    def per_shard(q_BNTH, k_BKSH, v_BKSH, segment_ids_BT):
-        kernel = _kernel(q_BNTH.shape[1], t, window, cap, block, interpret)
+    def per_shard(q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT):
+        bs, _, ks = q_BTKGH.shape[:3]
+        # The kernel maps query head n to kv head n // G, which is the K-major order of BTKGH.
+        q_BNTH = q_BTKGH.reshape(bs, t, ks * g, h).transpose(0, 2, 1, 3)
+        k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+        kernel = _kernel(ks * g, t, window, cap, block, interpret)
         segments = _splash().SegmentIds(q=segment_ids_BT, kv=segment_ids_BT)
-        return jax.vmap(kernel)(q_BNTH, k_BKSH, v_BKSH, segments)
+        out_BNTH = jax.vmap(kernel)(q_BNTH, k_BKSH, v_BKSH, segments)
+        return out_BNTH.transpose(0, 2, 1, 3).reshape(bs, t, ks, g, h)
 
+    return _per_shard(per_shard, q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT)
+
+
+def flash_gpu_attention(q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int | None, softcap: float,
+                        blocks=None, interpret: bool | None = None):
+    """Causal grouped-query attention of pre-scaled queries -> [B, T, K, G, H], by the GPU kernel.
+
+    Same conventions as splash_attention; interpret mode (Pallas on CPU) wherever the backend
+    is not a GPU. blocks: a flash_gpu.Blocks, or None for the head dim's defaults.
+    """
+    from gemma_jax.model import flash_gpu  # pylint: disable=g-import-not-at-top
+
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+
+    def per_shard(q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT):
+        return flash_gpu.flash_attention(q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, window=window,
+                                         softcap=softcap, blocks=blocks, interpret=interpret)
+
+    return _per_shard(per_shard, q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT)
+
+
+def attend(impl: str, q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int | None, softcap: float):
+    """The fused kernel `impl` ("splash" or "flash_gpu", from `choose`) on one layer's inputs."""
+    kernel = {"splash": splash_attention, "flash_gpu": flash_gpu_attention}[impl]
+    return kernel(q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, window=window, softcap=softcap)
+
+
+def _per_shard(fn, q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT):
+    """fn(q, k, v, segment ids) -> [B, T, K, G, H], per shard under a mesh (shard_map).
+
+    Batch is split as the "batch" rule says and kv heads as "kv_heads" (a query head's group
+    stays on its kv head's device): a Pallas call inside a partitioned program would
+    otherwise be gathered onto every device.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        out_BNTH = per_shard(q_BNTH, k_BKSH, v_BKSH, segment_ids_BT)
-    else:
-        batch_axes, head_axes = nn.logical_to_mesh_axes(("batch", "kv_heads"))
-        batch, heads = _fit(batch_axes, b, mesh), _fit(head_axes, k, mesh)
-        heads_spec = jax.sharding.PartitionSpec(batch, heads, None, None)
-        out_BNTH = jax.shard_map(
-            per_shard, mesh=mesh, in_specs=(heads_spec,) * 3 + (jax.sharding.PartitionSpec(batch, None),),
-            out_specs=heads_spec, check_vma=False)(q_BNTH, k_BKSH, v_BKSH, segment_ids_BT)
-    return out_BNTH.transpose(0, 2, 1, 3).reshape(b, t, k, g, h)
+        return fn(q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT)
+    batch_axes, head_axes = nn.logical_to_mesh_axes(("batch", "kv_heads"))
+    batch, heads = _fit(batch_axes, q_BTKGH.shape[0], mesh), _fit(head_axes, q_BTKGH.shape[2], mesh)
+    spec = jax.sharding.PartitionSpec
+    q_spec, kv_spec = spec(batch, None, heads, None, None), spec(batch, None, heads, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec(batch, None)),
+                         out_specs=q_spec, check_vma=False)(q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT)

@@ -249,9 +249,9 @@ class Attention(nn.Module):
         q_BTKGH = q_BTNH.reshape(b, t, k, g, h)
         if cache is not None and t == 1:
             enc_BTKGH, cache = self._decode_step(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cache, slots_BT)
-        elif self._fused(t, cache, segment_ids_BT) == "splash":
-            enc_BTKGH = kernels.splash_attention(
-                q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, window=c.sliding_window if self.local else None,
+        elif (impl := self._fused(t, cache, segment_ids_BT)) != "xla":
+            enc_BTKGH = kernels.attend(
+                impl, q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, window=c.sliding_window if self.local else None,
                 softcap=c.attn_softcap).astype(v_BSKH.dtype)
         elif self.is_mutable_collection("intermediates"):
             # The same forward, its float32 probabilities kept (apply(..., mutable=["intermediates"])).
@@ -276,9 +276,9 @@ class Attention(nn.Module):
             return "xla"
         c = self.config
         impl = kernels.choose(c.attention_impl, jax.default_backend(), t, c.head_dim)
-        if impl != c.attention_impl and c.attention_impl == "splash" and not self.is_initializing():
-            logging.warning("attention_impl='splash' runs xla for length %d (not a multiple of %d)",
-                            t, kernels.MIN_BLOCK)
+        if impl != c.attention_impl and c.attention_impl != "auto" and not self.is_initializing():
+            logging.warning("attention_impl=%r runs xla for length %d, head dim %d (needs a multiple of %d)",
+                            c.attention_impl, t, c.head_dim, kernels.min_block(c.attention_impl))
         return impl
 
     def _decode_step(self, q_B1KGH, k_B1KH, v_B1KH, mask_B1S, cache, slots_B1):

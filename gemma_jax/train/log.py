@@ -132,6 +132,8 @@ class Logger:
                       target_tokens=tokens, tokens_per_second=tokens / elapsed, step_time=elapsed / steps,
                       memory_bytes=memory_bytes())
         record["mfu"] = self.mfu(record["step_time"])
+        # Objective-specific metrics (preference: rewards/chosen, rewards/margins, logps/..., ...).
+        record.update({k: v for k, v in m.items() if k not in record and k != "tokens"})
         self.pending, self.t_last, self.step_last = [], now, step
         self.last = record
         self.history.append(record)

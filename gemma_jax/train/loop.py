@@ -19,6 +19,7 @@ import ml_collections
 from absl import logging
 
 from gemma_jax import data as data_lib, paths, sharding, weights
+from gemma_jax.data import preference
 from gemma_jax.eval import report as report_lib, tasks
 from gemma_jax.model import lora as lora_lib
 from gemma_jax.model.config import ModelConfig
@@ -98,7 +99,8 @@ def setup(cfg, workdir: str) -> Run:
     mesh, rules = sharding.mesh_from_config(cfg.mesh), sharding.rules_from_config(cfg.mesh)
     use_lora = model_setup.lora_enabled(cfg)
     init_params = None
-    if cfg.model.init_checkpoint and (not resuming or use_lora):  # LoRA needs the frozen base again
+    # LoRA needs the frozen base again, full fine-tuning DPO its reference.
+    if cfg.model.init_checkpoint and (not resuming or use_lora or cfg.train.objective == "dpo"):
         loaded, init_params = weights.load(
             cfg.model.init_checkpoint, dtype=cfg.lora.base_dtype if use_lora else cfg.model.param_dtype,
             mesh=mesh, rules=rules)
@@ -115,14 +117,16 @@ def setup(cfg, workdir: str) -> Run:
     if batch_size % (accum * shards):
         raise ValueError(f"train.batch_size={batch_size} must be a multiple of train.grad_accum={accum} "
                          f"times the batch shards (mesh data*fsdp = {shards})")
-    data = data_lib.build(cfg.data, tokenizer, global_batch_size=batch_size, seed=int(cfg.train.seed),
-                          process_index=jax.process_index(), process_count=jax.process_count())
+    build_data = data_lib.build if cfg.train.objective == "sft" else preference.build  # pairs for dpo/orpo/simpo
+    data = build_data(cfg.data, tokenizer, global_batch_size=batch_size, seed=int(cfg.train.seed),
+                      process_index=jax.process_index(), process_count=jax.process_count())
     trainer = Trainer.create(cfg, config, mesh)
     r = Run(cfg, workdir, tokenizer, config, mesh, rules, data, trainer, init_params)
     write_run_files(r)
     logging.info("%s; %s; %.1fM params", sharding.describe(mesh), config, config.num_params() / 1e6)
     if use_lora:
         set_lora_base(r)
+    trainer.set_reference(init_params)  # DPO with full fine-tuning: the initial weights, frozen
     return r
 
 

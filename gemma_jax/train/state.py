@@ -18,7 +18,7 @@ import numpy as np
 from gemma_jax import loss, sharding
 from gemma_jax.model import layers as model_lib, lora as lora_lib
 from gemma_jax.model.config import ModelConfig
-from gemma_jax.train import model_setup, optimizer, step as step_lib
+from gemma_jax.train import model_setup, objectives, optimizer, step as step_lib
 
 
 def _lora_shardings(cfg, config: ModelConfig, mesh, rules, base_sh):
@@ -80,6 +80,9 @@ class Trainer:
     param_shapes: Any  # of the trained params (the model, or the adapters)
     frozen_sharding: Any = None
     frozen: Any = None
+    objective: Any = None  # objectives.Objective of a preference run (None: SFT)
+    reference_sharding: Any = None  # DPO with full fine-tuning: the frozen initial weights' shardings
+    reference: Any = None  # ... and those weights (set_reference)
 
     @property
     def lora(self) -> bool:
@@ -103,6 +106,18 @@ class Trainer:
         state_sh = dict(step=rep, params=param_sh, opt_state=_like_params(opt_shapes, param_sh, mesh), rng=rep)
         batch_sh = sharding.batch_sharding(mesh, rules)
         chunk, accum = int(cfg.train.loss_chunk), int(cfg.train.grad_accum)
+        objective = objectives.from_config(cfg)
+        if objective is not None:
+            # Full fine-tuning DPO keeps the initial weights, sharded like the policy, as its reference.
+            ref_sh = param_sh if objective.uses_reference and frozen_sh is None else None
+            step = functools.partial(step_lib.preference_step, config=config, tx=tx, chunk=chunk, accum=accum,
+                                     schedule=schedule, objective=objective)
+            step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh, ref_sh),
+                              out_shardings=(state_sh, rep), donate_argnums=0)
+            eval_fn = jax.jit(functools.partial(_score_pairs, config=config, chunk=chunk, obj=objective),
+                              in_shardings=(param_sh, batch_sh, frozen_sh, ref_sh), out_shardings=rep)
+            return cls(cfg, config, mesh, rules, tx, schedule, state_sh, batch_sh, step_fn, eval_fn, shapes,
+                       frozen_sh, objective=objective, reference_sharding=ref_sh)
         step = functools.partial(step_lib.train_step, config=config, tx=tx, chunk=chunk, accum=accum, schedule=schedule)
         step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, rep),
                           donate_argnums=0)
@@ -130,6 +145,18 @@ class Trainer:
                 qparams, scales = lora_lib.quantize(params, lo.quantize)
                 self.frozen = {"params": jax.device_put(qparams, sh["params"]),
                                "quant": jax.device_put(scales, sh["quant"])}
+
+    def set_reference(self, params=None) -> None:
+        """DPO with full fine-tuning: the frozen reference, the initial weights (a loaded tree,
+        already sharded, kept as is; or the same random init as init_state's)."""
+        if self.reference_sharding is None:
+            return
+        with self.context():
+            if params is None:
+                seed = int(self.cfg.train.seed)
+                params = jax.jit(lambda: model_lib.init_params(self.config, jax.random.key(seed)),
+                                 out_shardings=self.reference_sharding)()
+        self.reference = params
 
     def init_state(self, params=None):
         """Fresh state, created sharded: params from the given tree (already sharded) or random.
@@ -168,10 +195,29 @@ class Trainer:
     def step(self, state, batch):
         """One jitted train step."""
         with self.context():
+            if self.objective is not None:
+                return self.step_fn(state, batch, self.frozen, self.reference)
             return self.step_fn(state, batch, self.frozen)
 
+    def lower_step(self, state, batch, frozen):
+        """The train step lowered for abstract arguments (the memory planner's compile)."""
+        if self.objective is None:
+            return self.step_fn.lower(state, batch, frozen)
+        ref = None
+        if self.reference_sharding is not None:
+            ref = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                               self.param_shapes, self.reference_sharding)
+        return self.step_fn.lower(state, batch, frozen, ref)
+
+    def batch_shape(self, rows: int, seq_len: int) -> tuple[int, ...]:
+        """Shape of one batch array: [rows, T], or [pairs, 2, T] for a preference objective."""
+        return (rows, seq_len) if self.objective is None else (rows, 2, seq_len)
+
     def evaluate(self, params, batches, limit: int = 0) -> dict[str, float]:
-        """Loss, perplexity and token accuracy over eval batches (process-local lists)."""
+        """Loss, perplexity and token accuracy over eval batches (process-local lists); for a
+        preference objective its loss and pair metrics (eval_rewards/accuracies, ...)."""
+        if self.objective is not None:
+            return self._evaluate_pairs(params, batches, limit)
         totals = dict(loss_sum=0.0, tokens=0.0, correct=0.0)
         with self.context():
             for i, b in enumerate(batches):
@@ -184,3 +230,25 @@ class Trainer:
         mean = totals["loss_sum"] / tokens
         return dict(eval_loss=mean, eval_perplexity=float(np.exp(min(mean, 50.0))),
                     eval_accuracy=totals["correct"] / tokens, eval_tokens=totals["tokens"])
+
+    def _evaluate_pairs(self, params, batches, limit: int) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        with self.context():
+            for i, b in enumerate(batches):
+                if limit and i >= limit:
+                    break
+                out = jax.device_get(self.eval_fn(params, self.put_batch(b), self.frozen, self.reference))
+                for k, v in out.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+        if not totals:
+            return {}
+        metrics = objectives.scores_to_metrics({k: np.float64(v) for k, v in totals.items()}, self.objective, "eval_")
+        metrics["eval_pairs"] = totals["pairs"]
+        return {k: float(v) for k, v in metrics.items()}
+
+
+def _score_pairs(params, batch, frozen=None, reference=None, *, config: ModelConfig, chunk: int, obj):
+    """Summed pair scores of one eval batch of pairs (objectives.pair_scores)."""
+    rows = objectives.pair_rows(batch)
+    ref = objectives.reference_logps(rows, frozen, reference, config=config, chunk=chunk) if obj.uses_reference else None
+    return objectives.pair_scores(params, rows, ref, frozen, obj=obj, config=config, chunk=chunk)

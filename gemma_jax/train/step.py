@@ -10,6 +10,7 @@ import optax
 
 from gemma_jax import loss
 from gemma_jax.model.config import ModelConfig
+from gemma_jax.train import objectives
 
 
 def train_step(state, batch, frozen=None, *, config: ModelConfig, tx, chunk: int, accum: int, schedule):
@@ -48,5 +49,58 @@ def train_step(state, batch, frozen=None, *, config: ModelConfig, tx, chunk: int
     new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
                      opt_state=opt_state)
     metrics = dict(loss=loss_sum / denom, accuracy=correct / denom, tokens=tokens,
+                   grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
+    return new_state, metrics
+
+
+def preference_step(state, batch, frozen=None, reference=None, *, config: ModelConfig, tx, chunk: int, accum: int,
+                    schedule, objective):
+    """One optimizer step of a preference objective (gemma_jax.train.objectives) over `accum` micro-batches.
+
+    `batch` holds pairs: [B, 2, T] arrays (chosen, rejected), several pairs per row when packed
+    (segment ids). The loss is normalised by the whole step's pair and chosen-token counts, read
+    from the masks up front, so micro-batches add up to the one-batch gradient. DPO's reference
+    log-probs come from the frozen base with adapters off (LoRA, `frozen`) or the frozen initial
+    weights (`reference`); they are computed outside the differentiated function.
+    """
+    params = state["params"]
+    step_rng = (jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+                if config.lora_dropout else None)
+    pairs, chosen_tokens = objectives.pair_counts(objectives.pair_rows(batch))
+    score = functools.partial(objectives.pair_scores, obj=objective, config=config, chunk=chunk)
+
+    def loss_fn(p, rows, ref, rng):
+        scores = score(p, rows, ref, frozen, rng=rng)
+        return objectives.step_loss(scores, pairs, chosen_tokens), scores
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def grads_of(mb, i):
+        rows = objectives.pair_rows(mb)
+        ref = (objectives.reference_logps(rows, frozen, reference, config=config, chunk=chunk)
+               if objective.uses_reference else None)
+        rng = None if step_rng is None else jax.random.fold_in(step_rng, i)
+        (_, scores), grads = grad_fn(params, rows, ref, rng)
+        return scores, grads
+
+    if accum == 1:
+        scores, grads = grads_of(batch, 0)
+    else:
+        def micro(carry, xs):
+            scores, grads = grads_of(*xs)
+            g_acc, s_acc = carry
+            return (jax.tree.map(jnp.add, g_acc, grads), jax.tree.map(jnp.add, s_acc, scores)), None
+
+        micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        score_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grads_of(batch, 0)[0]))
+        (grads, scores), _ = jax.lax.scan(micro, (zeros, score_zeros), (micro_batches, jnp.arange(accum)))
+
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
+                     opt_state=opt_state)
+    metrics = objectives.scores_to_metrics(scores, objective)
+    metrics.update(accuracy=metrics["rewards/accuracies"], tokens=scores["tokens"],
                    grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
     return new_state, metrics

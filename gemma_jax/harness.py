@@ -1,0 +1,88 @@
+"""`python -m gemma_jax.harness`: lm-evaluation-harness tasks on any gemma_jax checkpoint, on the mesh.
+
+  python -m gemma_jax.harness --checkpoint=runs/legal_2b --tasks=arc_easy,hellaswag --output=runs/legal_2b/harness
+  python -m gemma_jax.harness --checkpoint=/tmp/legal_tiny --tasks=my_task --include_path=tasks/ --limit=20
+
+Writes lm_eval's standard results JSON (OUTPUT/<checkpoint name>/results_<date>.json, as
+`lm_eval --output_path` does) and results.md, a Markdown table of the scores. Needs the
+`harness` extra (pip install 'gemma_jax[harness]').
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+from gemma_jax.errors import run_cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "any checkpoint gemma_jax.load reads (HF, official, gemma_jax, a workdir, "
+                    "a LoRA workdir: loaded merged)")
+flags.DEFINE_list("tasks", None, "lm_eval task or group names, comma separated (built-in or from --include_path)")
+flags.DEFINE_string("include_path", None, "directory of local task YAML files")
+flags.DEFINE_integer("num_fewshot", None, "few-shot examples per request (default: each task's own)")
+flags.DEFINE_float("limit", None, "examples per task (a fraction if below 1); for quick checks")
+flags.DEFINE_string("output", None, "directory for the results JSON and results.md")
+flags.DEFINE_string("mesh", "auto", "auto, none, or DATA,FSDP,TENSOR axis sizes")
+flags.DEFINE_bool("apply_chat_template", False, "wrap requests in the Gemma turn format (instruction-tuned models)")
+flags.DEFINE_bool("fewshot_as_multiturn", False, "with --apply_chat_template: few-shot examples as chat turns")
+flags.DEFINE_string("tokenizer", None, "tokenizer.model; default: found beside the checkpoint")
+flags.DEFINE_string("dtype", None, "parameter dtype to load as (float32, bfloat16)")
+flags.DEFINE_string("lora_base", None, "base checkpoint of a LoRA workdir whose lora.json base moved")
+flags.DEFINE_integer("batch_size", 32, "most rows per compiled batch")
+flags.DEFINE_integer("max_length", None, "context length in tokens (default: the model's max_seq_len)")
+flags.DEFINE_integer("max_gen_toks", 256, "generated tokens per request unless the task sets max_gen_toks")
+flags.DEFINE_integer("seed", 0, "sampling seed (tasks that sample)")
+flags.DEFINE_bool("log_samples", False, "also write every request and response (samples_<task>_<date>.jsonl)")
+flags.DEFINE_bool("debug", False, "show tracebacks of user errors")
+flags.mark_flags_as_required(["checkpoint", "tasks"])
+
+
+def main(argv) -> int:
+    """CLI: run the tasks, write the results JSON and results.md, print the table."""
+    del argv
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.utils import make_table
+
+    from gemma_jax.eval import harness
+
+    harness.task_manager(FLAGS.tasks, FLAGS.include_path)  # fail on a misspelled task before loading
+    lm = harness.GemmaJaxLM(FLAGS.checkpoint, tokenizer=FLAGS.tokenizer, mesh=FLAGS.mesh, dtype=FLAGS.dtype,
+                            lora_base=FLAGS.lora_base, batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
+                            max_gen_toks=FLAGS.max_gen_toks, seed=FLAGS.seed)
+    tracker = EvaluationTracker(output_path=FLAGS.output) if FLAGS.output else None
+    limit = FLAGS.limit if FLAGS.limit is None or FLAGS.limit < 1 else int(FLAGS.limit)
+    results = harness.run_harness(
+        lm, FLAGS.tasks, include_path=FLAGS.include_path, num_fewshot=FLAGS.num_fewshot, limit=limit,
+        apply_chat_template=FLAGS.apply_chat_template, fewshot_as_multiturn=FLAGS.fewshot_as_multiturn,
+        log_samples=FLAGS.log_samples, evaluation_tracker=tracker,
+        model_args={"pretrained": FLAGS.checkpoint})
+    if results is None:  # not the first process
+        return 0
+    samples = results.pop("samples", None)
+    table = make_table(results)
+    if "groups" in results:
+        table += "\n" + make_table(results, "groups")
+    if tracker is not None:
+        tracker.save_results_aggregated(results=results, samples=samples)
+        if FLAGS.log_samples and samples:
+            for task in results["configs"]:
+                tracker.save_results_samples(task_name=task, samples=samples[task])
+        os.makedirs(FLAGS.output, exist_ok=True)
+        with open(os.path.join(FLAGS.output, "results.md"), "w", encoding="utf-8") as f:
+            f.write(f"# lm-evaluation-harness: {FLAGS.checkpoint}\n\n{table}\n")
+    print(table)
+    if FLAGS.output:
+        print(f"wrote {FLAGS.output}/results.md and the results JSON under {FLAGS.output}/")
+    return 0
+
+
+def run():
+    """Entry point: absl flags, user errors as one line (exit 2)."""
+    app.run(lambda argv: run_cli(main, argv))
+
+
+if __name__ == "__main__":
+    sys.exit(run())

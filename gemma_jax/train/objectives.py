@@ -1,0 +1,210 @@
+"""Preference objectives (DPO, IPO, conservative DPO, ORPO, SimPO) on summed response log-probabilities.
+
+Every loss takes per-pair sums of the response tokens' log-probabilities under the policy (and
+for DPO the frozen reference) and the response lengths, the quantities TRL's trainers reduce to.
+Hyperparameters keep TRL's names and defaults:
+
+  dpo    beta 0.1; loss "sigmoid" (the DPO paper's -log sigmoid(beta * h), h the difference of
+         the chosen and rejected log-ratios to the reference) or "ipo" ((h' - 1/(2 beta))^2 with
+         h' the same difference of per-token averaged log-ratios, as TRL computes it);
+         label_smoothing eps > 0 is conservative DPO: -(1-eps) log s(beta h) - eps log s(-beta h).
+  orpo   beta 0.1 (the paper's lambda): token-mean NLL of the chosen responses minus
+         beta * log sigmoid(log odds(chosen) - log odds(rejected)), odds of the per-token average
+         probability. No reference.
+  simpo  beta 2.0, gamma 0.5 (TRL's simpo_gamma): -log sigmoid(beta * (avg_c - avg_r) - gamma)
+         with avg the per-token average log-probability. No reference.
+
+Rewards as TRL logs them: DPO beta * (log p - log p_ref), ORPO and SimPO beta * average log p.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from gemma_jax import loss as loss_lib
+from gemma_jax.errors import UserError
+
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+DPO_LOSSES = ("sigmoid", "ipo")
+# Per-pair quantities averaged over the pairs of a step (train and eval), as TRL names them.
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A preference objective and its hyperparameters (hashable: a static argument of the step)."""
+
+    name: str  # dpo | orpo | simpo
+    beta: float
+    loss: str = "sigmoid"  # dpo only
+    label_smoothing: float = 0.0  # dpo only
+    gamma: float = 0.0  # simpo only
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.name == "dpo"
+
+
+def from_config(cfg) -> Objective | None:
+    """The run's preference objective from train.objective and its section; None for SFT."""
+    name = cfg.train.objective
+    if name not in OBJECTIVES:
+        raise UserError(f"train.objective={name!r}; choose one of {', '.join(OBJECTIVES)}")
+    if name == "sft":
+        return None
+    if name == "dpo":
+        d = cfg.dpo
+        if d.loss not in DPO_LOSSES:
+            raise UserError(f"dpo.loss={d.loss!r}; choose one of {', '.join(DPO_LOSSES)}")
+        if not 0.0 <= float(d.label_smoothing) < 0.5:
+            raise UserError(f"dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
+        if d.loss == "ipo" and float(d.label_smoothing):
+            raise UserError("dpo.label_smoothing applies to dpo.loss='sigmoid' only (conservative DPO); "
+                            "set it to 0 for 'ipo'")
+        if d.precompute_reference:
+            raise UserError("dpo.precompute_reference=True is not implemented yet: leave it False (LoRA "
+                            "runs use the base with adapters off, full fine-tuning a frozen copy)")
+        obj = Objective("dpo", float(d.beta), d.loss, float(d.label_smoothing))
+    elif name == "orpo":
+        obj = Objective("orpo", float(cfg.orpo["lambda"]))
+    else:
+        obj = Objective("simpo", float(cfg.simpo.beta), gamma=float(cfg.simpo.gamma))
+    if obj.beta <= 0:
+        key = "orpo.lambda" if name == "orpo" else f"{name}.beta"
+        raise UserError(f"{key}={obj.beta} must be positive")
+    return obj
+
+
+def log1mexp(x):
+    """log(1 - exp(x)) for x < 0, accurate at both ends."""
+    x = jnp.minimum(x, -1e-7)  # a response of probability 1 would make the odds infinite
+    return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def _smoothed(z, eps):
+    """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)."""
+    loss = -jax.nn.log_sigmoid(z)
+    return loss if not eps else (1.0 - eps) * loss - eps * jax.nn.log_sigmoid(-z)
+
+
+def pair_terms(obj: Objective, logp_c, logp_r, len_c, len_r, ref_c=None, ref_r=None) -> dict:
+    """Per-pair loss terms and rewards from summed log-probs and lengths (any matching shapes).
+
+    Returns {"loss": the pair's preference term, "nll": its summed chosen-token NLL (ORPO's SFT
+    term, normalised by the step's chosen tokens; 0 otherwise), "rewards/chosen",
+    "rewards/rejected"} and for ORPO "log_odds_ratio", "log_odds_chosen".
+    """
+    avg_c, avg_r = logp_c / jnp.maximum(len_c, 1.0), logp_r / jnp.maximum(len_r, 1.0)
+    out = {}
+    if obj.name == "dpo":
+        ratio_c, ratio_r = logp_c - ref_c, logp_r - ref_r
+        if obj.loss == "ipo":
+            h = ratio_c / jnp.maximum(len_c, 1.0) - ratio_r / jnp.maximum(len_r, 1.0)
+            out["loss"] = jnp.square(h - 1.0 / (2.0 * obj.beta))
+        else:
+            out["loss"] = _smoothed(obj.beta * (ratio_c - ratio_r), obj.label_smoothing)
+        out["rewards/chosen"], out["rewards/rejected"] = obj.beta * ratio_c, obj.beta * ratio_r
+        out["nll"] = jnp.zeros_like(logp_c)
+    elif obj.name == "orpo":
+        log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+        ratio = jax.nn.log_sigmoid(log_odds)
+        out["loss"] = -obj.beta * ratio
+        out["nll"] = -logp_c
+        out["log_odds_ratio"], out["log_odds_chosen"] = ratio, log_odds
+        out["rewards/chosen"], out["rewards/rejected"] = obj.beta * avg_c, obj.beta * avg_r
+    elif obj.name == "simpo":
+        out["loss"] = _smoothed(obj.beta * (avg_c - avg_r) - obj.gamma, 0.0)
+        out["rewards/chosen"], out["rewards/rejected"] = obj.beta * avg_c, obj.beta * avg_r
+        out["nll"] = jnp.zeros_like(logp_c)
+    else:
+        raise ValueError(f"not a preference objective: {obj.name!r}")
+    return out
+
+
+def split_pairs(sums_BS, counts_BS):
+    """Per-segment sums of [2B, S] rows (row 2r chosen, 2r+1 rejected) -> chosen/rejected [B, S-1]
+    log-probs and lengths, and the mask of real pairs."""
+    s = sums_BS.shape[-1]
+    sums, counts = sums_BS.reshape(-1, 2, s)[:, :, 1:], counts_BS.reshape(-1, 2, s)[:, :, 1:]
+    valid = (counts[:, 0] > 0) & (counts[:, 1] > 0)
+    return sums[:, 0], sums[:, 1], counts[:, 0], counts[:, 1], valid
+
+
+def summed_metrics(terms: dict, logp_c, logp_r, valid) -> dict:
+    """Sums over the real pairs of every logged per-pair quantity (divide by the pair count)."""
+    w = valid.astype(jnp.float32)
+    out = {"rewards/chosen": terms["rewards/chosen"], "rewards/rejected": terms["rewards/rejected"],
+           "rewards/margins": terms["rewards/chosen"] - terms["rewards/rejected"],
+           "rewards/accuracies": (terms["rewards/chosen"] > terms["rewards/rejected"]).astype(jnp.float32),
+           "logps/chosen": logp_c, "logps/rejected": logp_r}
+    for k in ("log_odds_ratio", "log_odds_chosen"):
+        if k in terms:
+            out[k] = terms[k]
+    return {k: jnp.sum(jnp.where(valid, v, 0.0) * w) for k, v in out.items()}
+
+
+def pair_rows(batch) -> dict:
+    """Pair arrays [B, 2, T] (chosen, rejected) -> model rows [2B, T], row 2r chosen and 2r+1
+    rejected, so each batch shard's rows stay on it."""
+    return {k: batch[k].reshape(-1, *batch[k].shape[2:]) for k in ROW_FIELDS}
+
+
+ROW_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def reference_logps(rows, frozen, reference, *, config, chunk: int):
+    """Summed reference log-probs [2B, T+1] per segment: the frozen base with adapters off (LoRA)
+    or the frozen initial weights (full fine-tuning). Never differentiated."""
+    if frozen:
+        sums, _ = loss_lib.sequence_logps(None, rows, frozen, config=config, chunk=chunk, adapters=False)
+    else:
+        sums, _ = loss_lib.sequence_logps(reference, rows, config=config, chunk=chunk)
+    return jax.lax.stop_gradient(sums)
+
+
+def pair_scores(params, rows, ref_BS, frozen=None, *, obj: Objective, config, chunk: int, rng=None) -> dict:
+    """Sums over the real pairs of `rows`: loss_sum (preference terms), nll_sum (ORPO), pairs,
+    chosen_tokens, tokens and every PAIR_METRICS quantity. `ref_BS` from reference_logps (DPO)."""
+    sums, counts = loss_lib.sequence_logps(params, rows, frozen, config=config, chunk=chunk, rng=rng)
+    logp_c, logp_r, len_c, len_r, valid = split_pairs(sums, counts)
+    ref_c = ref_r = None
+    if obj.uses_reference:
+        ref_c, ref_r, _, _, _ = split_pairs(ref_BS, counts)
+    terms = pair_terms(obj, logp_c, logp_r, len_c, len_r, ref_c, ref_r)
+    out = summed_metrics(terms, logp_c, logp_r, valid)
+    out.update(loss_sum=jnp.sum(jnp.where(valid, terms["loss"], 0.0)),
+               nll_sum=jnp.sum(jnp.where(valid, terms["nll"], 0.0)),
+               pairs=jnp.sum(valid.astype(jnp.float32)),
+               chosen_tokens=jnp.sum(jnp.where(valid, len_c, 0.0)),
+               tokens=jnp.sum(rows["loss_mask"].astype(jnp.float32)))
+    return out
+
+
+def step_loss(scores: dict, pairs, chosen_tokens):
+    """The loss of a step from summed scores: mean preference term over the step's pairs, plus
+    for ORPO the chosen responses' NLL per chosen token."""
+    return scores["loss_sum"] / jnp.maximum(pairs, 1.0) + scores["nll_sum"] / jnp.maximum(chosen_tokens, 1.0)
+
+
+def pair_counts(rows):
+    """(real pairs, chosen target tokens) of pair rows, from the masks alone (no forward pass)."""
+    mask = rows["loss_mask"].astype(jnp.float32)
+    counts = loss_lib.segment_sums(mask, rows["segment_ids"])
+    _, _, len_c, _, valid = split_pairs(jnp.zeros_like(counts), counts)
+    return jnp.sum(valid.astype(jnp.float32)), jnp.sum(jnp.where(valid, len_c, 0.0))
+
+
+def scores_to_metrics(scores: dict, obj: Objective, prefix: str = "") -> dict:
+    """Step or eval scores -> logged means: loss and every per-pair metric."""
+    pairs = jnp.maximum(scores["pairs"], 1.0)
+    out = {f"{prefix}loss": step_loss(scores, scores["pairs"], scores["chosen_tokens"])}
+    for k in PAIR_METRICS + ("log_odds_ratio", "log_odds_chosen"):
+        if k in scores:
+            out[prefix + k] = scores[k] / pairs
+    if obj.name == "orpo":
+        out[prefix + "nll_loss"] = scores["nll_sum"] / jnp.maximum(scores["chosen_tokens"], 1.0)
+    return out

@@ -1,0 +1,163 @@
+"""lm-evaluation-harness backend: parity with lm_eval's own hf backend on an HF export, offline.
+
+Small local tasks (YAML over JSONL written here): multiple choice (loglikelihood), perplexity
+(loglikelihood_rolling, in windows shorter than the documents) and generation with stop strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import lm_eval  # noqa: E402  (the harness extra; in the test extra too)
+
+import gemma_jax  # noqa: E402
+from gemma_jax.model import ModelConfig  # noqa: E402
+from gemma_jax.tokenizer import Tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "data" / "tokenizer.model"
+CFG = ModelConfig(num_layers=2, embed_dim=64, hidden_dim=128, num_heads=4, num_kv_heads=2, head_dim=16,
+                  query_pre_attn_scalar=16, vocab_size=2048, sliding_window=16, max_seq_len=256)
+MAX_LENGTH = 48  # shorter than the perplexity documents, so rolling windows are exercised
+
+QUESTIONS = [("The lessee shall pay", ["rent monthly.", "the moon.", "nothing at all."], 0),
+             ("A contract is", ["an agreement.", "a fish.", "blue."], 0),
+             ("The court held that", ["the claim failed.", "cats fly.", "seven."], 1),
+             ("Under this clause the tenant", ["must repair.", "may sing.", "is green."], 2),
+             ("Translate: good morning ->", [" bonjour", " merci", " adieu"], 0)]
+DOCS = ["The parties agree that the lessee shall pay rent on the first day of each month, and that late "
+        "payment incurs interest at the statutory rate until the full amount is paid.",
+        "Termination. Either party may end this agreement with thirty days written notice.",
+        "Ünïcödé text, digits 12345 and  two  spaces\n\nwith a blank line."]
+PROMPTS = ["Summarise: The tenant shall pay rent monthly.", "Q: What is a contract?", "Once upon a time",
+           "The court", "List three fruits:"]
+
+
+def _write_tasks(root: Path) -> Path:
+    tasks = root / "tasks"
+    tasks.mkdir()
+    with open(tasks / "mc.jsonl", "w") as f:
+        for q, choices, gold in QUESTIONS:
+            f.write(json.dumps({"question": q, "choices": choices, "gold": gold}) + "\n")
+    with open(tasks / "ppl.jsonl", "w") as f:
+        for d in DOCS:
+            f.write(json.dumps({"text": d}) + "\n")
+    with open(tasks / "gen.jsonl", "w") as f:
+        for p in PROMPTS:
+            f.write(json.dumps({"prompt": p, "answer": "rent"}) + "\n")
+    common = "dataset_path: json\ntest_split: train\n"
+    (tasks / "mc.yaml").write_text(
+        f"task: tiny_mc\n{common}dataset_kwargs:\n  data_files:\n    train: {tasks / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{gold}}'\nmetric_list:\n  - metric: acc\n")
+    (tasks / "ppl.yaml").write_text(
+        f"task: tiny_ppl\n{common}dataset_kwargs:\n  data_files:\n    train: {tasks / 'ppl.jsonl'}\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+    (tasks / "gen.yaml").write_text(
+        f"task: tiny_gen\n{common}dataset_kwargs:\n  data_files:\n    train: {tasks / 'gen.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['.', '\\n']\n  max_gen_toks: 12\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+    return tasks
+
+
+def _hf_tokenizer_files(path: Path, tok: Tokenizer) -> None:
+    """tokenizer_config.json (and generation_config.json) for AutoTokenizer, if the export lacks them."""
+    if not (path / "tokenizer_config.json").exists():
+        special = {tok.pad_id: "<pad>", tok.eos_id: "<eos>", tok.bos_id: "<bos>", tok.unk_id: "<unk>",
+                   tok.start_of_turn_id: "<start_of_turn>", tok.end_of_turn_id: "<end_of_turn>"}
+        added = {str(i): dict(content=c, special=True, lstrip=False, rstrip=False, normalized=False,
+                              single_word=False) for i, c in special.items()}
+        (path / "tokenizer_config.json").write_text(json.dumps(dict(
+            tokenizer_class="GemmaTokenizer", add_bos_token=True, add_eos_token=False, bos_token="<bos>",
+            eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", added_tokens_decoder=added)))
+    if not (path / "generation_config.json").exists():  # Gemma stops at <eos> and <end_of_turn>
+        (path / "generation_config.json").write_text(json.dumps(dict(
+            bos_token_id=tok.bos_id, eos_token_id=[tok.eos_id, tok.end_of_turn_id], pad_token_id=tok.pad_id)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import jax
+
+    root = tmp_path_factory.mktemp("harness")
+    rng = np.random.default_rng(0)
+
+    def one(path, s):
+        std = 1.0 if "input_embedding" in jax.tree_util.keystr(path) else 0.3 if len(s.shape) > 1 else 0.1
+        return rng.normal(0.0, std, s.shape).astype(np.float32)
+
+    params = jax.tree_util.tree_map_with_path(one, gemma_jax.model.param_shapes(CFG))
+    hf = root / "hf"
+    gemma_jax.save(str(hf), CFG, params, format="hf", tokenizer=str(TOKENIZER))
+    tok = Tokenizer(str(TOKENIZER))
+    _hf_tokenizer_files(hf, tok)
+    return dict(root=root, hf=hf, tasks=_write_tasks(root), params=params, tok=tok)
+
+
+def _evaluate(model, tasks, include_path):
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=TaskManager(include_path=str(include_path)),
+                                   log_samples=True, bootstrap_iters=0)
+
+
+def _responses(results, task):
+    return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+@pytest.mark.slow
+def test_matches_lm_eval_hf_backend(setup):
+    from lm_eval.models.huggingface import HFLM
+
+    from gemma_jax.eval.harness import GemmaJaxLM
+
+    tasks = ["tiny_mc", "tiny_ppl", "tiny_gen"]
+    hf_lm = HFLM(pretrained=str(setup["hf"]), device="cpu", dtype="float32", max_length=MAX_LENGTH, batch_size=1)
+    ours = GemmaJaxLM(str(setup["hf"]), mesh="1,4,2", max_length=MAX_LENGTH, batch_size=8)
+    ref, got = _evaluate(hf_lm, tasks, setup["tasks"]), _evaluate(ours, tasks, setup["tasks"])
+
+    ref_mc, got_mc = _responses(ref, "tiny_mc"), _responses(got, "tiny_mc")
+    assert len(got_mc) == len(QUESTIONS)
+    for a, b in zip(ref_mc, got_mc):
+        for (la, ga), (lb, gb) in zip([r[0] for r in a], [r[0] for r in b]):
+            assert abs(la - lb) < 1e-4 and ga == gb
+    assert got["results"]["tiny_mc"]["acc,none"] == ref["results"]["tiny_mc"]["acc,none"]
+    ref_ppl, got_ppl = _responses(ref, "tiny_ppl"), _responses(got, "tiny_ppl")
+    for a, b in zip(ref_ppl, got_ppl):
+        assert abs(a[0][0] - b[0][0]) < 1e-4 * max(1.0, abs(a[0][0]))  # a sum over ~40 float32 terms
+    for key in ("word_perplexity,none", "bits_per_byte,none"):
+        np.testing.assert_allclose(got["results"]["tiny_ppl"][key], ref["results"]["tiny_ppl"][key], rtol=1e-5)
+    ref_gen, got_gen = _responses(ref, "tiny_gen"), _responses(got, "tiny_gen")
+    assert [r[0] for r in got_gen] == [r[0] for r in ref_gen]
+    assert any(r[0][0] for r in got_gen)  # not all empty
+
+
+@pytest.mark.slow
+def test_cli_writes_lm_eval_results_json(setup, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    base = [sys.executable, "-m", "gemma_jax.harness", f"--checkpoint={setup['hf']}",
+            f"--include_path={setup['tasks']}", "--mesh=none", f"--max_length={MAX_LENGTH}"]
+    done = subprocess.run(base + ["--tasks=tiny_mc", f"--output={out}"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [path] = list(out.glob("*/results_*.json"))
+    data = json.loads(path.read_text())
+    assert set(data["results"]) == {"tiny_mc"} and 0.0 <= data["results"]["tiny_mc"]["acc,none"] <= 1.0
+    assert data["n-samples"]["tiny_mc"]["effective"] == len(QUESTIONS)
+    assert "tiny_mc" in (out / "results.md").read_text()
+    bad = subprocess.run(base + ["--tasks=no_such_task"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no_such_task" in bad.stderr.splitlines()[-2], bad.stderr[-2000:]
