@@ -74,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
         export_format="",  # hf | official | gemma_jax: written to workdir/export at the end
         progress=True,  # progress bar on stdout
         objective="sft",  # sft | dpo | orpo | simpo (preference pairs: README, Preference tuning)
+        allow_changes=False,  # resume a workdir although lr, schedule, batch, data, steps or seed changed (recorded in manifest.json)
+        max_nonfinite_steps=5,  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run (exit 2)
     ))
 
     # Preference objectives, with TRL's names and defaults (gemma_jax.train.objectives).

@@ -38,8 +38,11 @@ if [ $# -eq 0 ]; then
   exit 2
 fi
 
-cd "${GEMMA_JAX_DIR:-${SLURM_SUBMIT_DIR:-.}}"
-PYTHON="${PYTHON:-python}"
+# A quoted "~/..." (or one after `=`) reaches us unexpanded: expand a leading ~ as the shell would.
+# The trainer itself resolves ~ and relative paths in its own flags (relative to the directory below).
+expand_home() { case "$1" in "~") printf '%s' "$HOME" ;; "~/"*) printf '%s' "$HOME/${1#\~/}" ;; *) printf '%s' "$1" ;; esac; }
+cd "$(expand_home "${GEMMA_JAX_DIR:-${SLURM_SUBMIT_DIR:-.}}")"
+PYTHON="$(expand_home "${PYTHON:-python}")"
 
 if [ "${SLURM_NTASKS_PER_NODE:-}" = "1" ] && [ -z "${JAX_LOCAL_DEVICE_IDS:-}" ]; then
   gpus="${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}"

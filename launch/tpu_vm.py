@@ -19,6 +19,12 @@ same metadata. The trainer runs under setsid/nohup with its output in ~/gemma_ja
 dropped ssh connection does not stop it; `train` streams that log until the trainer exits and
 returns its exit status, `logs` re-attaches, `stop` sends SIGTERM (the trainer saves, then exits).
 
+`--env KEY=VALUE` / `--env_file=FILE` values never appear on a command line (local or gcloud's):
+they are written to a mode-600 file, copied to each worker with `gcloud ... scp`, sourced by the
+train script and deleted there before the trainer starts. Keys must be shell variable names.
+A `--workdir` starting with ~ means the worker's home; a relative one is inside ~/gemma_jax, as
+the trainer (started there) would resolve it; a local `--env_file` path may start with ~.
+
 `run` = create, setup, train, and after a preemption (Spot VM or queued resource gone) delete,
 re-create, set up and train again: the trainer resumes from the checkpoints in --workdir.
 """
@@ -29,6 +35,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -41,6 +48,8 @@ REMOTE_VENV = "~/gemma_venv"
 REMOTE_TARBALL = "gemma_jax_src.tar.gz"  # in the worker's home
 LOG = "~/gemma_jax_train.log"
 PIDFILE = "~/gemma_jax_train.pid"
+REMOTE_ENV = "gemma_jax_train.env"  # --env values, in the worker's home (mode 600) until the trainer starts
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 COORDINATOR_PORT = 8476  # the port JAX itself uses for Cloud TPU coordinators
 # GCE_METADATA_IP overrides the host, as in JAX (and lets the tests fake the server).
 METADATA = "http://${GCE_METADATA_IP:-metadata.google.internal}/computeMetadata/v1/instance/attributes"
@@ -96,6 +105,67 @@ def _q(s: str) -> str:
     return shlex.quote(s)
 
 
+def _remote_path_arg(flag: str, path: str, relative_to: str | None = None) -> str:
+    """`--flag=path` for the remote shell: ~ is the worker's $HOME (not left literal, as bash does
+    after `=`), a relative path is made absolute under `relative_to` when given, URLs are kept."""
+    if "://" not in path and relative_to and not path.startswith(("/", "~")):
+        path = f"{relative_to}/{path}"
+    if path == "~" or path.startswith("~/"):
+        return shlex.quote(f"{flag}=") + '"$HOME"' + (shlex.quote(path[1:]) if path[1:] else "")
+    return shlex.quote(f"{flag}={path}")
+
+
+def local_path(path: str) -> str:
+    """A local path with ~ expanded, made absolute (the rule of gemma_jax.paths.absolute; URLs unchanged)."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def parse_env(entries: list[str], env_file: str = "") -> list[tuple[str, str]]:
+    """(key, value) pairs from --env_file (first) and --env KEY=VALUE; keys must be shell names.
+
+    Error messages name the key (or file and line), never the value: it may be a secret.
+    """
+    pairs = []
+    if env_file:
+        path = local_path(env_file)
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise LaunchError(f"--env_file={env_file}: cannot read {path}: {e.strerror}") from None
+        for n, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("export "):
+                line = line[len("export "):].lstrip()
+            key, sep, value = (part.strip() for part in line.partition("="))
+            where = f"--env_file={env_file}, line {n}"
+            if not sep:
+                raise LaunchError(f"{where}: expected KEY=VALUE")
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]  # one pair of surrounding quotes, as in .env files; no escapes
+            pairs.append((_env_key(key, where), value))
+    for e in entries:
+        key, sep, value = e.partition("=")
+        if not sep:
+            raise LaunchError(f"--env={key!r}: expected KEY=VALUE")
+        pairs.append((_env_key(key, "--env"), value))
+    return pairs
+
+
+def _env_key(key: str, where: str) -> str:
+    if not ENV_KEY.fullmatch(key):
+        raise LaunchError(f"{where}: {key!r} is not a valid environment variable name (letters, digits "
+                          "and _, not starting with a digit), e.g. --env=HF_TOKEN=...")
+    return key
+
+
+def env_file_text(pairs: list[tuple[str, str]]) -> str:
+    """The file the train script sources: one `export KEY='value'` line each, quoted for sh."""
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in pairs)
+
+
 def setup_script(args) -> str:
     """Shell run on every worker: code in ~/gemma_jax, a Python 3.11 venv with the package, weights."""
     lines = ["set -e"]
@@ -124,20 +194,26 @@ def setup_script(args) -> str:
 
 def train_script(args, overrides: list[str]) -> str:
     """Shell run on every worker: start the trainer detached, then (unless --detach) follow its log."""
-    train = [f"{REMOTE_VENV}/bin/python", "-m", "gemma_jax.train", f"--config={args.config}",
-             f"--workdir={args.workdir}", *overrides]
-    env = [f"export {k}={shlex.quote(v)}" for k, v in (e.split("=", 1) for e in args.env)]
+    train = [_q(f"{REMOTE_VENV}/bin/python"), "-m", "gemma_jax.train", _remote_path_arg("--config", args.config),
+             _remote_path_arg("--workdir", args.workdir, relative_to=REMOTE_DIR),
+             *(_q(a) for a in overrides)]
+    env_file = f'"$HOME"/{REMOTE_ENV}'
+    has_env = bool(getattr(args, "env_pairs", None))
+    running = (f"echo \"gemma_jax.train is already running on $(hostname) (pid $(cat {PIDFILE})): use logs or "
+               f"stop\" >&2; " + (f"rm -f {env_file}; " if has_env else "") + "exit 3")
     lines = [
         f"cd {REMOTE_DIR} || exit 1",
         # /proc/PID/cmdline, not kill -0: a stale pid file may name a reused pid.
-        f"if grep -qs gemma_jax.train /proc/\"$(cat {PIDFILE} 2>/dev/null)\"/cmdline; then echo \"gemma_jax.train is "
-        f"already running on $(hostname) (pid $(cat {PIDFILE})): use logs or stop\" >&2; exit 3; fi",
+        f"if grep -qs gemma_jax.train /proc/\"$(cat {PIDFILE} 2>/dev/null)\"/cmdline; then {running}; fi",
         # Multi-host slices list several workers; worker 0 hosts the jax.distributed coordinator.
         f"EP=$(curl -sf --max-time 10 -H Metadata-Flavor:Google {METADATA}/worker-network-endpoints || true)",
         f"case \"$EP\" in *,*) W0=${{EP%%,*}}; export JAX_COORDINATOR_ADDRESS=${{W0##*:}}:{COORDINATOR_PORT};; esac",
-        *env,
+    ]
+    if has_env:  # after the coordinator, so --env can still override it; deleted before the trainer runs
+        lines += [f". {env_file} || exit 1", f"rm -f {env_file}"]
+    lines += [
         f"touch {LOG}; START=$(stat -c %s {LOG})",
-        " ".join(["setsid nohup", *(_q(a) for a in train), f">> {LOG} 2>&1 < /dev/null & PID=$!"]),
+        " ".join(["setsid nohup", *train, f">> {LOG} 2>&1 < /dev/null & PID=$!"]),
         f"echo $PID > {PIDFILE}",
     ]
     if not args.detach:
@@ -209,6 +285,12 @@ def setup_commands(args) -> list[list[str]]:
                      f"{args.name}:{REMOTE_TARBALL}", *_where(args), "--worker=all", *args.ssh_flag])
     cmds.append(_ssh(args, "all", setup_script(args)))
     return cmds
+
+
+def env_command(args, local_file: str) -> list[str]:
+    """scp of the --env file to every worker's home (scp keeps its mode, 600)."""
+    return ["gcloud", "compute", "tpus", "tpu-vm", "scp", local_file, f"{args.name}:{REMOTE_ENV}", *_where(args),
+            "--worker=all", *args.ssh_flag]
 
 
 def train_command(args, overrides: list[str]) -> list[str]:
@@ -316,8 +398,29 @@ def do_setup(args, g: Gcloud):
         g.check(cmd)
 
 
+def send_env(args, g: Gcloud):
+    """Copies the --env / --env_file values to the workers in a file, never on a command line."""
+    if not args.env_pairs:
+        return
+    keys = ", ".join(k for k, _ in args.env_pairs)
+    g.say(f"# env {keys}: values in a mode-600 file -> ~/{REMOTE_ENV} on every worker (sourced, then deleted)")
+    if g.dry_run:
+        g.check(env_command(args, "ENV_FILE"))
+        return
+    tmp = tempfile.mkdtemp(prefix="gemma_jax-env-")  # mode 700, so no other user sees the file either
+    try:
+        path = os.path.join(tmp, REMOTE_ENV)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(env_file_text(args.env_pairs))
+        g.check(env_command(args, path))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def do_train(args, g: Gcloud) -> int:
     _check_workdir(args, g)
+    send_env(args, g)
     return g.run(train_command(args, args.overrides))
 
 
@@ -329,6 +432,7 @@ def do_run(args, g: Gcloud) -> int:
         if create:
             do_create(args, g)
         do_setup(args, g)
+        send_env(args, g)
         rc = g.run(train_command(args, args.overrides))
         if rc == 0 or g.dry_run:
             break
@@ -380,7 +484,10 @@ def parser() -> argparse.ArgumentParser:
     train = argparse.ArgumentParser(add_help=False)
     train.add_argument("--config", required=True, help="e.g. configs/legal.py:2b (relative to the checkout)")
     train.add_argument("--workdir", required=True, help="gs://BUCKET/RUN (required on multi-host slices)")
-    train.add_argument("--env", action="append", default=[], help="KEY=VALUE for the trainer (repeatable)")
+    train.add_argument("--env", action="append", default=[],
+                       help="KEY=VALUE for the trainer (repeatable); sent in a file, never on a command line")
+    train.add_argument("--env_file", default="",
+                       help="local file of KEY=VALUE lines for the trainer (keeps secrets out of shell history)")
     train.add_argument("--detach", action="store_true", help="start and return; follow with `logs`")
     train.add_argument("--shared_workdir", action="store_true",
                        help="--workdir is a non-gs:// path every worker mounts (NFS/Filestore)")
@@ -417,9 +524,7 @@ def main(argv: list[str] | None = None, *, out=None, runner=subprocess.run) -> i
     args.overrides = rest
     g = Gcloud(args.dry_run, out=out, runner=runner)
     try:
-        for e in getattr(args, "env", []):
-            if "=" not in e:
-                raise LaunchError(f"--env={e!r}: expected KEY=VALUE")
+        args.env_pairs = parse_env(getattr(args, "env", []), getattr(args, "env_file", ""))
         if args.verb == "create":
             do_create(args, g)
         elif args.verb == "setup":

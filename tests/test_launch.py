@@ -121,11 +121,16 @@ def test_multi_host_v4_32_commands():
 
 
 def test_multi_host_train_same_command_and_coordinator():
-    [train] = dry("train", "--accelerator_type=v4-32", "--config=configs/legal.py:9b",
-                  "--workdir=gs://bkt/legal_9b", "--env=LIBTPU_INIT_ARGS=--xla_tpu_enable_async_all_gather=true")
+    scp, train = dry("train", "--accelerator_type=v4-32", "--config=configs/legal.py:9b",
+                     "--workdir=gs://bkt/legal_9b", "--env=LIBTPU_INIT_ARGS=--xla_tpu_enable_async_all_gather=true")
     script = all_workers_script(train)
     assert "export JAX_COORDINATOR_ADDRESS=${W0##*:}:8476" in script
-    assert "export LIBTPU_INIT_ARGS=--xla_tpu_enable_async_all_gather=true" in script
+    # --env goes in a file copied to every worker and sourced there, after the coordinator line.
+    assert scp == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "ENV_FILE", "gemma:gemma_jax_train.env", *WHERE,
+                   "--worker=all"]
+    assert '. "$HOME"/gemma_jax_train.env || exit 1; rm -f "$HOME"/gemma_jax_train.env' in script
+    assert script.index("JAX_COORDINATOR_ADDRESS") < script.index('. "$HOME"/gemma_jax_train.env')
+    assert "xla_tpu_enable_async_all_gather" not in script
     assert "-m gemma_jax.train --config=configs/legal.py:9b --workdir=gs://bkt/legal_9b >>" in script
 
 
@@ -221,6 +226,7 @@ def fake_worker(tmp_path):
     python.write_text("#!/bin/bash\n"
                       "echo \"trainer args: $*\"\n"
                       "echo \"coordinator: ${JAX_COORDINATOR_ADDRESS:-none} extra: ${EXTRA:-none} cwd: $PWD\"\n"
+                      "echo \"token: ${HF_TOKEN:-none}\"\n"
                       "sleep \"${FAKE_SECONDS:-0}\"\n"
                       "exit \"${FAKE_RC:-0}\"\n")
     python.chmod(python.stat().st_mode | stat.S_IEXEC)
@@ -232,7 +238,8 @@ def fake_worker(tmp_path):
 
 
 def _train_script(*extra: str) -> str:
-    [train] = dry("train", "--config=configs/legal.py:2b", "--workdir=gs://b/w", *extra, "--", "--config.train.steps=7")
+    *_, train = dry("train", "--config=configs/legal.py:2b", "--workdir=gs://b/w", *extra, "--",
+                    "--config.train.steps=7")
     return script_of(train)
 
 
@@ -240,6 +247,7 @@ def test_train_script_streams_log_returns_status_and_finds_coordinator(fake_work
     """The train script as a worker runs it: multi-host metadata -> coordinator; exit status passes through."""
     _Metadata.endpoints = b"t1v-n-0:0:10.1.2.3,t1v-n-1:1:10.1.2.4"
     env = dict(fake_worker.env, FAKE_RC="7")
+    (fake_worker.home / "gemma_jax_train.env").write_text(tpu_vm.env_file_text([("EXTRA", "yes")]))  # as scp does
     res = subprocess.run(["bash", "-c", _train_script("--env=EXTRA=yes")], env=env, capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 7, res.stderr
@@ -308,6 +316,91 @@ def test_run_stops_when_the_trainer_fails_on_a_healthy_vm():
     assert "trainer exited with 1 on a READY VM" in out.getvalue()
 
 
+# ----------------------------------------------------------------------------- --env: keys checked, values off argv
+
+SECRET = "s3cr3t 'quoted' $(touch pwned) \"dq\" `touch pwned2` ; echo leak"
+
+
+@pytest.mark.parametrize("key", ["1ABC", "A-B", "A B", "", "A;touch /tmp/pwned", "$(id)", "A.B", "Ä"])
+def test_env_keys_must_be_shell_names(key):
+    res = cli("train", "--name=g", "--zone=z", "--config=c", "--workdir=gs://b/w", f"--env={key}=s3cr3t", "--dry_run")
+    assert res.returncode == 2, res.stdout
+    assert f"{key!r} is not a valid environment variable name" in res.stderr, res.stderr
+    assert "s3cr3t" not in res.stderr + res.stdout  # the value may be a secret: never echoed
+    assert "gcloud" not in res.stdout
+
+
+def _fake_gcloud(fake_worker, calls):
+    """A runner that records every argv, 'copies' scp'd env files into the fake worker's home (keeping
+    the mode, as scp does) and runs ssh --command scripts there with bash."""
+    def runner(argv, capture_output=False, text=False):
+        calls.append(list(argv))
+        if argv[4] == "scp" and argv[6].endswith(":gemma_jax_train.env"):
+            src = Path(argv[5])
+            assert stat.S_IMODE(src.stat().st_mode) == 0o600
+            dst = fake_worker.home / "gemma_jax_train.env"
+            dst.write_bytes(src.read_bytes())
+            dst.chmod(stat.S_IMODE(src.stat().st_mode))
+            return SimpleNamespace(returncode=0, stdout="")
+        if argv[4] == "ssh":
+            res = subprocess.run(["bash", "-c", script_of(argv)], env=fake_worker.env, capture_output=True, text=True,
+                                 timeout=60)
+            calls[-1].append(res)
+            return res
+        return SimpleNamespace(returncode=0, stdout="")
+    return runner
+
+
+def test_env_values_never_reach_a_command_line_and_the_trainer_gets_them(fake_worker, tmp_path, monkeypatch):
+    _Metadata.endpoints = b"t1v-n-0:0:10.1.2.3"
+    monkeypatch.setenv("HOME", str(tmp_path))  # --env_file=~/... is expanded locally
+    (tmp_path / "train.env").write_text("# tokens\n\nexport HF_TOKEN='hf_s3cr3t_token'\n")
+    calls, out = [], io.StringIO()
+    rc = tpu_vm.main(["train", "--name=gemma", *WHERE, "--config=configs/legal.py:2b", "--workdir=gs://b/w",
+                      f"--env=EXTRA={SECRET}", "--env_file=~/train.env"], out=out, runner=_fake_gcloud(fake_worker, calls))
+    assert rc == 0, out.getvalue()
+    assert [c[4] for c in calls] == ["scp", "ssh"]
+    argv_text = "\n".join(str(a) for c in calls for a in c[:-1] if isinstance(a, str)) + out.getvalue()
+    for secret in ("s3cr3t", "hf_s3cr3t_token"):
+        assert secret not in argv_text
+    trainer = calls[1][-1]
+    assert f"extra: {SECRET} cwd:" in trainer.stdout, trainer.stdout + trainer.stderr
+    assert "token: hf_s3cr3t_token" in trainer.stdout
+    assert not list(fake_worker.home.rglob("pwned*")), "a value was run as shell code"
+    assert not (fake_worker.home / "gemma_jax_train.env").exists(), "the worker kept the env file"
+    assert not Path(calls[0][5]).exists(), "the local env file was left behind"
+
+
+def test_env_file_format_and_errors(tmp_path):
+    f = tmp_path / "x.env"
+    f.write_text("A=1\n# c\nB-1=no\n")
+    with pytest.raises(tpu_vm.LaunchError, match=r"x.env, line 3: 'B-1' is not a valid"):
+        tpu_vm.parse_env([], str(f))
+    f.write_text("A=1\n\n  # comment\nexport C = \"two words\"\nD=a=b\nE='x'\n")
+    assert tpu_vm.parse_env(["A=override"], str(f)) == [("A", "1"), ("C", "two words"), ("D", "a=b"), ("E", "x"),
+                                                         ("A", "override")]
+    f.write_text("A=1\nNOVALUE\n")
+    with pytest.raises(tpu_vm.LaunchError, match=r"x.env, line 2: expected KEY=VALUE"):
+        tpu_vm.parse_env([], str(f))
+    with pytest.raises(tpu_vm.LaunchError, match="cannot read"):
+        tpu_vm.parse_env([], str(tmp_path / "missing.env"))
+
+
+def test_workdir_tilde_and_relative_paths_resolve_on_the_worker(fake_worker):
+    """bash leaves ~ after `=`; the launcher hands the trainer the worker's $HOME, and a relative
+    workdir the checkout it runs in, so every path of the run is one absolute directory."""
+    _Metadata.endpoints = b"t1v-n-0:0:10.1.2.3"
+    for workdir, expected in [("~/runs/x", fake_worker.home / "runs" / "x"),
+                              ("runs/y", fake_worker.home / "gemma_jax" / "runs" / "y"),
+                              ("gs://b/w", "gs://b/w"), ("/abs/w", "/abs/w")]:
+        [train] = dry("train", "--config=~/my config.py", f"--workdir={workdir}", "--accelerator_type=v4-8")
+        res = subprocess.run(["bash", "-c", script_of(train)], env=fake_worker.env, capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert (f"trainer args: -m gemma_jax.train --config={fake_worker.home}/my config.py "
+                f"--workdir={expected}\n") in res.stdout, res.stdout
+
+
 # ----------------------------------------------------------------------------- SLURM
 
 
@@ -351,3 +444,14 @@ def test_slurm_script_runs_srun_with_the_arguments(tmp_path):
 
     res = subprocess.run(["bash", str(SLURM)], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "usage: sbatch" in res.stderr
+
+    # GEMMA_JAX_DIR and PYTHON given as "~/..." (quoted, so unexpanded) mean the home directory.
+    home = tmp_path / "home"
+    (home / "checkout").mkdir(parents=True)
+    (home / "bin").mkdir()
+    (home / "bin" / "py").write_bytes(python.read_bytes())
+    (home / "bin" / "py").chmod(0o755)
+    env.update(HOME=str(home), GEMMA_JAX_DIR="~/checkout", PYTHON="~/bin/py")
+    res = subprocess.run(["bash", str(SLURM), *args], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert f"--config.train.steps=10 in {home / 'checkout'} devices" in res.stdout, res.stdout

@@ -8,7 +8,8 @@ The overlap metrics are the libraries' own implementations (`rouge-score`, `sacr
 numbers compare with published ones. Exact match and token F1 follow the SQuAD evaluation:
 answers are normalised (lowercase, no punctuation, no articles a/an/the, single spaces) before
 they are compared. Generated programs run in a separate Python process with a time limit,
-never in this one: a generated `while True` or `sys.exit()` cannot hang or end the evaluation.
+never in this one (gemma_jax.eval.sandbox): a generated `while True` or `sys.exit()` cannot hang
+or end the evaluation, read your environment or leave a process running.
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ import collections
 import concurrent.futures
 import os
 import re
-import secrets
-import signal
 import string
-import subprocess
-import sys
-import tempfile
 from collections.abc import Sequence
+
+from gemma_jax.eval import sandbox
 
 ROUGE_KEYS = {"rouge1": "rouge1", "rouge2": "rouge2", "rougeL": "rouge_l"}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -133,45 +131,15 @@ def extract_code(text: str) -> str:
     return m.group(1) if m else text
 
 
-def _run_program(source: str, timeout: float) -> str:
-    """'passed', 'failed' or 'timeout' for one program run as a script in its own process group.
-
-    A pass needs exit status 0 *and* a marker printed after the last assert, so a program that
-    calls `sys.exit(0)` or `os._exit(0)` before its tests does not pass them.
-    """
-    marker = secrets.token_hex(16)
-    with tempfile.TemporaryDirectory(prefix="gemma_jax_code_") as tmp:
-        path = os.path.join(tmp, "program.py")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(f"{source}\nprint({marker!r})\n")
-        # -I: isolated mode, so the working directory and PYTHON* variables cannot inject modules.
-        # A new session lets a timeout kill the program's own children too.
-        proc = subprocess.Popen([sys.executable, "-I", path], cwd=tmp, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:  # a grandchild that left the group may still hold the pipe; do not wait on it
-                proc.communicate(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            return "timeout"
-    passed = proc.returncode == 0 and out.decode("utf-8", "replace").rstrip().endswith(marker)
-    return "passed" if passed else "failed"
-
-
 def code_pass_rate(programs: Sequence[str], tests: Sequence[Sequence[str]], *, timeout: float = 10.0,
                    workers: int | None = None) -> dict:
-    """Runs each program followed by its assert statements in a subprocess; a pass exits with 0.
+    """Runs each program, then its assert statements, in gemma_jax.eval.sandbox; counts the passes.
 
     Returns {"pass_rate" (x100), "passed", "failed", "timeout", "results": per program}. A
-    program that errors, fails an assert or outlives `timeout` seconds counts as failed. This is
-    a separate process, not a sandbox: generated code runs with your user's permissions, so
-    evaluate untrusted models in a container.
+    program that errors, fails an assert, exits early or outlives `timeout` seconds counts as
+    failed. Each runs in a clean environment and a private directory, under resource limits, and
+    leaves no process behind; it is still not a sandbox (see sandbox.py): generated code runs with
+    your user's permissions, so evaluate untrusted models in a container.
     """
     if len(programs) != len(tests):
         raise ValueError(f"code_pass_rate: {len(programs)} programs but {len(tests)} test lists")
@@ -180,10 +148,10 @@ def code_pass_rate(programs: Sequence[str], tests: Sequence[Sequence[str]], *, t
     for i, t in enumerate(tests):
         if isinstance(t, str) or not t:
             raise ValueError(f"code_pass_rate: tests[{i}] must be a non-empty list of assert strings, got {t!r}")
-    sources = [extract_code(p) + "\n\n" + "\n".join(t) + "\n" for p, t in zip(programs, tests)]
-    workers = workers or max(1, min(len(sources), os.cpu_count() or 1, 8))
+    jobs = [(extract_code(p), list(t)) for p, t in zip(programs, tests)]
+    workers = workers or max(1, min(len(jobs), os.cpu_count() or 1, 8))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(lambda s: _run_program(s, timeout), sources))
+        results = list(pool.map(lambda job: sandbox.run_tests(*job, timeout=timeout), jobs))
     counts = collections.Counter(results)
     return {"pass_rate": 100.0 * counts["passed"] / len(results), "passed": counts["passed"],
             "failed": counts["failed"] + counts["timeout"], "timeout": counts["timeout"], "results": results}

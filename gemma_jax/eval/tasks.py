@@ -219,7 +219,8 @@ def score_answers(task: str, answers: Sequence[str], items: Sequence[Item], *,
 # ----------------------------------------------------------------------------- one evaluation
 
 
-def _validate(eval_cfg) -> tuple[str, str]:
+def validate(eval_cfg) -> tuple[str, str]:
+    """(task, metric) of config.eval, or a ValueError naming the key and the choices."""
     task, metric = eval_cfg.task, eval_cfg.metric
     if task not in metrics_lib.TASK_METRICS:
         raise ValueError(f"eval.task={task!r}; choose one of {', '.join(metrics_lib.TASK_METRICS)}")
@@ -280,7 +281,7 @@ def run_eval(config: ModelConfig, params, tokenizer, eval_cfg, data_spec: str, *
     forgetting check only), for frequent evaluations inside a training loop; the `in_training`
     key is the loop's to read. Params may be sharded on `mesh`, as the trainer holds them.
     """
-    task, metric = _validate(eval_cfg)
+    task, metric = validate(eval_cfg)
     seq_len = int(_data_option(data_cfg, "seq_len", 1024))
     train_on_prompt = bool(_data_option(data_cfg, "train_on_prompt", False))
     source = data_spec or _data_option(data_cfg, "eval", "")  # empty: a held-out part of data.train

@@ -2,16 +2,19 @@
 
   python -m gemma_jax.train --config=configs/legal.py:tiny --workdir=/tmp/legal
 
-`run` reads top to bottom; each stage is a function below it. A run resumes from the workdir's
-latest checkpoint, saves every `checkpoint.every_steps` and when asked to stop (signals), and
-after the last step evaluates and exports.
+`run` reads top to bottom; each stage is a function below it. A run takes the workdir's lock,
+checks the workdir's manifest before it writes anything (train/workdir.py), resumes from the
+latest intact checkpoint, saves every `checkpoint.every_steps` and when asked to stop (signals),
+skips and counts non-finite steps (train/divergence.py), and after the last step runs the
+finishing stages (final eval, export), each recorded once done so a re-run completes what a
+kill interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import signal
 from typing import Any
 
 import jax
@@ -20,11 +23,13 @@ from absl import logging
 
 from gemma_jax import data as data_lib, paths, sharding, weights
 from gemma_jax.data import preference
+from gemma_jax.errors import UserError, WorkdirError
 from gemma_jax.eval import report as report_lib, tasks
 from gemma_jax.model import lora as lora_lib
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.tokenizer import Tokenizer
-from gemma_jax.train import checkpoints, log, model_setup
+from gemma_jax.train import checkpoints, divergence, log, model_setup, objectives, workdir as workdir_lib
+from gemma_jax.train.signals import StopRequests
 from gemma_jax.train.state import Trainer
 from gemma_jax.weights import native
 
@@ -35,39 +40,136 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
     `stop_after` ends this invocation after that many steps (as a kill would, but after a
     checkpoint), without changing the schedule: the next run resumes where this one stopped.
     """
+    workdir = workdir_lib.resolve(workdir)
+    workdir_lib.resolve_config_paths(cfg)
+    check_config(cfg, workdir)
+    lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _run(cfg, workdir, stop_after)
+
+
+def check_config(cfg, workdir: str) -> None:
+    """What can be checked before anything runs: the finishing stages' settings, the workdir."""
+    fmt = cfg.train.export_format
+    if fmt and fmt not in weights.SAVE_FORMATS:
+        raise UserError(f"train.export_format={fmt!r}; choose one of {', '.join(weights.SAVE_FORMATS)} "
+                        "(or '' for no export)")
+    tasks.validate(cfg.eval)
+    if int(cfg.train.max_nonfinite_steps) < 1:
+        raise UserError(f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps} must be >= 1")
+    init = cfg.model.init_checkpoint
+    if init and paths.absolute(init).rstrip("/") == workdir.rstrip("/"):
+        raise WorkdirError(f"--workdir and model.init_checkpoint are the same directory ({workdir}): the run "
+                           "would write its files over the weights it starts from; use another --workdir")
+
+
+def _run(cfg, workdir: str, stop_after: int | None) -> dict[str, Any]:
     r = setup(cfg, workdir)
     manager = checkpoints.TrainCheckpoints(workdir, every_steps=int(cfg.checkpoint.every_steps),
                                            keep=int(cfg.checkpoint.keep), async_save=bool(cfg.checkpoint.async_save))
-    state = restore_or_init(r, manager)
-    start = step = int(jax.device_get(state["step"]))
-    steps = int(cfg.train.steps)
-    end = steps if stop_after is None else min(steps, start + stop_after)
-    if start >= steps:
-        logging.warning("%s is already at step %d of train.steps=%d: nothing to train "
-                        "(raise train.steps to continue)", workdir, start, steps)
-    logger = log.Logger(workdir, config=r.config, seq_len=int(cfg.data.seq_len), batch_size=int(cfg.train.batch_size),
-                        total_steps=steps, start_step=start, progress=bool(cfg.train.progress), stats=r.data.stats)
-    eval_every, log_every = int(cfg.train.eval_every), max(int(cfg.train.log_every), 1)
-    with StopRequests() as stop:
-        while step < end:
-            state, step_metrics = r.trainer.step(state, r.trainer.put_batch(next(r.data.train)))
-            step += 1
-            logger.step(step, step_metrics, log=(step % log_every == 0 or step == end))
-            if eval_every and step % eval_every == 0 and step < steps:
-                logger.eval(step, evaluate(r, state, step))
-            stopping = stop.requested or manager.reached_preemption(step)
-            manager.maybe_save(step, state, r.data.train, force=stopping or step == end)
-            if stopping:
-                break
-    metrics = evaluate(r, state, step) if step == steps and step > start else {}
-    if metrics:  # not again when re-run after finishing
-        logger.eval(step, metrics)
-    manager.close()
-    metrics.update(logger.close())
-    if step == steps and step > start and cfg.train.export_format:
-        export(r, state)
-    metrics["step"] = step
-    return metrics
+    status = "failed"
+    try:
+        state = restore_or_init(r, manager)
+        start = step = int(jax.device_get(state["step"]))
+        last = final_step(r)
+        end = last if stop_after is None else min(last, start + stop_after)
+        if start >= last:
+            logging.warning("%s is already at step %d of %d: nothing to train (raise train.steps, with "
+                            "train.allow_changes=True, to continue)", workdir, start, last)
+        logger = log.Logger(workdir, config=r.config, seq_len=int(cfg.data.seq_len),
+                            batch_size=int(cfg.train.batch_size), total_steps=last, start_step=start,
+                            progress=bool(cfg.train.progress), stats=r.data.stats)
+        watch = divergence.Watch(int(cfg.train.max_nonfinite_steps), r.config.vocab_size,
+                                 warn=getattr(logger, "warn", logging.warning))
+        eval_every, log_every = int(cfg.train.eval_every), max(int(cfg.train.log_every), 1)
+        save_due = False
+        with StopRequests() as stop:
+            while step < end:
+                try:
+                    batch = next(r.data.train)
+                except StopIteration:  # a data.num_epochs the planned step count did not foresee
+                    logging.warning("the training data ran out at step %d (data.num_epochs=%s): finishing here",
+                                    step, cfg.data.num_epochs)
+                    last = end = step
+                    break
+                state, step_metrics = r.trainer.step(state, r.trainer.put_batch(batch))
+                step += 1
+                watch.observe(step, step_metrics)
+                manager.check()
+                logger.step(step, step_metrics, log=(step % log_every == 0 or step == end))
+                stopping = stop.requested or manager.reached_preemption(step)
+                if eval_every and step % eval_every == 0 and step < last and not stopping:
+                    watch.settle()
+                    logger.eval(step, evaluate(r, state, step))
+                save_due = save_due or stopping or step == end or step % manager.every_steps == 0
+                if save_due:
+                    watch.settle()
+                    if watch.healthy:  # after a skipped step the save waits for the next finite one
+                        manager.maybe_save(step, state, r.data.train, force=True)
+                        save_due = False
+                if stopping:
+                    break
+            watch.settle()
+        if not watch.healthy:
+            raise divergence.DivergedError(
+                f"the last {watch.in_row} steps up to step {step} were not finite: the state was not saved or exported")
+        manager.close()
+        final = finish(r, state, step, logger) if step == last else None
+        metrics = logger.close()
+        metrics.update(final or {})
+        status = "stopped" if final is None else "finished"
+        metrics["step"] = step
+        return metrics
+    finally:
+        _record_end(r, status)
+        if status == "failed":
+            with contextlib.suppress(Exception):  # the error being raised is the one to show
+                manager.close()
+
+
+def final_step(r: "Run") -> int:
+    """train.steps, or fewer when data.num_epochs runs out of batches first (said in the log)."""
+    steps = int(r.cfg.train.steps)
+    available = r.data.num_batches
+    if available is not None and available < steps:
+        logging.warning("data.num_epochs=%s gives %d batches of %d: the run ends at step %d of train.steps=%d "
+                        "(the lr schedule still spans train.steps)", r.cfg.data.num_epochs, available,
+                        r.data.global_batch_size, available, steps)
+        return available
+    return steps
+
+
+def finish(r: "Run", state, step: int, logger) -> dict[str, Any]:
+    """The stages after the last step: final eval, then export. Each is recorded in the manifest
+    once done, so a re-run of a finished workdir does only what is missing (a kill during the
+    export, a failed eval) and returns the recorded eval metrics otherwise."""
+    done = r.manifest.setdefault("stages", {}).setdefault(str(step), {})
+    if "eval" not in done:
+        metrics = evaluate(r, state, step)
+        if metrics:
+            logger.eval(step, metrics)
+        done["eval"] = metrics
+        _write_manifest(r)
+    fmt = r.cfg.train.export_format
+    if fmt and done.get("export") != fmt:
+        done["export"] = None
+        path = export(r, state)
+        done["export"] = fmt
+        done["export_path"] = path
+        _write_manifest(r)
+    return dict(done["eval"])
+
+
+def _write_manifest(r: "Run") -> None:
+    if jax.process_index() == 0:
+        workdir_lib.write_manifest(r.workdir, r.manifest)
+
+
+def _record_end(r: "Run", status: str) -> None:
+    if r.manifest and r.manifest.get("runs"):
+        r.manifest["runs"][-1].update(ended=workdir_lib._now(), status=status)
+        with contextlib.suppress(Exception):
+            _write_manifest(r)
 
 
 @dataclasses.dataclass
@@ -83,6 +185,7 @@ class Run:
     data: data_lib.Data
     trainer: Trainer
     init_params: Any = None  # weights of model.init_checkpoint for a fresh run (None: random)
+    manifest: dict = dataclasses.field(default_factory=dict)  # WORKDIR/manifest.json (train/workdir.py)
 
 
 def setup(cfg, workdir: str) -> Run:
@@ -111,6 +214,10 @@ def setup(cfg, workdir: str) -> Run:
         config = model_setup.model_config(cfg, tokenizer)
     if use_lora:
         config = model_setup.lora_model_config(cfg, config)
+    objective = objectives.from_config(cfg)
+    ident = workdir_lib.identity(cfg, config, tokenizer.path, lora=use_lora,
+                                 uses_reference=objective is not None and objective.uses_reference and not use_lora)
+    manifest = workdir_lib.check(workdir, cfg, ident, resuming=resuming)  # raises before anything is written
 
     batch_size, accum = int(cfg.train.batch_size), int(cfg.train.grad_accum)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -121,7 +228,7 @@ def setup(cfg, workdir: str) -> Run:
     data = build_data(cfg.data, tokenizer, global_batch_size=batch_size, seed=int(cfg.train.seed),
                       process_index=jax.process_index(), process_count=jax.process_count())
     trainer = Trainer.create(cfg, config, mesh)
-    r = Run(cfg, workdir, tokenizer, config, mesh, rules, data, trainer, init_params)
+    r = Run(cfg, workdir, tokenizer, config, mesh, rules, data, trainer, init_params, manifest)
     write_run_files(r)
     logging.info("%s; %s; %.1fM params", sharding.describe(mesh), config, config.num_params() / 1e6)
     if use_lora:
@@ -146,10 +253,11 @@ def set_lora_base(r: Run) -> None:
 
 
 def write_run_files(r: Run) -> None:
-    """config.json, model.json and a copy of the tokenizer in the workdir (process 0)."""
+    """manifest.json, config.json (this run's), model.json and a copy of the tokenizer (process 0)."""
     if jax.process_index() != 0:
         return
     paths.Path(r.workdir).mkdir(parents=True, exist_ok=True)
+    _write_manifest(r)
     paths.write_text_atomic(paths.join(r.workdir, "config.json"), r.cfg.to_json_best_effort(indent=2))
     native.write_model_json(r.workdir, r.config, "workdir")
     dst = paths.join(r.workdir, "tokenizer.model")
@@ -159,7 +267,7 @@ def write_run_files(r: Run) -> None:
 
 def restore_or_init(r: Run, manager: checkpoints.TrainCheckpoints):
     """The latest checkpoint's state (the data iterator moved to where it was), else a fresh one."""
-    state = manager.restore(r.trainer, r.data.train) if manager.latest_step() is not None else None
+    state = manager.restore(r.trainer, r.data.train)  # None when there is no checkpoint
     if state is None:
         state = r.trainer.init_state(r.init_params)
     r.init_params = None  # the state holds them now (or a copy in its shardings)
@@ -207,37 +315,3 @@ def export(r: Run, state) -> str:
                         format=r.cfg.train.export_format, tokenizer=r.tokenizer.path, overwrite=True)
     logging.info("exported %s weights to %s", r.cfg.train.export_format, path)
     return path
-
-
-class StopRequests:
-    """Turns SIGTERM (TPU preemption, `kill`) into a flag the loop checks after each step.
-
-    A context manager: the handler it replaced is put back on exit, so SIGTERM stops the process
-    again once the loop is over.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if jax.process_count() > 1:
-            # jax.distributed's preemption notifier owns SIGTERM, and manager.reached_preemption(step)
-            # stops every process at the same step; a per-process flag would let one process stop
-            # while the others wait for it in the next step's collectives.
-            return self
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. some notebook runners)
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-        return False
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True

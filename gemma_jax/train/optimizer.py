@@ -41,7 +41,9 @@ def decay_mask(opt, params):
 
 def make_optimizer(opt, steps: int) -> optax.GradientTransformation:
     """AdamW with warmup + schedule, decay mask and global-norm clipping."""
-    parts = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []
+    # Clipping is always in the chain (0 = an infinite limit), so turning it on or off keeps the
+    # optimizer state's structure and a resumed run can still read its checkpoints.
+    parts = [optax.clip_by_global_norm(float(opt.grad_clip) or float("inf"))]
     parts.append(optax.adamw(lr_schedule(opt, steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                              weight_decay=opt.weight_decay, mask=functools.partial(decay_mask, opt)))
     return optax.chain(*parts)

@@ -45,12 +45,28 @@ def train_step(state, batch, frozen=None, *, config: ModelConfig, tx, chunk: int
 
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denom).astype(p.dtype), grads, params)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
-                     opt_state=opt_state)
-    metrics = dict(loss=loss_sum / denom, accuracy=correct / denom, tokens=tokens,
-                   grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
+    new_state, grad_norm, nonfinite = apply_if_finite(state, grads, loss_sum, tx)
+    metrics = dict(loss=loss_sum / denom, accuracy=correct / denom, tokens=tokens, grad_norm=grad_norm,
+                   learning_rate=schedule(state["step"]), nonfinite=nonfinite)
     return new_state, metrics
+
+
+def apply_if_finite(state, grads, loss, tx):
+    """The optimizer update, kept only when the loss and the gradient norm are finite.
+
+    A NaN or inf step (overflow, a bad batch, a too-high lr) would poison every weight and every
+    Adam moment at once; instead the step counter moves on (the batch is consumed, as the data
+    iterator's position says) while params and opt_state stay as they were. Returns
+    (new state, grad norm, 1.0 if the update was skipped else 0.0); the loop counts the skips.
+    """
+    params = state["params"]
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = dict(state, step=state["step"] + 1, params=keep(optax.apply_updates(params, updates), params),
+                     opt_state=keep(opt_state, state["opt_state"]))
+    return new_state, grad_norm, 1.0 - finite.astype(jnp.float32)
 
 
 def preference_step(state, batch, frozen=None, reference=None, *, config: ModelConfig, tx, chunk: int, accum: int,
@@ -97,10 +113,8 @@ def preference_step(state, batch, frozen=None, reference=None, *, config: ModelC
         (grads, scores), _ = jax.lax.scan(micro, (zeros, score_zeros), (micro_batches, jnp.arange(accum)))
 
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
-                     opt_state=opt_state)
     metrics = objectives.scores_to_metrics(scores, objective)
-    metrics.update(accuracy=metrics["rewards/accuracies"], tokens=scores["tokens"],
-                   grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
+    new_state, grad_norm, nonfinite = apply_if_finite(state, grads, metrics["loss"], tx)
+    metrics.update(accuracy=metrics["rewards/accuracies"], tokens=scores["tokens"], grad_norm=grad_norm,
+                   learning_rate=schedule(state["step"]), nonfinite=nonfinite)
     return new_state, metrics
