@@ -13,36 +13,40 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from gemma_jax.errors import run_cli
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "any checkpoint gemma_jax.load reads (HF, official, gemma_jax, a workdir, "
-                    "a LoRA workdir: loaded merged)")
-flags.DEFINE_list("tasks", None, "lm_eval task or group names, comma separated (built-in or from --include_path)")
-flags.DEFINE_string("include_path", None, "directory of local task YAML files")
-flags.DEFINE_integer("num_fewshot", None, "few-shot examples per request (default: each task's own)")
-flags.DEFINE_float("limit", None, "examples per task (a fraction if below 1); for quick checks")
-flags.DEFINE_string("output", None, "directory for the results JSON and results.md")
-flags.DEFINE_string("mesh", "auto", "auto, none, or DATA,FSDP,TENSOR axis sizes")
-flags.DEFINE_bool("apply_chat_template", False, "wrap requests in the Gemma turn format (instruction-tuned models)")
-flags.DEFINE_bool("fewshot_as_multiturn", False, "with --apply_chat_template: few-shot examples as chat turns")
-flags.DEFINE_string("tokenizer", None, "tokenizer.model; default: found beside the checkpoint")
-flags.DEFINE_string("dtype", None, "parameter dtype to load as (float32, bfloat16)")
-flags.DEFINE_string("lora_base", None, "base checkpoint of a LoRA workdir whose lora.json base moved")
-flags.DEFINE_integer("batch_size", 32, "most rows per compiled batch")
-flags.DEFINE_integer("max_length", None, "context length in tokens (default: the model's max_seq_len)")
-flags.DEFINE_integer("max_gen_toks", 256, "generated tokens per request unless the task sets max_gen_toks")
-flags.DEFINE_integer("seed", 0, "sampling seed (tasks that sample)")
-flags.DEFINE_bool("log_samples", False, "also write every request and response (samples_<task>_<date>.jsonl)")
-flags.DEFINE_bool("debug", False, "show tracebacks of user errors")
-flags.mark_flags_as_required(["checkpoint", "tasks"])
+from gemma_jax import cli
 
 
-def main(argv) -> int:
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    """The flags of `python -m gemma_jax.harness`."""
+    d = lambda *a, **k: a[0](*a[1:], flag_values=fv, **k)  # noqa: E731
+    d(flags.DEFINE_string, "checkpoint", None, "any checkpoint gemma_jax.load reads (HF, official, gemma_jax, a "
+      "workdir, a LoRA workdir: loaded merged)")
+    d(flags.DEFINE_list, "tasks", None, "lm_eval task or group names, comma separated (built-in or from "
+      "--include_path)")
+    d(flags.DEFINE_string, "include_path", None, "directory of local task YAML files")
+    d(flags.DEFINE_integer, "num_fewshot", None, "few-shot examples per request (default: each task's own)")
+    d(flags.DEFINE_float, "limit", None, "examples per task (a fraction if below 1); for quick checks")
+    d(flags.DEFINE_string, "output", None, "directory for the results JSON and results.md")
+    d(flags.DEFINE_string, "mesh", "auto", "auto, none, or DATA,FSDP,TENSOR axis sizes")
+    d(flags.DEFINE_bool, "apply_chat_template", False, "wrap requests in the Gemma turn format (instruction-tuned "
+      "models)")
+    d(flags.DEFINE_bool, "fewshot_as_multiturn", False, "with --apply_chat_template: few-shot examples as chat turns")
+    d(flags.DEFINE_string, "tokenizer", None, "tokenizer.model; default: found beside the checkpoint")
+    d(flags.DEFINE_string, "dtype", None, "parameter dtype to load as (float32, bfloat16)")
+    d(flags.DEFINE_string, "lora_base", None, "base checkpoint of a LoRA workdir whose lora.json base moved")
+    d(flags.DEFINE_integer, "batch_size", 32, "most rows per compiled batch")
+    d(flags.DEFINE_integer, "max_length", None, "context length in tokens (default: the model's max_seq_len)")
+    d(flags.DEFINE_integer, "max_gen_toks", 256, "generated tokens per request unless the task sets max_gen_toks")
+    d(flags.DEFINE_integer, "seed", 0, "sampling seed (tasks that sample)")
+    d(flags.DEFINE_bool, "log_samples", False, "also write every request and response (samples_<task>_<date>.jsonl)")
+    cli.require(fv, "checkpoint", "tasks")
+
+
+def _main(FLAGS, args) -> int:  # noqa: N803 (the flag values, read as absl's FLAGS would be)
     """CLI: run the tasks, write the results JSON and results.md, print the table."""
-    del argv
+    cli.no_positional(args)
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.utils import make_table
 
@@ -79,10 +83,15 @@ def main(argv) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    """CLI: `python -m gemma_jax.harness` (argv None), or its flags as a list in-process."""
+    return cli.run(_main, define_flags, argv, prog="python -m gemma_jax.harness")
+
+
 def run():
-    """Entry point: absl flags, user errors as one line (exit 2)."""
-    app.run(lambda argv: run_cli(main, argv))
+    """Entry point of `python -m gemma_jax.harness`."""
+    return main()
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(main())

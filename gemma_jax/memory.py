@@ -1,6 +1,7 @@
 """Memory planner: bytes per device of a config's train step, full fine-tuning vs LoRA vs QLoRA.
 
   python -m gemma_jax.memory --config=configs/legal.py:9b --device=tpu-v5e [--devices=8]
+  python -m gemma_jax.memory --config=configs/legal.py:2b_lora --device_memory_gib=24 --devices=1   # any GPU
 
 Parameters, optimizer state and gradients come from `jax.eval_shape` of the real state and its
 shardings on a mesh of the planned size. Activations come from a formula over the model shape
@@ -11,13 +12,12 @@ estimate. Nothing is allocated, so a laptop can plan a pod slice.
 Where the compile runs decides what "fits" trusts. On a host with enough accelerators of the
 planned kind (run it on the TPU VM), the compiled figure is the real program's and decides. Elsewhere the mesh
 is emulated with virtual CPU devices; XLA:CPU keeps float32 copies of bfloat16 work and
-schedules buffers its own way, so its figure is shown as a pessimistic cross-check and the
-estimate decides (the estimate matches XLA within 20% on float32 steps; tests/test_memory.py).
+schedules buffers its own way, so its figure is labelled an upper bound (not a device figure)
+and the estimate decides (the estimate matches XLA within 20% on float32 steps; tests/test_memory.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -26,8 +26,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from gemma_jax import config as config_lib, sharding, train
+from gemma_jax import cli, config as config_lib, sharding, train
+from gemma_jax.errors import UserError
 from gemma_jax.model import kernels as attention_kernels, layers as model_lib, lora as lora_lib
 from gemma_jax.model.attention import causal_blocks
 from gemma_jax.model.config import ModelConfig
@@ -39,6 +41,7 @@ DEVICES = {
 }
 # Chips per host: the device count a single-host plan assumes when --devices is not given.
 _HOST_CHIPS = {"tpu-v2": 8, "tpu-v3": 8, "tpu-v4": 4, "tpu-v5e": 8, "tpu-v5p": 4, "tpu-v6e": 8}
+MODES = ("full", "lora", "qlora-int8", "qlora-int4")
 HEADROOM = 0.9  # usable share of HBM: runtimes and compilers keep some for themselves
 COMPILE_MAX_DEVICES = 64  # compiling for more virtual CPU devices gets slow; estimate only past it
 GiB = 1024 ** 3
@@ -215,30 +218,80 @@ def compiled_memory(trainer, shapes, opt_shapes, frozen_shapes, batch: int, seq:
                 backend=trainer.mesh.devices.flat[0].platform)
 
 
-def fits(p: Plan, device: str | None) -> str:
-    if not device:
+def budget_gib(device: str | None, device_memory_gib: float | None = None) -> float | None:
+    """Memory of one device in GiB: --device_memory_gib when given, else the table's, else None."""
+    if device_memory_gib:
+        return float(device_memory_gib)
+    return float(DEVICES[device]) if device else None
+
+
+def fits(p: Plan, device: str | None, device_memory_gib: float | None = None) -> str:
+    """'yes' / 'no' against HEADROOM of the device's memory ('' when no device is planned)."""
+    gib = budget_gib(device, device_memory_gib)
+    if not gib:
         return ""
-    budget = DEVICES[device] * GiB * HEADROOM
-    return "yes" if p.total <= budget else "no"
+    return "yes" if p.total <= gib * GiB * HEADROOM else "no"
 
 
-def table(plans: list[Plan], device: str | None, devices: int) -> str:
-    """Markdown table of plans, GiB (MiB for small models) per device."""
+# Why XLA:CPU's compiled figure is not a device figure (printed under the table).
+CPU_COMPILED_NOTE = ("XLA:CPU peak: the step compiled for virtual CPU devices, an upper bound and not a device "
+                     "figure (XLA:CPU keeps float32 copies of bfloat16 work, materialises attention scores a "
+                     "fused kernel never forms, and schedules buffers its own way); the estimate decides \"fits\"")
+
+
+def device_label(device: str | None, device_memory_gib: float | None = None) -> str:
+    gib = budget_gib(device, device_memory_gib)
+    return f"{device or 'device'} ({gib:g} GiB)" if gib else ""
+
+
+def table(plans: list[Plan], device: str | None, devices: int, device_memory_gib: float | None = None) -> str:
+    """Markdown table of plans, GiB (MiB for small models) per device. A compiled figure gets its
+    own column only where it was compiled: for the real accelerator it is the peak that decides,
+    for emulated CPU devices it is labelled an upper bound (CPU_COMPILED_NOTE)."""
     unit, scale = ("GiB", GiB) if max(p.estimate for p in plans) >= GiB else ("MiB", 1024 ** 2)
     g = lambda b: f"{b / scale:.2f}"  # noqa: E731
-    backend = next((p.compiled["backend"] for p in plans if p.compiled), "")
-    head = ("| mode | trained params | frozen base | optimizer | gradients | activations | estimate | "
-            f"compiled peak{' (XLA:CPU)' if backend == 'cpu' else ''} |")
-    if device:
-        head += f" fits {device} ({DEVICES[device]} GiB) |"
+    compiled = [p.compiled for p in plans if p.compiled]
+    backend = compiled[0]["backend"] if compiled else ""
+    head = "| mode | trained params | frozen base | optimizer | gradients | activations | estimate |"
+    if compiled:
+        head += " XLA:CPU peak (upper bound) |" if backend == "cpu" else f" compiled peak ({backend}) |"
+    label = device_label(device, device_memory_gib)
+    if label:
+        head += f" fits {label} |"
     lines = [f"{unit} per device, {devices} devices", "", head, "|" + "---|" * (head.count("|") - 1)]
     for p in plans:
         row = (f"| {p.mode} | {g(p.params)} | {g(p.frozen)} | {g(p.opt_state)} | {g(p.grads)} | "
-               f"{g(p.activations)} | {g(p.estimate)} | {g(p.compiled['peak']) if p.compiled else 'n/a'} |")
-        if device:
-            row += f" {fits(p, device)} |"
+               f"{g(p.activations)} | {g(p.estimate)} |")
+        if compiled:
+            row += f" {g(p.compiled['peak']) if p.compiled else 'n/a'} |"
+        if label:
+            row += f" {fits(p, device, device_memory_gib)} |"
         lines.append(row)
+    if backend == "cpu":
+        lines += ["", CPU_COMPILED_NOTE]
     return "\n".join(lines)
+
+
+def param_count(n: int) -> str:
+    """'2.61B' from a billion up, else '12.3M' (a tiny model is not '0.00B')."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
+def variant_mode(cfg) -> str:
+    """The planner mode a config trains in: full, lora, or qlora-int8/int4 (lora.quantize)."""
+    if not int(cfg.lora.rank):
+        return "full"
+    return "lora" if cfg.lora.quantize == "none" else f"qlora-{cfg.lora.quantize}"
+
+
+def variant_estimate_gib(spec: str, device: str = "tpu-v5e", devices: int | None = None) -> float:
+    """Estimated GiB per device of config `spec` in its own mode on one host of `device` (the
+    figure the configs' docstrings quote; the mesh is built from the current jax devices)."""
+    cfg = config_lib.load(spec)
+    n = devices or _HOST_CHIPS.get(device, 8)
+    config = model_config_for(cfg)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.devices()[:n])
+    return plan(cfg, config, mesh, mode=variant_mode(cfg), compile=False, device=device).estimate / GiB
 
 
 class _Vocab:
@@ -261,43 +314,67 @@ def model_config_for(cfg):
     return config
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gemma_jax.memory", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="e.g. configs/legal.py:9b")
-    parser.add_argument("--device", default="", help=f"one of {', '.join(DEVICES)} (or v5e, v4, ...)")
-    parser.add_argument("--devices", type=int, default=0, help="devices in the mesh (default: one host of --device)")
-    parser.add_argument("--modes", default="full,lora,qlora-int8", help="comma-separated: full, lora, qlora-int8, qlora-int4")
-    parser.add_argument("--no_compile", action="store_true", help="estimates only (no XLA compile)")
-    parser.add_argument("--backend", choices=("auto", "cpu"), default="auto",
-                        help="auto: compile for this host's accelerators when it has enough, else emulate on CPU")
-    args = parser.parse_args(argv)
-    device = device_name(args.device) if args.device else None
-    n = args.devices or _HOST_CHIPS.get(device or "", 8)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    """The flags of `python -m gemma_jax.memory`."""
+    config_lib.define_config_flag("config", None, "experiment config, e.g. configs/legal.py:9b (or a training workdir), "
+                      "with --config.KEY=VALUE overrides", flag_values=fv)
+    flags.DEFINE_string("device", "", f"one of {', '.join(DEVICES)} (or v5e, v4, ...)", flag_values=fv)
+    flags.DEFINE_float("device_memory_gib", None, "memory of one device in GiB, for any device (a consumer GPU) "
+                       "or to override the --device table", flag_values=fv)
+    flags.DEFINE_integer("devices", 0, "devices in the mesh (default: one host of --device, else 8)", flag_values=fv)
+    flags.DEFINE_list("modes", ["full", "lora", "qlora-int8"], "comma-separated: full, lora, qlora-int8, qlora-int4",
+                      flag_values=fv)
+    flags.DEFINE_bool("no_compile", False, "estimates only (no XLA compile)", flag_values=fv)
+    flags.DEFINE_enum("backend", "auto", ["auto", "cpu"], "auto: compile for this host's accelerators when it has "
+                      "enough, else emulate on CPU (an upper bound, not a device figure)", flag_values=fv)
+    cli.require(fv, "config")
+
+
+def _main(fv, args) -> int:
+    """Plan the config's train step per mode and print the table."""
+    cli.no_positional(args)
+    device = device_name(fv.device) if fv.device else None
+    if fv.device_memory_gib is not None and not fv.device_memory_gib > 0:
+        raise UserError(f"--device_memory_gib={fv.device_memory_gib}: must be > 0 (GiB of one device)")
+    modes = [m.strip() for m in fv.modes if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise UserError(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+    n = fv.devices or _HOST_CHIPS.get(device or "", 8)
     # Virtual CPU devices for an emulated mesh; read when jax first initialises its backends.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
-    if args.backend == "cpu":
+    if fv.backend == "cpu":
         jax.config.update("jax_platforms", "cpu")
     devices = jax.devices()
     if len(devices) < n or devices[0].platform == "cpu":
         devices = jax.devices("cpu")
+    if len(devices) < n:
+        raise UserError(f"--devices={n}: this process has only {len(devices)} CPU devices to emulate the mesh "
+                        "(jax was initialised before the planner could add more)")
 
-    cfg = config_lib.load(args.config)
+    cfg = fv.config
     config = model_config_for(cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices[:n])
-    compile_ = not args.no_compile and n <= COMPILE_MAX_DEVICES
+    compile_ = not fv.no_compile and n <= COMPILE_MAX_DEVICES
     plans = []
-    for mode in args.modes.split(","):
+    for mode in modes:
         print(f"planning {mode} ...", file=sys.stderr, flush=True)
-        plans.append(plan(cfg, config, mesh, mode=mode.strip(), compile=compile_, device=device))
-    print(f"{args.config}: {config.num_params() / 1e9:.2f}B params, batch {cfg.train.batch_size} x "
+        plans.append(plan(cfg, config, mesh, mode=mode, compile=compile_, device=device))
+    print(f"{fv['config'].config_filename}: {param_count(config.num_params())} params, batch {cfg.train.batch_size} x "
           f"{cfg.data.seq_len} tokens, remat {config.remat}, {sharding.describe(mesh)}")
-    print(table(plans, device, n))
-    if not compile_ and not args.no_compile:
+    print(table(plans, device, n, fv.device_memory_gib))
+    if not compile_ and not fv.no_compile:
         print(f"(no compiled figures: more than {COMPILE_MAX_DEVICES} devices)")
-    if device:
-        print(f"fits: total <= {HEADROOM:.0%} of {DEVICES[device]} GiB, using the "
-              + ("compiled peak" if devices[0].platform != "cpu" and compile_ else "estimate"))
+    gib = budget_gib(device, fv.device_memory_gib)
+    if gib:
+        real = compile_ and devices[0].platform != "cpu"
+        print(f"fits: total <= {HEADROOM:.0%} of {gib:g} GiB, using the " + ("compiled peak" if real else "estimate"))
     return 0
+
+
+def main(argv=None) -> int:
+    """CLI: `python -m gemma_jax.memory` (argv None), or its flags as a list in-process."""
+    return cli.run(_main, define_flags, argv, prog="python -m gemma_jax.memory")
 
 
 if __name__ == "__main__":

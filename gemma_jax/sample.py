@@ -8,12 +8,11 @@ tokens end rows inside the loop; stop strings and streaming are handled on the h
 short runs of the loop.
 
   python -m gemma_jax.sample --checkpoint=PATH --prompt="The capital of France is"
-  python -m gemma_jax.sample --checkpoint=PATH --chat            # multi-turn, reads stdin
+  python -m gemma_jax.sample --checkpoint=PATH --chat            # multi-turn, reads stdin (/reset, /exit)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import sys
@@ -22,8 +21,10 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from gemma_jax import sharding, weights
+from gemma_jax import cli, paths, sharding, weights
+from gemma_jax.errors import UserError
 from gemma_jax.model import kv_cache, layers as M
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.tokenizer import Tokenizer
@@ -443,52 +444,66 @@ def _chat_loop(run, read=None, out=None):
         history.append({"role": "model", "content": reply})
 
 
-def main(argv=None):
-    """CLI: stream a continuation (raw, base models) or chat (--chat) with any checkpoint."""
-    ap = argparse.ArgumentParser(prog="python -m gemma_jax.sample",
-                                 description="Continue a prompt (raw, base models) or chat (--chat) with a Gemma 2 "
-                                             "checkpoint, streaming tokens as they are generated.")
-    ap.add_argument("--checkpoint", required=True, help="any directory gemma_jax.load reads (a workdir too)")
-    ap.add_argument("--tokenizer", default="", help="tokenizer.model; default: found beside the checkpoint")
-    ap.add_argument("--prompt", default=None, help="the prompt; with --chat and no prompt, chat on stdin")
-    ap.add_argument("--chat", action="store_true", help="Gemma turn format (instruction-tuned models)")
-    ap.add_argument("--max_new_tokens", type=int, default=None)
-    ap.add_argument("--max_length", type=int, default=None, help="prompt + output tokens")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    ap.add_argument("--top_k", type=int, default=0)
-    ap.add_argument("--top_p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    ap.add_argument("--dtype", default=None, help="parameter dtype to load as (float32, bfloat16)")
-    ap.add_argument("--mesh", default="auto", help="auto, none, or DATA,FSDP,TENSOR axis sizes")
-    args = ap.parse_args(argv)
-    if args.prompt is None and not args.chat:
-        ap.error("--prompt is required (or --chat for an interactive conversation)")
-    validate_sampling(args.temperature, args.top_k, args.top_p)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    """The flags of `python -m gemma_jax.sample`."""
+    flags.DEFINE_string("checkpoint", None, "any directory gemma_jax.load reads (a workdir too)", flag_values=fv)
+    flags.DEFINE_string("tokenizer", "", "tokenizer.model; default: found beside the checkpoint", flag_values=fv)
+    flags.DEFINE_string("prompt", None, "the prompt; with --chat and no prompt, chat on stdin", flag_values=fv)
+    flags.DEFINE_bool("chat", False, "Gemma turn format (instruction-tuned models); without --prompt a multi-turn "
+                      "chat on stdin (/reset starts over, /exit or end of input quits)", flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", None, f"generated tokens (default: {DEFAULT_MAX_NEW_TOKENS}, "
+                         "or what --max_length leaves)", flag_values=fv)
+    flags.DEFINE_integer("max_length", None, "prompt + output tokens", flag_values=fv)
+    flags.DEFINE_float("temperature", 0.0, "0 is greedy", flag_values=fv)
+    flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0: all)", flag_values=fv)
+    flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1: off)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
+    flags.DEFINE_multi_string("stop", [], "stop string (repeatable)", flag_values=fv)
+    flags.DEFINE_string("dtype", None, "parameter dtype to load as (float32, bfloat16)", flag_values=fv)
+    flags.DEFINE_string("mesh", "auto", "auto, none, or DATA,FSDP,TENSOR axis sizes", flag_values=fv)
+    cli.require(fv, "checkpoint")
 
-    tok_path = args.tokenizer or weights.find_tokenizer(args.checkpoint)
+
+def _main(fv, args) -> int:
+    """Stream a continuation (raw, base models) or chat (--chat) with any checkpoint."""
+    cli.no_positional(args)
+    if fv.prompt is None and not fv.chat:
+        raise UserError("--prompt is required (or --chat for an interactive conversation)")
+    validate_sampling(fv.temperature, fv.top_k, fv.top_p)
+    if not paths.exists(fv.checkpoint):
+        raise FileNotFoundError(f"--checkpoint={fv.checkpoint}: no such checkpoint (a directory gemma_jax.load "
+                                "reads: Hugging Face, official, KerasHub, gemma_jax or a training workdir)")
+    tok_path = fv.tokenizer or weights.find_tokenizer(fv.checkpoint)
     if not tok_path:
-        ap.error(f"no tokenizer.model in or beside {args.checkpoint}; pass --tokenizer=PATH")
+        raise UserError(f"no tokenizer.model in or beside {fv.checkpoint}; pass --tokenizer=PATH")
     tokenizer = Tokenizer(tok_path)
-    mesh = sharding.parse_mesh(args.mesh)
-    config, params = decoding_layout(*weights.load(args.checkpoint, dtype=args.dtype, mesh=mesh), donate=True)
+    mesh = sharding.parse_mesh(fv.mesh)
+    config, params = decoding_layout(*weights.load(fv.checkpoint, dtype=fv.dtype, mesh=mesh), donate=True)
 
     def run(prompt):
         def emit(_, text):
             sys.stdout.write(text)
             sys.stdout.flush()
-        texts = generate(config, params, tokenizer, [prompt], max_new_tokens=args.max_new_tokens,
-                         max_length=args.max_length, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, chat=args.chat, stop=args.stop, stream=emit,
+        texts = generate(config, params, tokenizer, [prompt], max_new_tokens=fv.max_new_tokens,
+                         max_length=fv.max_length, temperature=fv.temperature, top_k=fv.top_k,
+                         top_p=fv.top_p, seed=fv.seed, chat=fv.chat, stop=fv.stop, stream=emit,
                          mesh=mesh)
         return texts[0]
 
-    if args.prompt is not None:
-        run(args.prompt)
+    if fv.prompt is not None:
+        run(fv.prompt)
         sys.stdout.write("\n")
     else:
+        if sys.stdin.isatty():
+            print("chat: type a message and Enter; /reset starts a new conversation, /exit (or Ctrl-D) quits",
+                  file=sys.stderr, flush=True)
         _chat_loop(run)
     return 0
+
+
+def main(argv=None) -> int:
+    """CLI: `python -m gemma_jax.sample` (argv None), or its flags as a list in-process."""
+    return cli.run(_main, define_flags, argv, prog="python -m gemma_jax.sample")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import io
@@ -50,6 +49,40 @@ def normalize_turns(messages) -> list[dict]:
     if not turns:
         raise ValueError("no user turn: a chat needs at least one user message")
     return turns
+
+
+# The chat format of Tokenizer.format_chat / encode_chat as a Jinja template for transformers'
+# apply_chat_template (written into Hugging Face exports): the same role mapping, system folding,
+# alternation checks and generation prompt, content unchanged (no trimming).
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system=none, turns=0) -%}"
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if not loop.first -%}{{- raise_exception('a system message is only allowed first') -}}{%- endif -%}"
+    "{%- set ns.system = message['content'] -%}"
+    "{%- else -%}"
+    "{%- if message['role'] == 'user' -%}{%- set role = 'user' -%}"
+    "{%- elif message['role'] in ['assistant', 'model'] -%}{%- set role = 'model' -%}"
+    "{%- else -%}{{- raise_exception('unknown role ' + message['role'] + "
+    "' (expected system, user, assistant or model)') -}}{%- endif -%}"
+    "{%- if (role == 'user') != (ns.turns % 2 == 0) -%}"
+    "{{- raise_exception('turns must alternate user/model, starting with user') -}}{%- endif -%}"
+    "{%- if ns.turns == 0 and ns.system is not none -%}"
+    "{%- set content = ns.system + '\\n\\n' + message['content'] -%}"
+    "{%- else -%}{%- set content = message['content'] -%}{%- endif -%}"
+    "{{- '" + START_OF_TURN + "' + role + '\\n' + content + '" + END_OF_TURN + "\\n' -}}"
+    "{%- set ns.turns = ns.turns + 1 -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if ns.turns == 0 -%}{{- raise_exception('no user turn: a chat needs at least one user message') -}}"
+    "{%- endif -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if ns.turns % 2 == 0 -%}{{- raise_exception('add_generation_prompt needs the chat to end with a "
+    "user turn') -}}{%- endif -%}"
+    "{{- '" + START_OF_TURN + "model\\n' -}}"
+    "{%- endif -%}"
+)
 
 
 def _resolve(path: str) -> str:
@@ -236,17 +269,36 @@ def read_texts(patterns: str):
                                  "(expected .jsonl .json .csv .tsv .txt .md)")
 
 
-def main(argv=None):
-    """CLI: `python -m gemma_jax.tokenizer train --input=GLOB[,GLOB] --output=PATH`."""
-    parser = argparse.ArgumentParser(prog="python -m gemma_jax.tokenizer")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a small Gemma-style SentencePiece model")
-    train.add_argument("--input", required=True, help="comma-separated globs of data files")
-    train.add_argument("--output", required=True, help="path of the tokenizer.model to write")
-    train.add_argument("--vocab_size", type=int, default=2048)
-    args = parser.parse_args(argv)
-    train_sentencepiece(read_texts(args.input), args.output, vocab_size=args.vocab_size)
-    print(f"wrote {args.output} (vocab_size={Tokenizer(args.output).vocab_size})")
+def define_flags(fv) -> None:
+    """The flags of `python -m gemma_jax.tokenizer train`."""
+    from absl import flags
+
+    from gemma_jax import cli
+
+    flags.DEFINE_string("input", None, "comma-separated globs of data files", flag_values=fv)
+    flags.DEFINE_string("output", None, "path of the tokenizer.model to write", flag_values=fv)
+    flags.DEFINE_integer("vocab_size", 2048, "pieces in the trained model (at least the byte and special pieces)",
+                         flag_values=fv)
+    cli.require(fv, "input", "output")
+
+
+def _main(fv, args) -> int:
+    """`train`: a small Gemma-style SentencePiece model from data files."""
+    from gemma_jax.errors import UserError
+
+    if args != ["train"]:
+        raise UserError(f"expected the command `train` (python -m gemma_jax.tokenizer train --input=... "
+                        f"--output=...), got {args or 'none'}")
+    train_sentencepiece(read_texts(fv.input), fv.output, vocab_size=fv.vocab_size)
+    print(f"wrote {fv.output} (vocab_size={Tokenizer(fv.output).vocab_size})")
+    return 0
+
+
+def main(argv=None) -> int:
+    """CLI: `python -m gemma_jax.tokenizer train --input=GLOB[,GLOB] --output=PATH [--vocab_size=N]`."""
+    from gemma_jax import cli
+
+    return cli.run(_main, define_flags, argv, prog="python -m gemma_jax.tokenizer")
 
 
 if __name__ == "__main__":

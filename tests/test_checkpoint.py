@@ -15,6 +15,7 @@ import pytest
 import helpers
 from gemma_jax import model, sharding, weights
 from gemma_jax.weights import hf as hf_format, layout, native, official as official_format
+from gemma_jax.errors import UserError
 from gemma_jax.model import ModelConfig
 
 # Odd layer count, 2 query heads per kv head, query scale 24 != head_dim 16, window 8 < length.
@@ -143,8 +144,9 @@ def test_official_vocab_padding(tmp_path):
     params = jax.tree.map(lambda s: jax.numpy.asarray(rng.standard_normal(s.shape), np.float32),
                           model.param_shapes(cfg))
     weights.save(tmp_path / "official", cfg, params, format="official")
-    meta = official_format.read_metadata(tmp_path / "official")
-    assert meta[("transformer/embedder", "input_embedding")][0] == (256128, 8)
+    meta = official_format.read_metadata(tmp_path / "official" / "gemma2-custom")  # the Kaggle layout
+    assert meta["embedder/input_embedding"].shape == (256128, 8)
+    assert meta["embedder/input_embedding"].path == ("transformer/embedder", "input_embedding")
     cfg1, p1 = weights.load(tmp_path / "official")
     assert cfg1.vocab_size == 256128
     table = np.asarray(p1["embedder"]["input_embedding"])
@@ -186,6 +188,29 @@ def write_orbax(path, tree, writer):
             ckpt.wait_until_finished()
 
 
+# What the official files do not store, for CFG_A-shaped checkpoints written by hand.
+HPARAMS = dict(query_pre_attn_scalar=24, sliding_window=8, attn_softcap=50.0, final_softcap=30.0)
+
+
+def nested_tree(flat, wrapper=None):
+    """The `gemma` library's own tree (gm.ckpts.save_params) of a flat official tree: nested
+    modules, MLP weights as bare arrays, optionally under a 'transformer' or 'params' key."""
+    out = {}
+    for key, leaves in flat.items():
+        parts = key.split("/")[1:]  # without "transformer"
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = leaves["w"] if parts[-2:-1] == ["mlp"] else dict(leaves)
+    return {wrapper: out} if wrapper else out
+
+
+def layer_of(params, i, num_layers):
+    if num_layers % 2 and i == num_layers - 1:
+        return params[f"layer_{i}"]
+    return jax.tree.map(lambda x: x[i // 2], params["layers"]["local" if i % 2 == 0 else "global"])
+
+
 @pytest.mark.parametrize("layout,writer", [("DF", "pytree"), ("FD", "standard")])
 def test_official_checkpoint_written_by_hand(tmp_path, layout, writer):
     cfg = CFG_A.replace(vocab_size=512 + 128)  # padded like 256000 + 128
@@ -195,13 +220,22 @@ def test_official_checkpoint_written_by_hand(tmp_path, layout, writer):
     (kaggle / "tokenizer.model").write_bytes(b"spm")
     assert weights.detect_format(kaggle) == "official"
     assert weights.find_tokenizer(kaggle / "gemma2-test") == str(kaggle / "tokenizer.model")
-    for where in (kaggle, kaggle / "gemma2-test"):
-        loaded_cfg, params = weights.load(where)
-        # No sidecar and no published size: the query scale falls back to head_dim.
-        assert loaded_cfg == cfg.replace(query_pre_attn_scalar=16.0, sliding_window=4096)
+    # No published size and no hyperparameters: refused, naming what to give and where.
+    with pytest.raises(UserError, match=r"match no published Gemma 2 size .*query_pre_attn_scalar, sliding_window, "
+                                        r"attn_softcap, final_softcap must be given.*gemma_jax_config\.json.*"
+                                        r"config=.*--model_config"):
+        weights.load(kaggle)
+    with pytest.raises(UserError, match=r"so attn_softcap, final_softcap must be given"):
+        weights.load(kaggle, config=dict(query_pre_attn_scalar=24, sliding_window=8))
+    with pytest.raises(ValueError, match=r"config= says num_heads=8 but the weights .* imply 4"):
+        weights.load(kaggle, config={**HPARAMS, "num_heads": 8})
+    for where, given in ((kaggle, HPARAMS), (kaggle / "gemma2-test", cfg), (kaggle, None)):
+        if given is None:  # the sidecar beside the arrays, as `write` leaves it
+            (kaggle / "gemma2-test" / official_format.SIDECAR).write_text(json.dumps(HPARAMS))
+        loaded_cfg, params = weights.load(where, config=given)
+        assert loaded_cfg == cfg
         for i in range(cfg.num_layers):
-            layer = params[f"layer_{i}"] if i == 2 else jax.tree.map(
-                lambda x: x[i // 2], params["layers"]["local" if i % 2 == 0 else "global"])
+            layer = layer_of(params, i, cfg.num_layers)
             p = f"transformer/layer_{i}/"
             np.testing.assert_array_equal(layer["attn"]["q_einsum"]["w"], tree[p + "attn/q_einsum"]["w"])
             np.testing.assert_array_equal(layer["attn"]["kv_einsum"]["w"], tree[p + "attn/kv_einsum"]["w"])
@@ -213,15 +247,49 @@ def test_official_checkpoint_written_by_hand(tmp_path, layout, writer):
             np.testing.assert_array_equal(layer["post_ffw_norm"]["scale"], tree[p + "post_ffw_norm"]["scale"])
         np.testing.assert_array_equal(params["embedder"]["input_embedding"],
                                       tree["transformer/embedder"]["input_embedding"])
-    # Written back in the same gating layout, the arrays are unchanged.
-    weights.save(tmp_path / "again", loaded_cfg, params, format="official", gating_layout=layout)
+    # Written back in the same gating layout, the arrays are unchanged; tokenizer.model sits
+    # beside the weights folder, as in a Kaggle download.
+    weights.save(tmp_path / "again", loaded_cfg, params, format="official", gating_layout=layout,
+                 tokenizer=str(kaggle / "tokenizer.model"))
+    assert sorted(x.name for x in (tmp_path / "again").iterdir()) == ["gemma2-custom", "tokenizer.model"]
     import orbax.checkpoint as ocp
-    meta = ocp.PyTreeCheckpointer().metadata(tmp_path / "again").item_metadata.tree
+    again_dir = tmp_path / "again" / "gemma2-custom"
+    meta = ocp.PyTreeCheckpointer().metadata(again_dir).item_metadata.tree
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(meta))
-    again = ocp.PyTreeCheckpointer().restore(tmp_path / "again", args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    again = ocp.PyTreeCheckpointer().restore(again_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
     for key in tree:
         for name in tree[key]:
             np.testing.assert_array_equal(np.asarray(again[key][name]), tree[key][name])
+    assert weights.load(tmp_path / "again")[0] == cfg  # its sidecar holds the hyperparameters
+
+
+@pytest.mark.parametrize("layout,wrapper,writer", [("FD", None, "standard"), ("DF", "transformer", "standard"),
+                                                   ("FD", "params", "pytree")])
+def test_official_nested_tree(tmp_path, layout, wrapper, writer):
+    """The gemma library's gm.ckpts.save_params tree loads like the flat Kaggle one: same params, same logits."""
+    cfg = CFG_A.replace(vocab_size=640)
+    flat = official_tree(cfg, layout, seed=3)
+    write_orbax(tmp_path / "flat", flat, "pytree")
+    write_orbax(tmp_path / "nested", nested_tree(flat, wrapper), writer)
+    meta = official_format.read_metadata(tmp_path / "nested")
+    assert meta["layer_1/mlp/linear/w"].path == ((wrapper,) if wrapper else ()) + ("layer_1", "mlp", "linear")
+    assert weights.detect_format(tmp_path / "nested") == "official"
+    cfg_flat, p_flat = weights.load(tmp_path / "flat", config=HPARAMS)
+    cfg_nested, p_nested = weights.load(tmp_path / "nested", config=HPARAMS)
+    assert cfg_nested == cfg_flat == cfg
+    same_tree(p_nested, p_flat)
+    tokens, _ = tokens_and_mask(cfg)
+    np.testing.assert_array_equal(np.asarray(model.logits(cfg_nested, p_nested, tokens)),
+                                  np.asarray(model.logits(cfg_flat, p_flat, tokens)))
+    gating = flat["transformer/layer_1/mlp/gating_einsum"]["w"]
+    np.testing.assert_array_equal(layer_of(p_nested, 1, cfg.num_layers)["mlp"]["gating_einsum"]["w"],
+                                  gating.transpose(0, 2, 1) if layout == "DF" else gating)
+    # The old error: AttributeError: 'dict' object has no attribute 'shape'. Now a missing leaf is named.
+    broken = nested_tree(flat, wrapper)
+    del (broken[wrapper] if wrapper else broken)["layer_2"]["mlp"]["linear"]
+    write_orbax(tmp_path / "broken", broken, writer)
+    with pytest.raises(ValueError, match=r"missing " + (wrapper + "/" if wrapper else "") + r"layer_2/mlp/linear/w"):
+        weights.load(tmp_path / "broken", config=HPARAMS)
 
 
 # ----------------------------------------------------------------------------- sharded, own formats
@@ -316,6 +384,9 @@ def test_errors(tmp_path, hf_dir, loaded_a):
     with pytest.raises(ValueError, match=r"num_attention_heads\*head_dim = 5\*16 = 80 .* has 64 rows"):
         weights.load(bad)
 
+    with pytest.raises(ValueError, match=r"config=\.\.\.\) is only for official checkpoints"):
+        weights.load(hf_dir, config=HPARAMS)
+
     bad = copy("model_type")
     edit_config(bad, model_type="gemma")
     with pytest.raises(ValueError, match=r"model_type='gemma'"):
@@ -338,12 +409,12 @@ def test_errors(tmp_path, hf_dir, loaded_a):
     tree["transformer/layer_1/mlp/linear"]["w"] = np.zeros((128, 63), np.float32)
     write_orbax(tmp_path / "off_shape", tree, "pytree")
     with pytest.raises(ValueError, match=r"transformer/layer_1/mlp/linear/w .*expected shape \(128, 64\), found \(128, 63\)"):
-        weights.load(tmp_path / "off_shape")
+        weights.load(tmp_path / "off_shape", config=HPARAMS)
     tree = official_tree(cfg, "FD")
     del tree["transformer/layer_2/pre_ffw_norm"]
     write_orbax(tmp_path / "off_missing", tree, "pytree")
     with pytest.raises(ValueError, match=r"missing transformer/layer_2/pre_ffw_norm/scale"):
-        weights.load(tmp_path / "off_missing")
+        weights.load(tmp_path / "off_missing", config=HPARAMS)
 
     gj = weights.save(tmp_path / "gj", *loaded_a, format="gemma_jax")
     native.write_model_json(gj, CFG_A.replace(embed_dim=32))
@@ -358,23 +429,135 @@ def test_errors(tmp_path, hf_dir, loaded_a):
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_convert_cli(tmp_path, hf_dir):
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    from gemma_jax.tokenizer import train_sentencepiece
+
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
+    return train_sentencepiece(["the quick brown fox jumps over the lazy dog 42\n"] * 20, str(path), vocab_size=300)
+
+
+def test_convert_cli(tmp_path, hf_dir, spm_model):
     src = tmp_path / "src"
     shutil.copytree(hf_dir, src)
-    (src / "tokenizer.model").write_bytes(b"spm-bytes")
+    shutil.copy(spm_model, src / "tokenizer.model")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
-    def convert(*args):
+    def convert(*args, rc=0):
         run = subprocess.run([sys.executable, "-m", "gemma_jax.convert", *args], env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stderr[-3000:]
-        return run.stdout
+        assert run.returncode == rc, run.stderr[-3000:]
+        return run.stdout if rc == 0 else run.stderr
 
     out = convert(f"--input={src}", f"--output={tmp_path / 'off'}", "--to=official")
     assert "official" in out and "tokenizer.model" in out
     assert weights.detect_format(tmp_path / "off") == "official"
+    assert (tmp_path / "off" / "tokenizer.model").is_file()  # beside the weights folder, as on Kaggle
     convert(f"--input={tmp_path / 'off'}", f"--output={tmp_path / 'back'}", "--to=hf")
-    assert (tmp_path / "back" / "tokenizer.model").read_bytes() == b"spm-bytes"
+    assert (tmp_path / "back" / "tokenizer.model").read_bytes() == Path(spm_model).read_bytes()
     orig, back = helpers.read_safetensors_dir(src), helpers.read_safetensors_dir(tmp_path / "back")
     orig.pop("lm_head.weight", None)
     assert orig.keys() == back.keys() and all(np.array_equal(orig[k], back[k]) for k in orig)
+
+    # A non-empty output is refused in one line that names the CLI's flag; nothing is touched.
+    before = {f.name: f.read_bytes() for f in (tmp_path / "back").iterdir()}
+    err = convert(f"--input={src}", f"--output={tmp_path / 'back'}", "--to=hf", rc=2)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "--overwrite" in lines[0] and "overwrite=True" not in lines[0], err
+    assert "Traceback" not in err
+    assert {f.name: f.read_bytes() for f in (tmp_path / "back").iterdir()} == before
+    # --overwrite replaces the model files (a stale shard index included) and keeps the rest.
+    (tmp_path / "back" / "NOTES.md").write_text("mine")
+    shutil.copy(tmp_path / "back" / "model.safetensors", tmp_path / "back" / "model-00001-of-00002.safetensors")
+    (tmp_path / "back" / hf_format.INDEX).write_text('{"weight_map": {}}')
+    convert(f"--input={src}", f"--output={tmp_path / 'back'}", "--to=hf", "--overwrite")
+    assert (tmp_path / "back" / "NOTES.md").read_text() == "mine"
+    assert not (tmp_path / "back" / hf_format.INDEX).exists()
+    assert not (tmp_path / "back" / "model-00001-of-00002.safetensors").exists()
+    assert weights.load(tmp_path / "back")[0] == weights.load(src)[0]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
+
+
+def test_convert_official_custom_shape_needs_model_config(tmp_path, capsys):
+    from gemma_jax import convert
+
+    cfg = CFG_A.replace(vocab_size=640)
+    write_orbax(tmp_path / "custom", official_tree(cfg, "FD"), "pytree")
+    args = [f"--input={tmp_path / 'custom'}", f"--output={tmp_path / 'hf'}", "--to=hf"]
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "match no published Gemma 2 size" in err and "--model_config" in err
+    assert not (tmp_path / "hf").exists()
+    (tmp_path / "hparams.json").write_text(json.dumps(HPARAMS))
+    assert convert.main(args + [f"--model_config={tmp_path / 'hparams.json'}"]) == 0
+    assert weights.load(tmp_path / "hf")[0] == cfg
+
+
+# ----------------------------------------------------------------------------- overwrite, atomic writes
+
+
+@pytest.mark.parametrize("fmt", ["hf", "official", "gemma_jax"])
+def test_save_refuses_a_non_empty_directory(tmp_path, loaded_a, fmt):
+    cfg, params = loaded_a
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": 1}')
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"someone else's shard")
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(weights.api.OutputExistsError, match=r"not empty .*config\.json.*pass overwrite=True"):
+        weights.save(out, cfg, params, format=fmt)
+    # Before: hf deleted the shard and rewrote config.json without being asked.
+    assert (out / "config.json").read_text() == '{"mine": 1}'
+    assert (out / "model-00001-of-00002.safetensors").read_bytes() == b"someone else's shard"
+    weights.save(out, cfg, params, format=fmt, overwrite=True)
+    assert (out / "notes.txt").read_text() == "keep me"  # not a model file: kept
+    assert not (out / "model-00001-of-00002.safetensors").exists()  # a stale shard: replaced
+    assert weights.detect_format(out) == fmt
+    same_tree(weights.load(out)[1], params)
+    weights.save(out, cfg, params, format=fmt, overwrite=True)  # again, onto its own output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    workdir = tmp_path / "wd"
+    (workdir / "checkpoints").mkdir(parents=True)
+    native.write_model_json(workdir, cfg, fmt="workdir")
+    with pytest.raises(UserError, match="is a training workdir"):
+        weights.save(workdir, cfg, params, format=fmt, overwrite=True)
+
+
+def test_kill_during_export_leaves_the_old_export(tmp_path, hf_dir, loaded_a, monkeypatch):
+    """kill -9 while model.safetensors is half written: the final name still holds the previous
+    complete export, and the next save (the trainer's re-run) completes."""
+    cfg, params = loaded_a
+    out = tmp_path / "export"
+    weights.save(out, cfg, params, format="hf")
+    before = (out / "model.safetensors").read_bytes()
+    script = f"""
+import os, signal
+from gemma_jax import weights
+from gemma_jax.weights import hf
+real = hf.write_safetensors
+def dying(path, entries, metadata=None):
+    real(path, entries[:len(entries) // 2], metadata)  # half the tensors on disk, then SIGKILL
+    os.kill(os.getpid(), signal.SIGKILL)
+hf.write_safetensors = dying
+cfg, params = weights.load({str(hf_dir)!r})
+weights.save({str(out)!r}, cfg, params, format="hf", overwrite=True)
+"""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == -9, run.stderr[-2000:]
+    assert (out / "model.safetensors").read_bytes() == before
+    stage = tmp_path / ".export.gemma_jax-partial"
+    assert stage.is_dir()  # the half-written copy, under another name
+    weights.save(out, cfg, params, format="hf", overwrite=True)
+    assert not stage.exists()
+    same_tree(weights.load(out)[1], params)
+    # An error while writing leaves no staging directory and the old export in place.
+    def failing(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(hf_format, "write_safetensors", failing)
+    with pytest.raises(OSError, match="No space left"):
+        weights.save(out, cfg, params, format="hf", overwrite=True)
+    assert not stage.exists() and (out / "model.safetensors").read_bytes() == before

@@ -60,7 +60,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
-    # Training-pass attention: auto | xla | splash (gemma_jax.model.kernels).
+    # Training-pass attention: auto | xla | splash (TPU) | flash_gpu (GPU); gemma_jax.model.kernels.
     attention_impl: str = "auto"
     # Low-rank adapters (gemma_jax.model.lora), used only when a "lora" collection is passed.
     lora_scale: float = 1.0  # alpha / rank

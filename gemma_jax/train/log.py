@@ -78,50 +78,141 @@ def _tensorboard(logdir):
     return SummaryWriter(logdir=logdir)
 
 
-class Logger:
-    """Collects step metrics and writes them wherever the user looks."""
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
-    def __init__(self, workdir, *, config, seq_len, batch_size, total_steps, start_step, progress=True, stats=None):
+
+class _AboveBar:
+    """A console stream that clears the progress bar before each write and redraws it after, so
+    log records (stderr) land on their own lines above the bar instead of glued to it."""
+
+    def __init__(self, stream, bar):
+        self.stream, self.bar = stream, bar
+
+    def write(self, text):
+        with self.bar.external_write_mode(file=self.stream):
+            return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def __eq__(self, other):  # absl compares its handler's stream with sys.stderr
+        return other is self or self.stream == other
+
+    __hash__ = object.__hash__
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+PLAIN_EVERY_S = 60.0  # not a terminal: a plain progress line at least this often between log lines
+
+
+class Logger:
+    """Collects step metrics and writes them wherever the user looks.
+
+    On a terminal a progress bar advances every step (it waits for the previous step's loss, so
+    one step stays in flight and the bar and its ETA follow the device, not the dispatch) with
+    log lines and log records above it. Elsewhere (a log file, CI, a notebook's captured
+    stdout) there is no bar and no carriage return: the log lines, plus a plain progress line at
+    least every PLAIN_EVERY_S seconds. A run that has nothing left to train (start_step ==
+    total_steps) draws nothing and leaves metrics.jsonl as it was unless it logs an eval.
+    """
+
+    def __init__(self, workdir, *, config, seq_len, batch_size, total_steps, start_step, progress=True, stats=None,
+                 stream=None):
         self.main = jax.process_index() == 0
         self.workdir, self.total, self.start = workdir, total_steps, start_step
+        self.done = start_step >= total_steps
+        self.stream = stream or sys.stdout
         self.flops_per_token = config.flops_per_token(seq_len)
         self.positions_per_step = batch_size * seq_len
-        self.peak = peak_flops_per_device() * (jax.device_count() if jax.local_devices()[0].platform != "cpu" else 1)
+        self.peak = 0.0 if self.done else (
+            peak_flops_per_device() * (jax.device_count() if jax.local_devices()[0].platform != "cpu" else 1))
         self.pending: list[tuple[int, Any]] = []
         self.t_last, self.step_last = time.perf_counter(), start_step
         self.t_start = self.t_last
+        self.t_plain = self.t_last
         self.history: list[dict] = []
         self.last: dict[str, Any] = {}
         self.bar = None
-        if not self.main:
-            return
-        self.jsonl = paths.JsonlWriter(paths.join(workdir, "metrics.jsonl"))
+        self.plain = False
+        self._swapped: list = []
+        self.jsonl = self.tb = None
         self.tb_dir = _tensorboard_dir(workdir)
-        self.tb = _tensorboard(self.tb_dir)
+        if not self.main or self.done:
+            return
         if stats:
             logging.info("data: %s", json.dumps(stats, default=str))
             self._write({"step": start_step, "data_stats": stats})
-        if progress:
+        if progress and _isatty(self.stream):
             try:
                 from tqdm import tqdm
-                self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                                file=sys.stdout, mininterval=1.0)
             except ImportError:
-                self.bar = None
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                                file=self.stream, mininterval=0.5, smoothing=0.1)
+                self._route_logs_above_bar()
+        self.plain = progress and self.bar is None
+
+    # ----------------------------------------------------------------------------- output
+
+    def _route_logs_above_bar(self):
+        """Console log handlers write through _AboveBar while the bar is shown (undone in close)."""
+        from gemma_jax import logs
+
+        for h in logs.console_handlers():
+            stream = getattr(h, "stream", None)
+            if stream is not None and not isinstance(stream, _AboveBar):
+                h.stream = _AboveBar(stream, self.bar)
+                self._swapped.append((h, stream))
+
+    def _restore_logs(self):
+        for h, stream in self._swapped:
+            h.stream = stream
+        self._swapped = []
+
+    def _print(self, line: str):
+        """A line on stdout: above the bar on a terminal, a plain line elsewhere."""
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def _write(self, record):
+        if not self.main:
+            return
+        if self.jsonl is None:
+            self.jsonl = paths.JsonlWriter(paths.join(self.workdir, "metrics.jsonl"))
         self.jsonl.write(json.dumps(record) + "\n")
+
+    def _board(self):
+        if self.tb is None and self.main:
+            self.tb = _tensorboard(self.tb_dir) or False
+        return self.tb or None
+
+    def warn(self, text: str):
+        """A warning the user must see during training: a WARNING log record, above the bar."""
+        logging.warning("%s", text)
+
+    # ----------------------------------------------------------------------------- steps
 
     def step(self, step: int, metrics, *, log: bool):
         """Records one step; every log step it syncs with the device and writes everything."""
         self.pending.append((step, metrics))
         if self.bar is not None:
-            self.bar.update(1)
+            self._advance_bar(step, log)
+        elif self.plain and self.main and not log and time.perf_counter() - self.t_plain >= PLAIN_EVERY_S:
+            self._plain_progress(step)
         if not log:
             return
         fetched = jax.device_get([m for _, m in self.pending])
         now = time.perf_counter()
-        steps = step - self.step_last
+        steps = max(step - self.step_last, 1)
         elapsed = max(now - self.t_last, 1e-9)
         tokens = sum(float(m["tokens"]) for m in fetched)
         m = {k: float(v) for k, v in fetched[-1].items()}
@@ -132,28 +223,50 @@ class Logger:
                       target_tokens=tokens, tokens_per_second=tokens / elapsed, step_time=elapsed / steps,
                       memory_bytes=memory_bytes())
         record["mfu"] = self.mfu(record["step_time"])
-        # Objective-specific metrics (preference: rewards/chosen, rewards/margins, logps/..., ...).
+        # Objective-specific metrics (preference: rewards/chosen, ...) and the loop's own (nonfinite).
         record.update({k: v for k, v in m.items() if k not in record and k != "tokens"})
+        if "nonfinite" in m:  # steps skipped since the last log line, not just the last one
+            record["nonfinite"] = float(sum(float(x.get("nonfinite", 0.0)) for x in fetched))
         self.pending, self.t_last, self.step_last = [], now, step
         self.last = record
         self.history.append(record)
         if not self.main:
             return
         self._write(record)
-        if self.tb is not None:
+        tb = self._board()
+        if tb is not None:
             for k, v in record.items():
                 if k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, step)
+                    tb.add_scalar(f"train/{k}", v, step)
         eta = (self.total - step) * record["step_time"]
         line = (f"step {step}/{self.total} loss {record['loss']:.4f} acc {record['accuracy']:.3f} "
                 f"lr {record['learning_rate']:.2e} gnorm {record['grad_norm']:.3f} "
                 f"tok/s {record['tokens_per_second']:.0f} step {record['step_time'] * 1e3:.0f}ms mfu {record['mfu']:.1%} "
-                f"eta {eta:.0f}s")
+                f"eta {_duration(eta)}")
+        if record.get("nonfinite"):
+            line += f" skipped {record['nonfinite']:.0f} non-finite"
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {record['loss']:.4f}", refresh=False)
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
+        self.t_plain = now
+        self._print(line)
+
+    def _advance_bar(self, step: int, log: bool):
+        """Moves the bar to the last step the device finished: the previous one (kept in flight),
+        or this one at a log step, which syncs anyway."""
+        done = step if log else step - 1
+        if not log and len(self.pending) >= 2:
+            jax.block_until_ready(self.pending[-2][1].get("loss"))
+        if log:
+            jax.block_until_ready(self.pending[-1][1].get("loss"))
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def _plain_progress(self, step: int):
+        now = time.perf_counter()
+        rate = (step - self.start) / max(now - self.t_start, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        self.t_plain = now
+        self._print(f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) eta {_duration(eta)}")
 
     def mfu(self, step_time: float) -> float:
         """Model FLOPs utilisation of a step that took step_time seconds."""
@@ -167,24 +280,59 @@ class Logger:
             return
         record = dict(step=step, **{k: float(v) for k, v in metrics.items()})
         self._write(record)
-        if self.tb is not None:
+        tb = self._board()
+        if tb is not None:
             for k, v in metrics.items():
-                self.tb.add_scalar(f"eval/{k}", float(v), step)
-        msg = f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        (self.bar.write if self.bar is not None else print)(msg)
+                tb.add_scalar(f"eval/{k}", float(v), step)
+        self._print(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def close(self) -> dict[str, Any]:
         """Flushes everything, draws plots/loss.png; returns the last logged metrics."""
         if self.main:
             if self.bar is not None:
                 self.bar.close()
-            if self.tb is not None:
+                self._restore_logs()
+                self.bar = None
+            if self.tb:
                 self.tb.close()
                 if paths.is_remote(self.workdir):
                     paths.copy_tree(self.tb_dir, paths.join(self.workdir, "tensorboard"))
-            self.jsonl.close()
-            plot_metrics(paths.join(self.workdir, "metrics.jsonl"), paths.join(self.workdir, "plots"))
+            if self.jsonl is not None:
+                self.jsonl.close()
+            metrics_path = paths.join(self.workdir, "metrics.jsonl")
+            plots = paths.join(self.workdir, "plots", "loss.png")
+            if paths.exists(metrics_path) and (self.jsonl is not None or not paths.exists(plots)):
+                plot_metrics(metrics_path, paths.join(self.workdir, "plots"))
         return dict(self.last)
+
+
+def _duration(seconds: float) -> str:
+    """'42s', '6m05s', '1h10m': short enough for a progress line."""
+    if not np.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def read_metrics(jsonl_path: str) -> list[dict]:
+    """The records of metrics.jsonl; a line that does not parse (a run killed mid-write leaves a
+    partial last line) is skipped with a warning instead of failing the plot or the re-run."""
+    records, bad = [], []
+    for i, line in enumerate(paths.Path(jsonl_path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            bad.append(i)
+    if bad:
+        logging.warning("%s: skipped %d unreadable line(s) (%s): a run stopped mid-write", jsonl_path, len(bad),
+                        ", ".join(map(str, bad[:5])))
+    return [r for r in records if isinstance(r, dict)]
 
 
 def plot_metrics(jsonl_path: str, out_dir: str) -> list[str]:
@@ -196,8 +344,8 @@ def plot_metrics(jsonl_path: str, out_dir: str) -> list[str]:
     except ImportError:
         logging.warning("matplotlib is not installed: no plots")
         return []
-    records = [json.loads(line) for line in paths.Path(jsonl_path).read_text().splitlines() if line.strip()]
-    train = [r for r in records if "loss" in r]
+    records = read_metrics(jsonl_path)
+    train = [r for r in records if "loss" in r and "learning_rate" in r]
     evals = [r for r in records if "eval_loss" in r]
     if not train:
         return []

@@ -3,12 +3,16 @@
   api.py       load / save / detect_format / find_tokenizer: format detection and dispatch,
                LoRA workdirs merged into their base
   layout.py    the unrolled intermediate all formats share, built straight into shardings
-  hf.py        Hugging Face safetensors + config.json (transformers' Gemma2ForCausalLM)
-  official.py  the official Flax/Orbax checkpoints (Kaggle google/gemma-2/flax)
+  hf.py        Hugging Face safetensors + config.json (transformers' Gemma2ForCausalLM), with the
+               tokenizer files, chat template and generation config transformers reads
+  official.py  the official Flax/Orbax checkpoints: the flat Kaggle layout (google/gemma-2/flax)
+               and the gemma library's nested trees (gm.ckpts.save_params)
   keras.py     KerasHub presets (optional extra)
   native.py    gemma_jax checkpoints and training workdirs (model.json, lora.json)
 """
 
-from gemma_jax.weights.api import FORMATS, SAVE_FORMATS, detect_format, find_tokenizer, load, save
+from gemma_jax.weights.api import (FORMATS, SAVE_FORMATS, OutputExistsError, check_output, detect_format,
+                                   find_tokenizer, load, save)
 
-__all__ = ["FORMATS", "SAVE_FORMATS", "detect_format", "find_tokenizer", "load", "save"]
+__all__ = ["FORMATS", "SAVE_FORMATS", "OutputExistsError", "check_output", "detect_format", "find_tokenizer",
+           "load", "save"]

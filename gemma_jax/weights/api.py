@@ -3,13 +3,17 @@
 Formats: `hf` (hf.py), `official` (official.py: the Kaggle / Google Flax-Orbax layout), `keras`
 (keras.py, optional extra), `gemma_jax` and `workdir` (native.py). Every reader goes through
 the unrolled intermediate of layout.py, so each lands straight in the requested shardings.
+`save` never replaces files unasked (`overwrite=True`) and writes beside the target, renaming
+into place, so an interrupted save leaves the previous model intact.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from gemma_jax import paths, sharding
+from gemma_jax.errors import UserError
 from gemma_jax.model import layers as model, lora
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.weights import hf, keras, layout, native, official
@@ -146,13 +151,20 @@ def _merge_lora_workdir(directory: Path, meta: dict, params_dir: Path, dtype, me
     merged = jax.jit(lora.merge, static_argnums=0)(config, base, adapters)
     return config.replace(lora_scale=ModelConfig.lora_scale, lora_dropout=0.0), merged
 
-def load(path, *, dtype=None, mesh=None, rules=None, lora_base=None):
+
+
+def load(path, *, dtype=None, mesh=None, rules=None, lora_base=None, config=None):
     """(ModelConfig, scanned params placed on devices) from any supported checkpoint directory.
 
     A LoRA training workdir loads as the merged model (base + adapters); `lora_base` overrides
-    the base checkpoint named in its lora.json (e.g. after moving the weights).
+    the base checkpoint named in its lora.json (e.g. after moving the weights). `config` gives
+    the hyperparameters of an official checkpoint whose shapes match no published size (a
+    ModelConfig, a dict of its fields, or a JSON file of them); other formats store their own.
     """
     fmt, directory, extras = _resolve(path)
+    if config is not None and fmt != "official":
+        raise ValueError(f"load(config=...) is only for official checkpoints (which store no "
+                         f"hyperparameters); {directory} is a {fmt} checkpoint and has its own")
     if fmt in ("hf", "keras") and paths.is_remote(directory):
         # Memory-mapped formats: read from a local copy (Orbax formats read gs:// directly).
         fmt, directory, extras = _resolve(paths.local_copy(directory))
@@ -162,47 +174,203 @@ def load(path, *, dtype=None, mesh=None, rules=None, lora_base=None):
         config = layout.scanned_config(config, dtype)
         return config, layout.from_unrolled(config, unrolled, mesh=mesh, rules=rules)
     if fmt == "official":
-        return official.load(directory, dtype=dtype, mesh=mesh, rules=rules)
+        return official.load(directory, dtype=dtype, mesh=mesh, rules=rules, config=config)
     if fmt == "keras":
         return keras.load(directory, dtype=dtype, mesh=mesh, rules=rules)
     return _load_orbax_dir(fmt, directory, extras, dtype, mesh, rules, lora_base)
 
 
-def _prepare_dir(path: Path, overwrite: bool, what: str) -> None:
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{path} exists and is not empty; pass overwrite=True to replace the {what}")
-        path.rmtree() if paths.is_remote(path) else shutil.rmtree(path)
+# ----------------------------------------------------------------------------- save
+
+# Everything any format's writer puts in its directory (and the Orbax internals of the official
+# weights folder). An overwrite replaces these; any other file in the directory (a README, eval
+# results, notes) is kept. A stale file of another layout (old shards, an old index, another
+# format's config.json) would otherwise be read as part of the new model.
+MODEL_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    hf.INDEX, "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja",                                    # hf
+    "model.weights.h5", "*.weights.h5", "model.weights.json", "metadata.json", "assets",  # keras
+    native.MODEL_JSON, "params",                                                   # gemma_jax
+    official.SIDECAR, *ORBAX_MARKERS, "_ROOT_METADATA", "_sharding", "d", "ocdbt.process_*",
+    "array_metadatas", "descriptor", "commit_success.txt",                         # official (old layout)
+)
 
 
-def save(path, config: ModelConfig, params, *, format: str, **kwargs) -> str:
-    """Writes params in `format` ('hf', 'official', 'gemma_jax', 'keras'); returns the directory written."""
+class OutputExistsError(UserError, ValueError):
+    """save() will not replace the files of a non-empty directory unless told to; the message
+    names the option in the caller's spelling (`overwrite=True`, or `--overwrite` from the CLI).
+    Also a ValueError, which callers caught before it had its own type."""
+
+    def __init__(self, path, found: list[str], what: str, option: str = "overwrite=True"):
+        self.path, self.found, self.what, self.option = str(path), found, what, option
+        shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+        super().__init__(f"{path} exists and is not empty (it holds {shown}); pass {option} to replace "
+                         f"the model files in it with the {what} (other files are kept), or choose "
+                         "another output directory")
+
+    def reworded(self, option: str) -> "OutputExistsError":
+        """The same error naming another interface's spelling of the option."""
+        return OutputExistsError(self.path, self.found, self.what, option)
+
+
+def _is_model_file(p) -> bool:
+    return any(fnmatch.fnmatchcase(p.name, pat) for pat in MODEL_FILES) or _is_orbax_dir(p)
+
+
+def _siblings(target: Path) -> tuple[Path, Path]:
+    """(staging, old) directories beside `target`: one name for every process of a job."""
+    return (target.parent / f".{target.name}.gemma_jax-partial",
+            target.parent / f".{target.name}.gemma_jax-old")
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _check_target(target, overwrite: bool, what: str) -> None:
+    """Refuses a file, a training workdir, or (without overwrite) a non-empty directory."""
+    p = paths.Path(target)
+    if not p.exists():
+        return
+    if not p.is_dir():
+        raise UserError(f"output {target} is a file; the output of save/convert is a directory")
+    if (p / native.MODEL_JSON).exists() and (p / "checkpoints").is_dir():
+        raise UserError(f"output {target} is a training workdir; write the {what} elsewhere "
+                        "(the trainer's own export goes to WORKDIR/export)")
+    found = sorted(x.name for x in p.iterdir())
+    if found and not overwrite:
+        raise OutputExistsError(target, found, what)
+
+
+_WHAT = {"hf": "Hugging Face checkpoint", "official": "official checkpoint", "keras": "KerasHub preset",
+         "gemma_jax": "gemma_jax checkpoint"}
+
+
+def check_output(path, overwrite: bool = False, format: str = "hf") -> None:
+    """Raises what save(path, ..., overwrite=overwrite) would refuse, before anything is loaded."""
     if format not in SAVE_FORMATS:
         raise ValueError(f"unknown save format {format!r}; choose one of {SAVE_FORMATS}")
-    tokenizer = kwargs.pop("tokenizer", None)
-    overwrite = kwargs.pop("overwrite", False)
-    if paths.is_remote(path) and format != "gemma_jax":
-        # safetensors / h5 / the official writer want a local directory: write there, then upload.
-        if paths.exists(path) and any(paths.Path(path).iterdir()) and not overwrite:
-            raise ValueError(f"{path} exists and is not empty; pass overwrite=True to replace it")
-        with paths.staged_dir(path) as local:
-            save(local, config, params, format=format, tokenizer=tokenizer, overwrite=True, **kwargs)
-        return str(path)
-    path = paths.Path(path) if paths.is_remote(path) else Path(path).expanduser().absolute()
-    if format == "hf":
-        hf.write(path, config, params, **kwargs)
-    elif format == "official":
-        _prepare_dir(path, overwrite, "official checkpoint")
-        official.write(path, config, params, **kwargs)
-    elif format == "keras":
-        _prepare_dir(path, overwrite, "KerasHub preset")
-        keras.save(path, config, params, **kwargs)
+    _check_target(path if paths.is_remote(path) else Path(path).expanduser().absolute(), overwrite,
+                  _WHAT[format])
+
+
+def _move_old_out(old: Path, target: Path) -> None:
+    """Carries the non-model files of a replaced directory into its successor, then deletes it."""
+    for entry in list(old.iterdir()):
+        if not _is_model_file(entry) and not (target / entry.name).exists():
+            os.rename(entry, target / entry.name)
+    shutil.rmtree(old)
+
+
+def _recover(target: Path) -> None:
+    """Finishes what a killed save left: a staged copy is dropped; an old copy is put back if
+    the new one never arrived, else its non-model files are carried over."""
+    stage, old = _siblings(target)
+    if stage.exists():
+        shutil.rmtree(stage)
+    if old.exists():
+        if target.exists():
+            _move_old_out(old, target)
+        else:
+            os.rename(old, target)
+
+
+def _commit(stage: Path, target: Path) -> None:
+    """Renames the finished staging directory into place; the old one is renamed away first and
+    deleted after, so a kill at any moment leaves a complete old or new model under `target`."""
+    _, old = _siblings(target)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(stage, target)
+    if old.exists():
+        _move_old_out(old, target)
+
+
+def _write(directory, fmt: str, config: ModelConfig, params, tokenizer, kwargs) -> None:
+    """Writes every file of `fmt` into `directory` (which exists and is empty, or is the remote
+    target for gemma_jax)."""
+    directory = paths.Path(directory)
+    writer = jax.process_index() == 0
+    if fmt == "hf":
+        hf.write(directory, config, params, tokenizer=tokenizer, **kwargs)
+        return
+    if fmt == "official":
+        # The Kaggle layout: the weights folder with tokenizer.model beside it.
+        official.write(directory / official.folder_name(config), config, params, **kwargs)
+    elif fmt == "keras":
+        keras.save(directory, config, params, **kwargs)
     else:
-        if kwargs:
-            raise ValueError(f"save(format='gemma_jax') got unknown arguments {sorted(kwargs)}")
-        _prepare_dir(path, overwrite, "gemma_jax checkpoint")
-        native.write(path, config, params)
-    if tokenizer and jax.process_index() == 0:
-        paths.copy_file(tokenizer, path / "tokenizer.model")
-    logging.info("wrote %s checkpoint to %s", format, path)
-    return str(path)
+        native.write(directory, config, params)
+    if tokenizer and writer:
+        paths.copy_file(tokenizer, directory / "tokenizer.model")
+
+
+def _remove_remote_model_files(target) -> None:
+    p = paths.Path(target)
+    if p.exists():
+        for entry in p.iterdir():
+            if _is_model_file(entry):
+                entry.rmtree() if entry.is_dir() else entry.unlink()
+
+
+def save(path, config: ModelConfig, params, *, format: str, tokenizer=None, overwrite: bool = False,
+         **kwargs) -> str:
+    """Writes params in `format` ('hf', 'official', 'gemma_jax', 'keras'); returns the directory written.
+
+    A non-empty directory is refused unless `overwrite=True`, which replaces the model files in
+    it (MODEL_FILES) and keeps any others. A local save is written into a sibling directory
+    and renamed into place, the old copy renamed away first and deleted after: a kill at any
+    moment leaves the old model or the new one, never a truncated file under the final name.
+    `tokenizer`: a tokenizer.model to include (hf: with the transformers tokenizer files).
+    """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"unknown save format {format!r}; choose one of {SAVE_FORMATS}")
+    allowed = {"hf": {"max_shard_bytes", "dtype"}, "official": {"gating_layout", "dtype"},
+               "keras": {"dtype"}, "gemma_jax": set()}[format]
+    if set(kwargs) - allowed:
+        raise ValueError(f"save(format={format!r}) got unknown arguments {sorted(set(kwargs) - allowed)}"
+                         f" (it takes {sorted(allowed) or 'none'})")
+    what = _WHAT[format]
+    writer = jax.process_index() == 0
+    if paths.is_remote(path):
+        _check_target(path, overwrite, what)
+        if writer and overwrite:
+            _remove_remote_model_files(path)
+        _sync("gemma_jax.save.remote.cleared")
+        if format == "gemma_jax":  # Orbax writes gs:// itself
+            _write(path, format, config, params, tokenizer, kwargs)
+        else:  # safetensors / h5 / the official writer want a local directory: write there, then upload
+            with tempfile.TemporaryDirectory(prefix="gemma_jax_stage_") as local:
+                _write(local, format, config, params, tokenizer, kwargs)
+                if writer:
+                    paths.copy_tree(local, path)
+        _sync("gemma_jax.save.remote.done")
+        logging.info("wrote %s checkpoint to %s", format, path)
+        return str(path)
+
+    target = Path(path).expanduser().absolute()
+    if target.is_symlink():
+        target = target.resolve()  # the renames below move the directory, not the link
+    if writer:
+        _recover(target)
+    _sync("gemma_jax.save.recovered")
+    _check_target(target, overwrite, what)
+    stage, _ = _siblings(target)
+    if writer:
+        stage.mkdir(parents=True)
+    _sync("gemma_jax.save.staged")
+    try:
+        _write(stage, format, config, params, tokenizer, kwargs)
+    except BaseException:
+        if writer:  # the target was never touched; a kill instead leaves the stage to _recover
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _sync("gemma_jax.save.written")
+    if writer:
+        _commit(stage, target)
+    _sync("gemma_jax.save.committed")
+    logging.info("wrote %s checkpoint to %s", format, target)
+    return str(target)

@@ -26,8 +26,11 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from absl import logging
 
+from gemma_jax import paths
 from gemma_jax.model.config import ModelConfig
+from gemma_jax.tokenizer import CHAT_TEMPLATE, END_OF_TURN, START_OF_TURN
 from gemma_jax.weights import layout
 
 DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -235,8 +238,9 @@ def read(directory) -> tuple[ModelConfig, dict]:
     return c, unrolled
 
 
-def hf_config(config: ModelConfig, vocab_size: int) -> dict:
-    """config.json contents for Gemma2ForCausalLM."""
+def hf_config(config: ModelConfig, vocab_size: int, special: dict | None = None) -> dict:
+    """config.json contents for Gemma2ForCausalLM (token ids from `special`, else Gemma's)."""
+    ids = {k: (special or GEMMA_SPECIAL).get(k, (None,))[0] for k in ("pad", "eos", "bos")}
     scalar = config.query_pre_attn_scalar
     dtype = config.param_dtype
     return {
@@ -256,7 +260,7 @@ def hf_config(config: ModelConfig, vocab_size: int) -> dict:
         "rms_norm_eps": config.norm_eps, "hidden_activation": "gelu_pytorch_tanh",
         "max_position_embeddings": config.max_seq_len, "tie_word_embeddings": True,
         "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
-        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "use_cache": True,
+        "pad_token_id": ids["pad"], "eos_token_id": ids["eos"], "bos_token_id": ids["bos"], "use_cache": True,
         "torch_dtype": dtype, "dtype": dtype,
     }
 
@@ -279,8 +283,10 @@ def write_safetensors(path, entries, metadata=None) -> None:
             f.write(arr.tobytes())
 
 
-def write(path, config: ModelConfig, params, *, max_shard_bytes: int = 5 * 10**9, dtype=None) -> None:
-    """Writes config.json and model.safetensors (or shards + index) for Gemma2ForCausalLM."""
+def write(path, config: ModelConfig, params, *, max_shard_bytes: int = 5 * 10**9, dtype=None,
+          tokenizer=None) -> None:
+    """Writes config.json, generation_config.json and model.safetensors (or shards + index) for
+    Gemma2ForCausalLM; with `tokenizer` (a tokenizer.model) also the transformers tokenizer files."""
     import jax
 
     dtype = np.dtype(layout.dtype_name(dtype) or config.param_dtype)
@@ -325,9 +331,9 @@ def write(path, config: ModelConfig, params, *, max_shard_bytes: int = 5 * 10**9
     out = Path(path)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in list(out.glob("model*.safetensors")) + [out / INDEX]:
-            stale.unlink(missing_ok=True)
-        (out / "config.json").write_text(json.dumps(hf_config(config, rows), indent=2))
+        special = write_tokenizer_files(out, tokenizer, config.max_seq_len) if tokenizer else None
+        (out / "config.json").write_text(json.dumps(hf_config(config, rows, special), indent=2))
+        (out / GENERATION_CONFIG).write_text(json.dumps(generation_config(config, special), indent=2))
     names = ([SINGLE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for fname, shard in zip(names, shards):
@@ -340,3 +346,99 @@ def write(path, config: ModelConfig, params, *, max_shard_bytes: int = 5 * 10**9
         index = {"metadata": {"total_size": sum(math.prod(e[1]) * dtype.itemsize for e in entries)},
                  "weight_map": {e[0]: fname for fname, shard in zip(names, shards) for e in shard}}
         (out / INDEX).write_text(json.dumps(index, indent=2))
+
+
+# ----------------------------------------------------------------------------- tokenizer files
+# transformers builds its GemmaTokenizer from tokenizer.model, but takes everything else from
+# these files: without them AutoTokenizer adds no BOS, has no chat template, and generate()
+# runs past <end_of_turn>.
+
+TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG = (
+    "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# Gemma's special pieces and ids (the released tokenizer.model), used when none is exported.
+GEMMA_SPECIAL = {"pad": (0, "<pad>"), "eos": (1, "<eos>"), "bos": (2, "<bos>"), "unk": (3, "<unk>"),
+                 "start_of_turn": (106, START_OF_TURN), "end_of_turn": (107, END_OF_TURN)}
+
+
+def _piece_types(sp, model_file) -> dict[int, str]:
+    """{id: 'control' | 'unknown' | 'user_defined'} of the pieces a tokenizer treats atomically."""
+    out = {i: "control" for i in range(sp.vocab_size()) if sp.is_control(i)}
+    out.update({i: "unknown" for i in range(sp.vocab_size()) if sp.is_unknown(i)})
+    try:
+        from sentencepiece import sentencepiece_model_pb2  # protobuf: installed with orbax and grain
+    except ImportError:
+        return out
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    out.update({i: "user_defined" for i, p in enumerate(proto.pieces) if p.type == user_defined})
+    return out
+
+
+def special_tokens(model_file, name=None) -> dict:
+    """Gemma's special pieces of a SentencePiece model: {name: (id, piece)} for pad/eos/bos/unk
+    (and start_of_turn/end_of_turn/mask where the vocabulary has them), plus every piece it
+    never splits ('atomic': {id: (piece, special)})."""
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"tokenizer {name or model_file} is not a SentencePiece model ({e}); the Hugging Face "
+                         "export needs Gemma's tokenizer.model") from None
+    found = {}
+    for name, i in (("pad", sp.pad_id()), ("eos", sp.eos_id()), ("bos", sp.bos_id()), ("unk", sp.unk_id())):
+        if i >= 0:
+            found[name] = (i, sp.id_to_piece(i))
+    for name, piece in (("start_of_turn", START_OF_TURN), ("end_of_turn", END_OF_TURN), ("mask", "<mask>")):
+        i = sp.piece_to_id(piece)
+        if sp.id_to_piece(i) == piece:
+            found[name] = (i, piece)
+    named = {i for i, _ in found.values()}
+    found["atomic"] = {i: (sp.id_to_piece(i), kind != "user_defined" or i in named)
+                       for i, kind in sorted(_piece_types(sp, model_file).items())}
+    return found
+
+
+def write_tokenizer_files(out: Path, tokenizer, max_length: int) -> dict | None:
+    """Copies `tokenizer` (a tokenizer.model) into `out` and writes tokenizer_config.json and
+    special_tokens_map.json beside it; returns special_tokens() of it (None, with a warning,
+    if it is not a SentencePiece model)."""
+    paths.copy_file(tokenizer, out / "tokenizer.model")
+    try:
+        special = special_tokens(out / "tokenizer.model", name=tokenizer)
+    except ValueError as e:  # the weights are still worth having; transformers just lacks a tokenizer
+        logging.warning("%s; the export has tokenizer.model but no tokenizer_config.json", e)
+        return None
+    token = {k: special[k][1] if k in special else None for k in ("bos", "eos", "pad", "unk", "mask")}
+    extra = [special[k][1] for k in ("start_of_turn", "end_of_turn") if k in special]
+    decoder = {str(i): {"content": piece, "lstrip": False, "normalized": not is_special and "\u2581" in piece,
+                        "rstrip": False, "single_word": False, "special": is_special}
+               for i, (piece, is_special) in special["atomic"].items()}
+    config = {
+        "tokenizer_class": "GemmaTokenizer",
+        "add_bos_token": True, "add_eos_token": False,  # as gemma_jax.Tokenizer.encode
+        **{f"{k}_token": v for k, v in token.items()},
+        "additional_special_tokens": extra,
+        "added_tokens_decoder": decoder,
+        # Decoding must give back the text exactly (no " ." -> "." clean-up, no spaces inserted).
+        "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False,
+        "model_max_length": max_length, "padding_side": "left",
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    tokens_map = {f"{k}_token": v for k, v in token.items() if v is not None}
+    tokens_map["additional_special_tokens"] = extra
+    (out / SPECIAL_TOKENS_MAP).write_text(json.dumps(tokens_map, indent=2, ensure_ascii=False))
+    return special
+
+
+def generation_config(config: ModelConfig, special: dict | None) -> dict:
+    """generation_config.json: generation stops at EOS or <end_of_turn>, as gemma_jax.generate."""
+    if special is None:
+        # No tokenizer exported: Gemma's ids if the vocabulary is Gemma's, else only EOS/BOS/PAD.
+        gemma = config.vocab_size in (HF_VOCAB, OFFICIAL_VOCAB)
+        special = {k: v for k, v in GEMMA_SPECIAL.items() if gemma or v[0] < 4}
+    stop = [special[k][0] for k in ("eos", "end_of_turn") if k in special]
+    return {"bos_token_id": special.get("bos", (None,))[0], "eos_token_id": stop,
+            "pad_token_id": special.get("pad", (None,))[0]}

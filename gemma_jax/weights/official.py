@@ -1,27 +1,36 @@
-"""Official Gemma 2 Flax checkpoints (Kaggle `google/gemma-2/flax`, GCS): a FLAT Orbax PyTree.
+"""Official Gemma 2 Flax checkpoints: the Kaggle / GCS release and the `gemma` library's own saves.
 
-Top-level keys are slash-joined module paths, e.g. "transformer/layer_3/attn/q_einsum" ->
-{"w": (N, D, H)}; the per-layer leaves already have the model's einsum layouts, so the only
-surgery is (a) stacking layers for the scanned model, (b) the MLP gating weight, which the 2B
-release stores as (2, D, F) while 9B/27B (and the model) use (2, F, D), and (c) the embedding,
-which has 256128 rows (the 256000 tokenizer pieces plus 128 padding rows).
+Two tree layouts hold the same leaves (an Orbax PyTree either way):
+  FLAT (Kaggle `google/gemma-2/flax`): top-level keys are slash-joined module paths,
+    "transformer/layer_3/attn/q_einsum" -> {"w": (N, D, H)}, "transformer/layer_3/mlp/linear" -> {"w": (F, D)}.
+  NESTED (`gm.ckpts.save_params`, the tree of the library's `model.init()`):
+    {"embedder": {"input_embedding"}, "layer_3": {"attn": {"q_einsum": {"w"}}, "mlp": {"gating_einsum", "linear"}},
+    ...}, its MLP weights bare arrays (no "w"), sometimes under a "transformer" or (Kauldron) "params" key.
+Both are read through one canonical name per leaf ("layer_3/mlp/linear/w"). The per-layer leaves
+already have the model's einsum layouts, so the only surgery is (a) stacking layers for the
+scanned model, (b) the MLP gating weight, which the 2B release stores as (2, D, F) while 9B/27B
+(and the model) use (2, F, D), and (c) the embedding, which has 256128 rows (the 256000
+tokenizer pieces plus 128 padding rows).
 
-The files carry no hyperparameters, so shapes give the dimensions and the query scale and
-window come from the matching published size (27B: 144 = D/N), or from the
-gemma_jax_config.json that `write` leaves beside the arrays, or default to head_dim.
+The files carry no hyperparameters. Shapes give the dimensions; the query scale, window and caps
+come from the matching published size, or from the gemma_jax_config.json beside the arrays
+(`write` leaves one), or from the caller (`load(config=...)`). A shape of no published size with
+neither is refused rather than guessed: a wrong query scale or window still runs, just wrongly.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
+from gemma_jax.errors import UserError
 from gemma_jax.model import layers as model
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.weights import layout
@@ -29,6 +38,19 @@ from gemma_jax.weights import layout
 SIDECAR = "gemma_jax_config.json"
 HF_VOCAB, OFFICIAL_VOCAB = 256000, 256128
 _SHAPE_FIELDS = ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim")
+# What the shapes cannot tell and a custom-shaped checkpoint must be given (the rest of
+# ModelConfig's numerics, rope_base, norm_eps and max_seq_len, are the same for every Gemma 2).
+REQUIRED_HPARAMS = ("query_pre_attn_scalar", "sliding_window", "attn_softcap", "final_softcap")
+# Keys above the model's own tree: the library's "transformer" scope, a Kauldron state's "params".
+_WRAPPERS = ("params", "transformer")
+_BARE_MLP = re.compile(r"^layer_\d+/mlp/(gating_einsum|linear)$")
+
+
+class Stored(NamedTuple):
+    """One stored array: its shape, dtype and path in the checkpoint's own tree."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    path: tuple[str, ...]
 
 
 def default_gating_layout(embed_dim: int) -> str:
@@ -36,24 +58,52 @@ def default_gating_layout(embed_dim: int) -> str:
     return "DF" if embed_dim == 2304 else "FD"
 
 
-def _key(path: tuple[str, ...]) -> tuple[str, str]:
-    """Unrolled model path -> (flat top-level key, leaf name), e.g. ('transformer/layer_0/attn/q_einsum', 'w')."""
-    return "transformer/" + "/".join(path[:-1]), path[-1]
+def _leaves(tree, prefix=()):
+    for key, sub in tree.items():
+        if isinstance(sub, Mapping):
+            yield from _leaves(sub, prefix + (str(key),))
+        elif hasattr(sub, "shape"):
+            yield prefix + (str(key),), sub
 
 
-def read_metadata(directory) -> dict[tuple[str, str], tuple[tuple[int, ...], np.dtype]]:
-    """{(flat key, leaf name): (shape, dtype)} of an Orbax PyTree checkpoint, without reading arrays."""
+def _canonical(path: tuple[str, ...]) -> tuple[str, str]:
+    """Stored path -> (wrapper prefix, canonical name), e.g. ('transformer/layer_0/mlp/linear', 'w') ->
+    ('transformer/', 'layer_0/mlp/linear/w') and ('layer_0', 'mlp', 'linear') -> ('', 'layer_0/mlp/linear/w')."""
+    name, prefix = "/".join(path), ""
+    for wrapper in _WRAPPERS:
+        if name.startswith(wrapper + "/"):
+            prefix, name = prefix + wrapper + "/", name[len(wrapper) + 1:]
+    if _BARE_MLP.match(name):
+        name += "/w"
+    return prefix, name
+
+
+def read_metadata(directory) -> dict[str, Stored]:
+    """{canonical name ('layer_0/attn/q_einsum/w'): Stored} of a flat or nested official checkpoint,
+    read without the arrays."""
     import orbax.checkpoint as ocp
 
     meta = ocp.PyTreeCheckpointer().metadata(directory)
     tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
-    out = {}
-    for key, sub in dict(tree).items():
-        if not isinstance(sub, dict):
-            continue
-        for name, leaf in sub.items():
-            out[(key, name)] = (tuple(leaf.shape), np.dtype(leaf.dtype))
+    out: dict[str, Stored] = {}
+    for path, leaf in _leaves(dict(tree)):
+        _, name = _canonical(path)
+        if name in out:
+            raise ValueError(f"{directory}: both {'/'.join(out[name].path)} and {'/'.join(path)} hold "
+                             f"{name}; the checkpoint mixes two layouts")
+        out[name] = Stored(tuple(leaf.shape), np.dtype(leaf.dtype), path)
     return out
+
+
+def _display(meta: dict[str, Stored], name: str) -> str:
+    """A canonical name as the checkpoint spells it (its wrapper prefix, e.g. 'transformer/')."""
+    emb = meta.get("embedder/input_embedding")
+    prefix = _canonical(emb.path)[0] if emb is not None else ""
+    return prefix + name
+
+
+def _name(path: tuple[str, ...]) -> str:
+    return "/".join(path)
 
 
 def _matching_preset(dims: dict) -> ModelConfig | None:
@@ -64,28 +114,63 @@ def _matching_preset(dims: dict) -> ModelConfig | None:
     return None
 
 
-def infer_config(directory, meta, gating_layout: str | None = None) -> tuple[ModelConfig, str]:
-    """(ModelConfig, gating layout 'DF'|'FD') from the stored shapes (and the sidecar, if any)."""
+def _given_hparams(config, what: str) -> dict:
+    """`config` (a ModelConfig, a dict of ModelConfig fields, or a JSON file of one) as a dict."""
+    if isinstance(config, ModelConfig):
+        return config.to_dict()
+    if isinstance(config, Mapping):
+        return dict(config)
+    path = Path(config).expanduser()
+    if not path.is_file():
+        raise UserError(f"{what} {str(config)!r}: no such JSON file (expected ModelConfig fields, "
+                        "e.g. a model.json)")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object of ModelConfig fields, got {type(d).__name__}")
+    return d
+
+
+def _missing_hparams_error(directory: Path, dims: dict, missing: list[str]) -> UserError:
+    example = json.dumps({"query_pre_attn_scalar": dims["head_dim"], "sliding_window": 4096,
+                          "attn_softcap": 50.0, "final_softcap": 30.0})
+    shape = ", ".join(f"{k}={v}" for k, v in dims.items())
+    return UserError(
+        f"official checkpoint {directory}: its shapes ({shape}) match no published Gemma 2 size "
+        f"(2b, 9b, 27b) and official checkpoints store no hyperparameters, so {', '.join(missing)} "
+        f"must be given (rope_base, norm_eps and max_seq_len default to Gemma 2's): write them as JSON to "
+        f"{directory / SIDECAR} (e.g. {example}), or pass them to gemma_jax.load(path, config={{...}}) "
+        "or `python -m gemma_jax.convert --model_config=FILE.json`")
+
+
+def infer_config(directory, meta: dict[str, Stored], gating_layout: str | None = None,
+                 config=None) -> tuple[ModelConfig, str]:
+    """(ModelConfig, gating layout 'DF'|'FD') from the stored shapes plus the hyperparameters of
+    `config` (ModelConfig / dict / JSON file), the sidecar file, or the matching published size."""
     directory = Path(directory)
 
-    def shape(path):
-        key = _key(path)
-        if key not in meta:
-            sample = sorted(k for k, _ in meta)[:5]
-            raise ValueError(f"missing {key[0]}/{key[1]} in official checkpoint {directory} "
+    def shape(name):
+        if name not in meta:
+            sample = sorted(_display(meta, k) for k in meta)[:5]
+            raise ValueError(f"missing {_display(meta, name)} in official checkpoint {directory} "
                              f"(found keys like {sample})")
-        return meta[key][0]
+        return meta[name].shape
 
-    emb = shape(("embedder", "input_embedding"))
-    v, d = emb
-    layers = sorted({int(m.group(1)) for k, _ in meta if (m := re.match(r"^transformer/layer_(\d+)/", k))})
+    v, d = shape("embedder/input_embedding")
+    layers = sorted({int(m.group(1)) for k in meta if (m := re.match(r"^layer_(\d+)/", k))})
     if not layers or layers != list(range(len(layers))):
-        raise ValueError(f"{directory}: layer keys transformer/layer_i are not 0..L-1 (found {layers[:10]})")
-    n, d_q, h = shape(("layer_0", "attn", "q_einsum", "w"))
-    _, k, _, _ = shape(("layer_0", "attn", "kv_einsum", "w"))
-    two, a, b = shape(("layer_0", "mlp", "gating_einsum", "w"))
+        raise ValueError(f"{directory}: layer keys {_display(meta, 'layer_i')} are not 0..L-1 "
+                         f"(found {layers[:10]})")
+    if "layer_0/attn/qkv_einsum/w" in meta:
+        raise ValueError(f"{directory}: {_display(meta, 'layer_0/attn/qkv_einsum')} (as many kv heads as query "
+                         "heads) is a Gemma 1 layout; Gemma 2 checkpoints have q_einsum and kv_einsum")
+    n, d_q, h = shape("layer_0/attn/q_einsum/w")
+    _, k, _, _ = shape("layer_0/attn/kv_einsum/w")
+    two, a, b = shape("layer_0/mlp/gating_einsum/w")
     if d_q != d:
-        raise ValueError(f"{directory}: transformer/layer_0/attn/q_einsum/w has shape {(n, d_q, h)} "
+        raise ValueError(f"{directory}: {_display(meta, 'layer_0/attn/q_einsum/w')} has shape {(n, d_q, h)} "
                          f"but the embedding has D={d}")
     if gating_layout is None:
         gating_layout = "DF" if (a == d and b != d) else "FD" if (b == d and a != d) else default_gating_layout(d)
@@ -93,35 +178,48 @@ def infer_config(directory, meta, gating_layout: str | None = None) -> tuple[Mod
         raise ValueError(f"gating_layout must be 'DF' or 'FD', got {gating_layout!r}")
     f = b if gating_layout == "DF" else a
     if two != 2 or (a, b) != ((d, f) if gating_layout == "DF" else (f, d)):
-        raise ValueError(f"{directory}: transformer/layer_0/mlp/gating_einsum/w has shape {(two, a, b)}, "
+        raise ValueError(f"{directory}: {_display(meta, 'layer_0/mlp/gating_einsum/w')} has shape {(two, a, b)}, "
                          f"which is neither (2, D, F) nor (2, F, D) with D={d}")
     dims = dict(num_layers=len(layers), embed_dim=d, hidden_dim=f, num_heads=n, num_kv_heads=k, head_dim=h)
+
+    given, sources = {}, []
     sidecar = directory / SIDECAR
     if sidecar.is_file():
-        saved = json.loads(sidecar.read_text())
-        saved.pop("format", None)
-        for field, value in dims.items():
-            if saved.get(field) != value:
-                raise ValueError(f"config/weights disagree: {sidecar} says {field}={saved.get(field)} "
-                                 f"but the weights imply {value}")
-        base = ModelConfig.from_dict(saved)
-    else:
-        base = _matching_preset(dims)
-        if base is None:
-            logging.warning("%s: shapes match no published Gemma 2 size and there is no %s; using "
-                            "query_pre_attn_scalar=head_dim=%d and sliding_window=4096", directory, SIDECAR, h)
-            base = ModelConfig(**dims, query_pre_attn_scalar=float(h))
-    param_dtype = layout.dtype_name(meta[_key(("embedder", "input_embedding"))][1])
-    return base.replace(**dims, vocab_size=v, param_dtype=param_dtype, scan_layers=True), gating_layout
+        given.update(_given_hparams(sidecar, "sidecar"))
+        sources.append(str(sidecar))
+    if config is not None:
+        given.update(_given_hparams(config, "config"))
+        sources.append("config=" if not isinstance(config, (str, Path)) else str(config))
+    for key in ("format", "vocab_size", "param_dtype", "scan_layers"):
+        given.pop(key, None)  # the stored arrays decide these
+    where = " / ".join(sources)
+    for field, value in dims.items():
+        if field in given and given[field] != value:
+            raise ValueError(f"config/weights disagree: {where} says {field}={given[field]} "
+                             f"but the weights of {directory} imply {value}")
+    base = _matching_preset(dims)
+    if base is None:
+        missing = [k for k in REQUIRED_HPARAMS if k not in given]
+        if missing:
+            raise _missing_hparams_error(directory, dims, missing)
+    try:
+        merged = ModelConfig.from_dict({**(base.to_dict() if base else {}), **given, **dims})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"hyperparameters for {directory} ({where}): {e}") from None
+    param_dtype = layout.dtype_name(meta["embedder/input_embedding"].dtype)
+    return merged.replace(vocab_size=v, param_dtype=param_dtype, scan_layers=True), gating_layout
 
 
-def load(directory, *, dtype=None, mesh=None, rules=None, gating_layout=None):
-    """(ModelConfig, scanned params) from an official FLAT Orbax checkpoint, placed on devices."""
+def load(directory, *, dtype=None, mesh=None, rules=None, gating_layout=None, config=None):
+    """(ModelConfig, scanned params) from an official flat or nested Orbax checkpoint, placed on devices.
+
+    `config`: hyperparameters for a checkpoint of no published size (see infer_config).
+    """
     import orbax.checkpoint as ocp
 
     directory = Path(directory)
     meta = read_metadata(directory)
-    config, gating = infer_config(directory, meta, gating_layout)
+    config, gating = infer_config(directory, meta, gating_layout, config)
     config = layout.scanned_config(config, dtype)
     target_dtype = config.weight_dtype
     shapes = layout.flatten(model.param_shapes(config))
@@ -140,23 +238,27 @@ def load(directory, *, dtype=None, mesh=None, rules=None, gating_layout=None):
         if transpose:  # stored (2, D, F): restore in that layout, swap on device
             per_layer = (per_layer[0], per_layer[2], per_layer[1])
             layer_sharding = _permute(layer_sharding, (0, 2, 1))
+        stored_paths = []
         for src in sources:
-            key, name = _key(src)
-            if (key, name) not in meta:
-                raise ValueError(f"missing {key}/{name} in official checkpoint {directory}")
-            found = meta[(key, name)][0]
+            name = _name(src)
+            if name not in meta:
+                raise ValueError(f"missing {_display(meta, name)} in official checkpoint {directory}")
+            found = meta[name].shape
             if found != tuple(per_layer):
-                raise ValueError(f"{key}/{name} in {directory}: expected shape {tuple(per_layer)}, found {found}")
-            item.setdefault(key, {})[name] = jax.ShapeDtypeStruct(per_layer, target_dtype)
-            restore_args.setdefault(key, {})[name] = ocp.ArrayRestoreArgs(
-                sharding=layer_sharding, dtype=target_dtype, global_shape=per_layer)
-        plan.append((path, sources, stacked, transpose))
+                raise ValueError(f"{_display(meta, name)} in {directory}: expected shape {tuple(per_layer)}, "
+                                 f"found {found}")
+            stored = meta[name].path
+            _put(item, stored, jax.ShapeDtypeStruct(per_layer, target_dtype))
+            _put(restore_args, stored, ocp.ArrayRestoreArgs(sharding=layer_sharding, dtype=target_dtype,
+                                                            global_shape=per_layer))
+            stored_paths.append(stored)
+        plan.append((path, stored_paths, stacked, transpose))
     restored = ocp.PyTreeCheckpointer().restore(
         directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
 
     out = {}
-    for path, sources, stacked, transpose in plan:
-        arrays = [restored[_key(s)[0]].pop(_key(s)[1]) for s in sources]
+    for path, stored_paths, stacked, transpose in plan:
+        arrays = [_pop(restored, s) for s in stored_paths]
         if stacked or transpose:
             out[path] = _stacker(stacked, transpose, shardings[path])(*arrays)
             for a in arrays:
@@ -164,6 +266,18 @@ def load(directory, *, dtype=None, mesh=None, rules=None, gating_layout=None):
         else:
             out[path] = arrays[0]
     return config, layout.unflatten(out)
+
+
+def _put(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _pop(tree: dict, path: tuple[str, ...]):
+    for key in path[:-1]:
+        tree = tree[key]
+    return tree.pop(path[-1])
 
 
 def _stacker(stacked: bool, transpose: bool, out_sharding):
@@ -187,8 +301,17 @@ def _permute(s, order):
     return s
 
 
+def folder_name(config: ModelConfig) -> str:
+    """Name of the weights folder in an export, as Kaggle names its downloads (gemma2-2b, ...)."""
+    dims = {k: getattr(config, k) for k in _SHAPE_FIELDS}
+    preset = next((name for name in ("gemma2_2b", "gemma2_9b", "gemma2_27b")
+                   if all(getattr(ModelConfig.from_preset(name), k) == v for k, v in dims.items())), None)
+    return preset.replace("_", "-") if preset else "gemma2-custom"
+
+
 def write(path, config: ModelConfig, params, *, gating_layout: str | None = None, dtype=None) -> None:
-    """Writes the FLAT Orbax layout of the official release (+ gemma_jax_config.json beside it)."""
+    """Writes the FLAT Orbax layout of the official release into `path` (which must not exist yet),
+    with gemma_jax_config.json beside the arrays."""
     import orbax.checkpoint as ocp
 
     gating = gating_layout or default_gating_layout(config.embed_dim)
@@ -203,8 +326,7 @@ def write(path, config: ModelConfig, params, *, gating_layout: str | None = None
         if p == ("embedder", "input_embedding") and x.shape[0] == HF_VOCAB:
             # The official table has 128 zero padding rows after the 256000 pieces.
             x = jnp.pad(x, ((0, OFFICIAL_VOCAB - HF_VOCAB), (0, 0)))
-        key, name = _key(p)
-        flat.setdefault(key, {})[name] = x
+        flat.setdefault("transformer/" + "/".join(p[:-1]), {})[p[-1]] = x
     ocp.PyTreeCheckpointer().save(path, flat)
     if jax.process_index() == 0:
         # The official files hold no hyperparameters; keep ours so a reload is exact.
