@@ -22,6 +22,7 @@ setup(
         "numpy>=1.26",
         "absl-py>=2.0",
         "grain>=0.2.10",  # checkpointable data iterators
+        "array-record>=0.5",  # the tokenized data cache (gemma_jax/data/cache.py)
         "ml_dtypes>=0.4.0",  # bfloat16 in numpy (safetensors, checkpoints)
         "tqdm>=4.60",  # progress bar
         "tensorboardX>=2.6",  # TensorBoard events without TensorFlow
@@ -37,6 +38,8 @@ setup(
             "transformers>=4.44",
             "tensorflow-datasets>=4.9.4",  # array_record datasets, no TensorFlow needed
             "lm-eval>=0.4",  # tests/test_harness.py (the harness extra)
+            "accelerate>=0.26",  # lm_eval's hf backend, the reference in tests/test_harness.py
+            "pyarrow>=14", "zstandard>=0.22", "datasets>=2.16",  # the data extras' sources, tested
         ],
         # python -m gemma_jax.harness: lm-evaluation-harness tasks (keeps the CPU torch wheel pinned).
         "harness": ["lm-eval>=0.4", "torch==2.13.0"],

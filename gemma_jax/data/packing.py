@@ -70,8 +70,12 @@ def plan(lengths, first_target, seq_len: int, *, packing: bool = True, overlong:
     row_of, nrows = np.zeros(len(order), np.int64), 0
     for k, n in enumerate(need):
         lo = max(0, nrows - _PACK_WINDOW) if packing else nrows
-        fits = np.flatnonzero(caps[lo:nrows] >= n)
-        r = lo + int(fits[0]) if fits.size else nrows
+        r = nrows
+        if nrows > lo:  # argmax finds the first True: one C call per example (plan is O(examples))
+            fits = caps[lo:nrows] >= n
+            j = int(fits.argmax())
+            if fits[j]:
+                r = lo + j
         if r == nrows:
             caps[r], nrows = seq_len, nrows + 1
         caps[r] -= n

@@ -1,15 +1,26 @@
-"""Packed rows -> batches: the shuffled, resumable train iterator, eval batches, `build`.
+"""The input pipeline: the tokenized cache -> per-epoch packing plans -> this process's batches.
 
-Rows (identical on every process, deterministic from the seed) -> grain MapDataset -> shuffle per
-epoch -> repeat -> global batch -> this process's rows ``[p*local:(p+1)*local]``, so any number of
-processes sees the same global batches. The iterator's ``get_state()``/``set_state()`` resume
-exactly (``state["next_index"]`` is the number of batches drawn). A batch is a dict of
-``[batch, seq_len]`` arrays: ``inputs``, ``targets``, ``segment_ids``, ``positions`` (int32) and
-``loss_mask`` (float32).
+``build(config.data, tokenizer, ...)`` makes (or reuses) the tokenized cache of data.train and
+data.eval (gemma_jax.data.cache), then streams: for epoch e the examples of the epoch (all train
+examples, or a mixture's draw) are planned into rows from their cached lengths alone
+(``packing.plan``, seed ``seed`` for epoch 0 and ``[seed, e]`` after, then the rows shuffled), the
+epochs' rows are concatenated and cut into global batches, and batch b gives this process rows
+``[b*G + p*local, b*G + (p+1)*local)``: only their examples are read from the cache. So any number
+of processes sees the same global batches, nothing holds the corpus in memory (lengths arrays
+only), and the iterator's ``get_state()``/``set_state()`` (``state["next_index"]``: batches drawn)
+resume exactly without replaying data. A batch is a dict of ``[batch, seq_len]`` arrays:
+``inputs``, ``targets``, ``segment_ids``, ``positions`` (int32) and ``loss_mask`` (float32).
 
-``build(config.data, tokenizer, ...)`` reads keys: train, eval, eval_fraction, seq_len, packing,
-overlong, train_on_prompt, skip_invalid, field_map, default_instruction, text_split, num_epochs,
-tfds_data_dir.
+Mixtures: ``data.train="legal/*.jsonl:0.8,general.jsonl:0.2"``: when any comma-separated part ends
+in ``:WEIGHT`` (a plain number), every part must, and each part (a file, glob, tfds: or hf: name) is
+a component. An epoch then draws as many examples as all components hold together, component i
+contributing ``round(w_i / sum(w) * total)``, each component walking its own reshuffled passes
+(small ones repeat, large ones are subsampled), deterministic from the seed.
+
+``build`` reads keys: train, eval, eval_fraction, seq_len, packing, overlong, train_on_prompt,
+skip_invalid, field_map, default_instruction, text_split, num_epochs, tfds_data_dir, cache_dir,
+num_workers (``cfg.get``: absent keys take their defaults). ``train_iterator``/``eval_batches``
+over in-memory rows stay for preference data.
 """
 
 from __future__ import annotations
@@ -17,14 +28,18 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import re
+import threading
 from typing import Any
 
 import numpy as np
 from absl import logging
 
-from gemma_jax.data.packing import encode, pack
-from gemma_jax.data.readers import read_examples
+from gemma_jax.data import cache as cache_lib
+from gemma_jax.data.packing import fill_rows, plan
 from gemma_jax.data.schema import DataError, parse_field_map
+
+LOSS_WARN_FRACTION = 0.02  # warn when more examples than this are truncated or dropped
 
 
 def _local_slice(global_batch_size, process_index, process_count):
@@ -81,14 +96,17 @@ def eval_batches(rows, *, global_batch_size: int, pad_id: int = 0, process_index
 class Data:
     """What build returns: the train iterator, eval batches and counts."""
     train: Any  # grain DatasetIterator: next() -> local batch dict; get_state()/set_state()
-    eval: list  # local eval batches (finite, in order, padded rows have loss_mask 0); [] if none
+    eval: Any  # local eval batches, re-iterable (finite, in order, padded rows have loss_mask 0); [] if none
     stats: dict  # {"train": {...}, "eval": {...}}: examples, skipped, truncated, dropped_*, rows, tokens, fill
-    rows_per_epoch: int
+    rows_per_epoch: int  # of epoch 0 (later epochs are planned afresh and may differ by a few rows)
     global_batch_size: int
     num_batches: int | None  # None when num_epochs is 0 (forever)
+    epochs: Any = dataclasses.field(default=None, repr=False)  # _Epochs of the streamed pipeline
 
     def epoch(self, batches_done: int) -> int:
         """0-based epoch of the next batch after batches_done batches."""
+        if self.epochs is not None:
+            return self.epochs.locate(batches_done * self.global_batch_size)[0]
         return batches_done * self.global_batch_size // self.rows_per_epoch
 
 
@@ -110,9 +128,227 @@ def _option(cfg, key, default, ok, expected):
     return v
 
 
+_WEIGHT = re.compile(r"^(.*\S):\s*(\d+\.?\d*|\.\d+)$")
+
+
+def parse_mixture(spec: str, key: str = "data.train") -> list[tuple[str, float | None]]:
+    """'a.jsonl:0.8,b/*.jsonl:0.2' -> [(part, weight)]; a spec without weights -> [(spec, None)]."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    found = [_WEIGHT.match(p) for p in parts]
+    if not any(found):
+        return [(spec, None)]
+    if not all(found):
+        bad = next(p for p, m in zip(parts, found) if not m)
+        raise DataError(f"{key}: {bad!r} has no weight; in a mixture every part ends in :WEIGHT "
+                        f"(e.g. legal.jsonl:0.8,general.jsonl:0.2)")
+    out = [(m.group(1).strip(), float(m.group(2))) for m in found]
+    if not sum(w for _, w in out) > 0:
+        raise DataError(f"{key}: mixture weights must not all be 0")
+    return out
+
+
+class _Reader:
+    """Examples by global id over several caches (ids are offset cache by cache, in spec order)."""
+
+    def __init__(self, caches):
+        self.caches = caches
+        self.offsets = np.cumsum([0] + [len(c) for c in caches])
+        self.lengths = np.concatenate([c.lengths for c in caches]).astype(np.int64)
+
+    def read(self, ids):
+        ids = np.asarray(ids, np.int64)
+        out = [None] * len(ids)
+        which = np.searchsorted(self.offsets, ids, side="right") - 1
+        for c in np.unique(which):
+            pos = np.flatnonzero(which == c)
+            for p, ex in zip(pos, self.caches[c].read(ids[pos] - self.offsets[c])):
+                out[p] = ex
+        return out
+
+
+def _rows(reader, ids, seq_len, packing, overlong, seed):
+    """Plans ids (global example ids) into rows: (kept ids in row order, row_start, plan stats)."""
+    lens = reader.lengths[ids]
+    items, row_start, stats = plan(lens[:, 0], lens[:, 1], seq_len, packing=packing, overlong=overlong, seed=seed)
+    kept = ids[items]
+    k = lens[items]
+    stats["target_tokens"] = int(np.minimum(k[:, 2], np.minimum(k[:, 0], seq_len + 1) - k[:, 1]).sum())
+    stats["fill"] = stats["tokens"] / max(1, stats["rows"] * seq_len)
+    return kept, row_start, stats
+
+
+class _Rows:
+    """Rows as example ids: row i is kept[row_start[order[i]]:row_start[order[i] + 1]] (three arrays,
+    not one small array per row: 100k rows would cost ~10 MB of array headers)."""
+
+    def __init__(self, kept, row_start, order):
+        self.kept, self.row_start, self.order = kept, row_start, order
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, i):
+        r = self.order[i]
+        return self.kept[self.row_start[r]:self.row_start[r + 1]]
+
+
+class _Epochs:
+    """Per-epoch row plans of the train split, computed from lengths when first needed (thread-safe)."""
+
+    def __init__(self, reader, components, *, seq_len, packing, overlong, seed, num_epochs):
+        self.reader, self.components, self.seed = reader, components, seed
+        self.pk = dict(seq_len=seq_len, packing=packing, overlong=overlong)
+        self.num_epochs = num_epochs
+        self.cum = [0]  # cumulative rows before epoch e
+        self._plans, self._lock, self._ahead = collections.OrderedDict(), threading.Lock(), set()
+        total = sum(len(ids) for ids, _ in components)
+        w = np.array([wt for _, wt in components], np.float64)
+        # Largest-remainder rounding: the draws per epoch add up to the total.
+        raw = w / w.sum() * total
+        counts = np.floor(raw).astype(np.int64)
+        counts[np.argsort(-(raw - counts), kind="stable")[:total - counts.sum()]] += 1
+        self.counts = counts
+
+    def examples(self, e):
+        """Global example ids of epoch e, before packing shuffles them."""
+        if len(self.components) == 1:
+            return self.components[0][0]
+        out = []
+        for i, ((ids, _), c) in enumerate(zip(self.components, self.counts)):
+            k = np.arange(e * c, (e + 1) * c)  # positions in component i's endless stream
+            passes = {}
+            for j in np.unique(k // len(ids)):
+                passes[j] = np.random.default_rng([self.seed, 7919, i, int(j)]).permutation(len(ids))
+            out.append(ids[np.array([passes[j][r] for j, r in zip(k // len(ids), k % len(ids))], np.int64)]
+                       if c else np.zeros(0, np.int64))
+        return np.concatenate(out)
+
+    def plan(self, e):
+        with self._lock:
+            if e in self._plans:
+                self._plans.move_to_end(e)
+                return self._plans[e]
+        kept, row_start, stats = _rows(self.reader, self.examples(e), seed=self.seed if e == 0 else [self.seed, e],
+                                       **self.pk)
+        order = np.random.default_rng([self.seed, e, 1]).permutation(len(row_start) - 1)
+        rows = _Rows(kept, row_start, order)
+        with self._lock:
+            self._plans[e] = (rows, stats)
+            while len(self._plans) > 3:
+                self._plans.popitem(last=False)
+        return rows, stats
+
+    def plan_ahead(self, e):
+        """Plans epoch e in a background thread (once), so the epoch boundary does not stall a step."""
+        with self._lock:
+            if e in self._ahead or e in self._plans or (self.num_epochs and e >= self.num_epochs):
+                return
+            self._ahead.add(e)
+        threading.Thread(target=self.plan, args=(e,), daemon=True).start()
+
+    def _extend(self, e):
+        with self._lock:
+            known = len(self.cum) - 1
+        for k in range(known, e + 1):
+            n = len(self.plan(k)[0])
+            with self._lock:
+                if len(self.cum) == k + 1:
+                    self.cum.append(self.cum[-1] + n)
+
+    def locate(self, row):
+        """Global row position -> (epoch, row within the epoch)."""
+        e = 0
+        while True:
+            self._extend(e)
+            if row < self.cum[e + 1]:
+                return e, row - self.cum[e]
+            e += 1
+
+    def total_rows(self):
+        self._extend(self.num_epochs - 1)
+        return self.cum[self.num_epochs]
+
+
+class _Batch:
+    """Batch index -> this process's rows of that global batch, read from the cache and filled."""
+
+    def __init__(self, epochs, global_batch_size, lo, hi, pad_id):
+        self.epochs, self.g, self.lo, self.hi, self.pad_id = epochs, global_batch_size, lo, hi, pad_id
+
+    def __call__(self, b):
+        rows = []
+        for pos in range(int(b) * self.g + self.lo, int(b) * self.g + self.hi):
+            e, r = self.epochs.locate(pos)
+            plan = self.epochs.plan(e)[0]
+            rows.append(plan[r])
+            if 2 * r > len(plan):
+                self.epochs.plan_ahead(e + 1)
+        return _fill(self.epochs.reader, rows, self.epochs.pk["seq_len"], self.pad_id)
+
+
+def _fill(reader, rows, seq_len, pad_id):
+    flat = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    examples = iter(reader.read(flat))
+    return fill_rows([[next(examples) for _ in r] for r in rows], seq_len, pad_id=pad_id)
+
+
+class EvalBatches:
+    """The eval split as this process's slices of global batches, in order, read when iterated.
+
+    Re-iterable and list-like (len, bool, [i]); the last batch is padded with rows of loss_mask 0.
+    """
+
+    def __init__(self, reader, rows, *, seq_len, global_batch_size, pad_id, lo, hi):
+        self.reader, self.rows, self.seq_len, self.g, self.pad_id = reader, rows, seq_len, global_batch_size, pad_id
+        self.lo, self.hi = lo, hi
+
+    def __len__(self):
+        return -(-len(self.rows) // self.g)
+
+    def __getitem__(self, k):
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        idx = np.arange(k * self.g, (k + 1) * self.g)[self.lo:self.hi]
+        real = idx[idx < len(self.rows)]
+        b = _fill(self.reader, [self.rows[i] for i in real], self.seq_len, self.pad_id)
+        if len(real) < len(idx):
+            pad = fill_rows([[]] * (len(idx) - len(real)), self.seq_len, pad_id=self.pad_id)
+            b = {key: np.concatenate([v, pad[key]]) for key, v in b.items()}
+        return b
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+
+def _loss_check(split, reader, ids, stats, seq_len):
+    """WARNING when more than 2% of the examples are cut or dropped; DataError when no row is left."""
+    lost = stats["truncated"] + stats["dropped_overlong"] + stats["dropped_no_target"]
+    if not lost:
+        return
+    need = reader.lengths[ids][:, 0] - 1
+    p95, p99 = (int(np.ceil(np.percentile(need, q))) for q in (95, 99))
+    what = (f"{stats['truncated']} truncated, {stats['dropped_overlong']} dropped as overlong, "
+            f"{stats['dropped_no_target']} dropped with no target token left of {stats['examples']} examples")
+    if stats["rows"] == 0:
+        raise DataError(f"data {split}: nothing left at data.seq_len={seq_len}: {what}; "
+                        f"data.seq_len={p95} keeps 95% whole, {p99} keeps 99%")
+    if lost > LOSS_WARN_FRACTION * stats["examples"]:
+        logging.warning("data %s: %s (%.1f%%) at data.seq_len=%d; data.seq_len=%d keeps 95%% of the examples "
+                        "whole, %d keeps 99%%", split, what, 100 * lost / stats["examples"], seq_len, p95, p99)
+
+
+def _skipped(caches):
+    out = collections.Counter()
+    for c in caches:
+        out.update(c.manifest["skipped"])
+    return dict(out)
+
+
 def build(cfg_data, tokenizer, *, global_batch_size: int, seed: int, process_index: int = 0,
           process_count: int = 1) -> Data:
-    """config.data -> Data(train iterator, eval batches, stats); identical rows on every process."""
+    """config.data -> Data(train iterator, eval batches, stats), streamed from the tokenized cache."""
+    import grain  # pylint: disable=g-import-not-at-top  (imports jax)
+
     o = functools.partial(_option, cfg_data)
     is_str = lambda v: isinstance(v, str)  # noqa: E731
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
@@ -123,46 +359,78 @@ def build(cfg_data, tokenizer, *, global_batch_size: int, seed: int, process_ind
     seq_len = o("seq_len", 1024, lambda v: is_int(v) and v >= 2, "an integer >= 2")
     packing = o("packing", True, lambda v: isinstance(v, bool), "True or False")
     overlong = o("overlong", "truncate", lambda v: v in ("truncate", "drop"), "'truncate' or 'drop'")
-    train_on_prompt = o("train_on_prompt", False, lambda v: isinstance(v, bool), "True or False")
+    o("train_on_prompt", False, lambda v: isinstance(v, bool), "True or False")
     num_epochs = o("num_epochs", 0, lambda v: is_int(v) and v >= 0, "an integer >= 0, 0 = forever")
-    read = functools.partial(
-        read_examples,
-        field_map=parse_field_map(o("field_map", "", lambda v: True, ""), "data.field_map"),
-        default_instruction=o("default_instruction", "", is_str, "a string"),
-        text_split=o("text_split", "line", lambda v: v in ("line", "paragraph"),
-                     "'line' or 'paragraph'"),
-        skip_invalid=o("skip_invalid", False, lambda v: isinstance(v, bool), "True or False"),
-        tfds_data_dir=o("tfds_data_dir", "", is_str, "a directory, empty for the TFDS default"))
+    parse_field_map(o("field_map", "", lambda v: True, ""), "data.field_map")
+    o("default_instruction", "", is_str, "a string")
+    o("text_split", "line", lambda v: v in ("line", "paragraph"), "'line' or 'paragraph'")
+    o("skip_invalid", False, lambda v: isinstance(v, bool), "True or False")
+    o("tfds_data_dir", "", is_str, "a directory, empty for the TFDS default")
+    o("cache_dir", "", is_str, "a local or gs:// directory, empty for ~/.cache/gemma_jax/data")
+    workers = o("num_workers", 0, lambda v: is_int(v) and v >= 0, "an integer >= 0, 0 = all cores")
     if eval_spec and frac:
         raise DataError("data.eval and data.eval_fraction are both set; use one")
-    train_ex, train_skipped = read(train_spec)
-    eval_ex, eval_skipped = [], collections.Counter()
+    lo, hi = _local_slice(global_batch_size, process_index, process_count)
+    ensure = functools.partial(cache_lib.ensure, tokenizer=tokenizer, cfg_data=cfg_data, num_workers=workers,
+                               process_index=process_index, process_count=process_count)
+    mixture = parse_mixture(train_spec)
+    caches = [ensure(part) for part, _ in mixture]
+    reader = _Reader(caches)
+    ids = [np.arange(reader.offsets[i], reader.offsets[i + 1]) for i in range(len(caches))]
+    eval_reader = eval_ids = None
     if eval_spec:
-        eval_ex, eval_skipped = read(eval_spec)
-    elif frac:
-        train_ex, eval_ex = holdout(train_ex, frac, seed=seed)
-    pk = functools.partial(pack, seq_len=seq_len, pad_id=tokenizer.pad_id, packing=packing,
-                           overlong=overlong)
-    rows, train_stats = pk(encode(train_ex, tokenizer, train_on_prompt=train_on_prompt), seed=seed)
-    train_stats["skipped"] = dict(train_skipped)
+        if parse_mixture(eval_spec, "data.eval")[0][1] is not None:
+            raise DataError("data.eval: weights are for data.train mixtures; name the eval files without :WEIGHT")
+        eval_cache = ensure(eval_spec)
+        eval_reader, eval_ids = _Reader([eval_cache]), np.arange(len(eval_cache))
+        eval_skipped = dict(eval_cache.manifest["skipped"])
+    elif frac:  # the same split as holdout(read_examples(train), frac, seed)
+        n = int(reader.offsets[-1])
+        n_eval = max(1, round(frac * n))
+        if n_eval >= n:
+            raise DataError(f"data.eval_fraction={frac} leaves no training examples ({n} in total)")
+        held = np.zeros(n, bool)
+        held[np.random.default_rng(seed).permutation(n)[:n_eval]] = True
+        eval_reader, eval_ids, eval_skipped = reader, np.flatnonzero(held), {}
+        ids = [i[~held[i]] for i in ids]
+    components = [(i, 1.0 if w is None else w) for i, (_, w) in zip(ids, mixture)]
+    empty = [part for (part, w), i in zip(mixture, ids) if w and not len(i)]
+    if empty:
+        raise DataError(f"data.train: mixture part {empty[0]!r} has no training examples left")
+    if sum(len(i) for i, _ in components) == 0:
+        raise DataError(f"{train_spec}: no training examples")
+    epochs = _Epochs(reader, components, seq_len=seq_len, packing=packing, overlong=overlong, seed=seed,
+                     num_epochs=num_epochs)
+    train_stats = dict(epochs.plan(0)[1])
+    train_stats["skipped"] = _skipped(caches)
+    _loss_check("train", reader, epochs.examples(0), train_stats, seq_len)
+    if len(mixture) > 1:
+        train_stats["mixture"] = {part: dict(weight=w, examples=len(i), per_epoch=int(c))
+                                  for (part, w), i, c in zip(mixture, ids, epochs.counts)}
+    train_stats["cache"] = [c.dir for c in caches]
     stats = {"train": train_stats}
     evals = []
-    if eval_ex:
-        eval_rows, stats["eval"] = pk(encode(eval_ex, tokenizer, train_on_prompt=train_on_prompt),
-                                      seed=0)
-        stats["eval"]["skipped"] = dict(eval_skipped)
-        evals = eval_batches(eval_rows, global_batch_size=global_batch_size,
-                             pad_id=tokenizer.pad_id, process_index=process_index,
-                             process_count=process_count)
+    if eval_ids is not None and len(eval_ids):
+        kept, row_start, stats["eval"] = _rows(eval_reader, eval_ids, seq_len, packing, overlong, seed=0)
+        stats["eval"]["skipped"] = eval_skipped
+        _loss_check("eval", eval_reader, eval_ids, stats["eval"], seq_len)
+        evals = EvalBatches(eval_reader, [kept[a:b] for a, b in zip(row_start[:-1], row_start[1:])],
+                            seq_len=seq_len, global_batch_size=global_batch_size, pad_id=tokenizer.pad_id,
+                            lo=lo, hi=hi)
     nrows = train_stats["rows"]
-    num_batches = nrows * num_epochs // global_batch_size if num_epochs else None
+    num_batches = None
     if num_epochs:
-        train_stats["unused_remainder_rows"] = nrows * num_epochs % global_batch_size
+        total = epochs.total_rows()
+        if total < global_batch_size:
+            raise DataError(f"{total} packed rows x {num_epochs} epochs do not fill one global batch of "
+                            f"{global_batch_size}")
+        num_batches = total // global_batch_size
+        train_stats["unused_remainder_rows"] = total % global_batch_size
     for split, s in stats.items():
         logging.info("data %s: %s", split, ", ".join(
             f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
-    train = train_iterator(rows, global_batch_size=global_batch_size, seed=seed,
-                           num_epochs=num_epochs, process_index=process_index,
-                           process_count=process_count)
-    return Data(train=train, eval=evals, stats=stats, rows_per_epoch=nrows,
-                global_batch_size=global_batch_size, num_batches=num_batches)
+    ds = grain.MapDataset.range(num_batches or 2**62).map(_Batch(epochs, global_batch_size, lo, hi, tokenizer.pad_id))
+    # A small prefetch in threads: the reads and fills run beside the train step.
+    train = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+    return Data(train=train, eval=evals, stats=stats, rows_per_epoch=nrows, global_batch_size=global_batch_size,
+                num_batches=num_batches, epochs=epochs)
