@@ -95,10 +95,22 @@ def local_copy(path) -> str:
 
 @contextlib.contextmanager
 def staged_dir(path):
-    """Yields a local directory to write into; a remote `path` receives its files at the end."""
+    """Yields a local directory to write into; `path` receives its files at the end.
+
+    Locally each file is renamed into place (a kill leaves the old file or the new one under
+    each name, never half of one); a remote `path` receives whole objects by upload."""
     if not is_remote(path):
         os.makedirs(path, exist_ok=True)
-        yield path
+        tmp = tempfile.mkdtemp(prefix=".staged-", dir=path)
+        try:
+            yield tmp
+            for root, _, files in os.walk(tmp):
+                rel = os.path.relpath(root, tmp)
+                os.makedirs(os.path.join(path, rel), exist_ok=True)
+                for name in files:
+                    os.replace(os.path.join(root, name), os.path.join(path, rel, name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return
     with tempfile.TemporaryDirectory(prefix="gemma_jax_stage_") as tmp:
         yield tmp
