@@ -63,7 +63,6 @@ def main():
     root = Path(tempfile.mkdtemp())
     hf = root / "hf"
     gemma_jax.save(str(hf), config, params, format="hf", tokenizer=str(tok.path))
-    th._hf_tokenizer_files(hf, tok)
     tasks = root / "tasks"
     tasks.mkdir()
     with open(tasks / "mc.jsonl", "w") as f:

@@ -11,17 +11,14 @@ carry loss between [[ and ]] and exits, to check the loss mask before training.
 from __future__ import annotations
 
 import json
+import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from gemma_jax import errors
+from gemma_jax import cli, config as config_lib
 from gemma_jax.data import cache as cache_lib
 from gemma_jax.data import pipeline
 from gemma_jax.data.schema import DataError
-
-FLAGS = flags.FLAGS
-
 
 def _tokenizer(cfg):
     """data.tokenizer, else the one beside model.init_checkpoint (as training finds it)."""
@@ -58,27 +55,34 @@ def prepare(cfg, *, num_workers: int = 0, preview: int = 0, rebuild: bool = Fals
     return out
 
 
-def main(argv) -> None:
-    del argv
-    cfg = FLAGS.config
-    if FLAGS.cache_dir:  # until config.py has data.cache_dir, and beside it
-        with cfg.unlocked():
-            cfg.data.cache_dir = FLAGS.cache_dir
-    errors.run_cli(prepare, cfg, num_workers=FLAGS.num_workers, preview=FLAGS.preview,
-                   rebuild=FLAGS.rebuild)
+def main(fv: flags.FlagValues, args: list[str]) -> int:
+    """Entry point of `python -m gemma_jax.prepare`."""
+    cli.no_positional(args)
+    cfg = fv.config
+    if fv.cache_dir:
+        cfg.data.cache_dir = fv.cache_dir
+    workers = fv.num_workers or int(cfg.data.get("num_workers", 0))
+    prepare(cfg, num_workers=workers, preview=fv.preview, rebuild=fv.rebuild)
+    return 0
 
 
-def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/legal.py:tiny.",
-                                    lock_config=False)
-    flags.DEFINE_string("cache_dir", "", "Overrides data.cache_dir (default ~/.cache/gemma_jax/data).")
-    flags.DEFINE_integer("num_workers", 0, "Tokenizer processes; 0: all cores.")
-    flags.DEFINE_integer("preview", 0, "Print this many formatted examples with [[trained spans]] and exit.")
-    flags.DEFINE_bool("rebuild", False, "Build the cache again even when a complete one exists.")
-    flags.DEFINE_bool("debug", False, "Show the traceback of user errors.")
-    flags.mark_flags_as_required(["config"])
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    """The flags of `python -m gemma_jax.prepare`."""
+    config_lib.define_config_flag("config", None, "experiment config file, e.g. configs/legal.py:tiny; override keys "
+                                  "with --config.KEY=VALUE", flag_values=fv)
+    flags.DEFINE_string("cache_dir", "", "overrides data.cache_dir (default: $GEMMA_JAX_DATA_CACHE, else "
+                        "~/.cache/gemma_jax/data)", flag_values=fv)
+    flags.DEFINE_integer("num_workers", 0, "tokenizer processes; 0: data.num_workers, else all cores", flag_values=fv)
+    flags.DEFINE_integer("preview", 0, "print this many formatted examples with [[trained spans]] and exit",
+                         flag_values=fv)
+    flags.DEFINE_bool("rebuild", False, "build the cache again even when a complete one exists", flag_values=fv)
+    cli.require(fv, "config")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """`python -m gemma_jax.prepare` (argv None) or the same flags in-process."""
+    return cli.run(main, define_flags, argv, prog="python -m gemma_jax.prepare")
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    sys.exit(run())

@@ -70,21 +70,6 @@ def _write_tasks(root: Path) -> Path:
     return tasks
 
 
-def _hf_tokenizer_files(path: Path, tok: Tokenizer) -> None:
-    """tokenizer_config.json (and generation_config.json) for AutoTokenizer, if the export lacks them."""
-    if not (path / "tokenizer_config.json").exists():
-        special = {tok.pad_id: "<pad>", tok.eos_id: "<eos>", tok.bos_id: "<bos>", tok.unk_id: "<unk>",
-                   tok.start_of_turn_id: "<start_of_turn>", tok.end_of_turn_id: "<end_of_turn>"}
-        added = {str(i): dict(content=c, special=True, lstrip=False, rstrip=False, normalized=False,
-                              single_word=False) for i, c in special.items()}
-        (path / "tokenizer_config.json").write_text(json.dumps(dict(
-            tokenizer_class="GemmaTokenizer", add_bos_token=True, add_eos_token=False, bos_token="<bos>",
-            eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", added_tokens_decoder=added)))
-    if not (path / "generation_config.json").exists():  # Gemma stops at <eos> and <end_of_turn>
-        (path / "generation_config.json").write_text(json.dumps(dict(
-            bos_token_id=tok.bos_id, eos_token_id=[tok.eos_id, tok.end_of_turn_id], pad_token_id=tok.pad_id)))
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     import jax
@@ -99,8 +84,7 @@ def setup(tmp_path_factory):
     params = jax.tree_util.tree_map_with_path(one, gemma_jax.model.param_shapes(CFG))
     hf = root / "hf"
     gemma_jax.save(str(hf), CFG, params, format="hf", tokenizer=str(TOKENIZER))
-    tok = Tokenizer(str(TOKENIZER))
-    _hf_tokenizer_files(hf, tok)
+    tok = Tokenizer(str(TOKENIZER))  # the export carries tokenizer_config.json and generation_config.json
     return dict(root=root, hf=hf, tasks=_write_tasks(root), params=params, tok=tok)
 
 

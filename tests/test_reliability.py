@@ -331,6 +331,42 @@ except Exception as e:
     assert records[-1]["step"] <= 6, "training went on long after the failed save"
 
 
+# ----------------------------------------------------------------------------- 6. signals
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_saves_at_the_step_boundary_and_a_second_one_aborts(tmp_path, monkeypatch, presses):
+    """Ctrl-C during step 3: the run saves step 3 and returns (exit 0 on the command line); a
+    second Ctrl-C aborts at once with KeyboardInterrupt and saves nothing. The subprocess version
+    for SIGTERM is test_train::test_sigterm_saves_and_resume_finishes."""
+    import signal
+
+    from gemma_jax.train.state import Trainer
+
+    real_step = Trainer.step
+
+    def step(self, state, batch):
+        out = real_step(self, state, batch)
+        if int(jax.device_get(out[0]["step"])) == 3:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step)
+    wd = tmp_path / "wd"
+    cfg = _cfg(steps=20, batch_size=8, seq_len=64)
+    before = signal.getsignal(signal.SIGINT)
+    if presses == 1:
+        assert train.run(cfg, str(wd))["step"] == 3
+        assert _steps(wd) == [3]
+        assert json.loads((wd / "manifest.json").read_text())["runs"][-1]["status"] == "stopped"
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            train.run(cfg, str(wd))
+        assert _steps(wd) == []
+    assert signal.getsignal(signal.SIGINT) == before
+
+
 # ----------------------------------------------------------------------------- 7. finishing stages
 
 

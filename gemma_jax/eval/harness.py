@@ -293,13 +293,19 @@ class GemmaJaxLM(TemplateLM):
 # ----------------------------------------------------------------------------- running tasks
 
 
-def task_manager(tasks, include_path: str | None = None):
-    """(task names, lm_eval TaskManager); raises UserError naming any task it does not know."""
+@functools.lru_cache(maxsize=8)
+def _manager(include_path: str | None):
+    # Indexing lm_eval's thousands of task YAMLs takes ~10 s; evaluate asks for it up to three times.
     from lm_eval.tasks import TaskManager
 
+    return TaskManager(include_path=include_path)
+
+
+def task_manager(tasks, include_path: str | None = None):
+    """(task names, lm_eval TaskManager); raises UserError naming any task it does not know."""
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-    manager = TaskManager(include_path=include_path)
+    manager = _manager(None if include_path is None else str(include_path))
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
         where = f" or in {include_path}" if include_path else " (pass --include_path for local task YAMLs)"
