@@ -19,3 +19,15 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The tokenized data cache of every test run goes to a temporary directory, not ~/.cache.
 os.environ.setdefault("GEMMA_JAX_DATA_CACHE", os.path.join(tempfile.gettempdir(), "gemma_jax_test_data_cache"))
+
+# The longest files first: pytest-xdist (--dist loadfile) hands files to the two workers in
+# collection order, so a long file collected last leaves one worker idle while the other
+# finishes it. Longest-first keeps both busy to the end (seconds: a cold run on 2 cores).
+_LONGEST_FIRST = ["test_multiprocess.py", "test_train.py", "test_dpo.py", "test_reliability.py", "test_harness.py",
+                  "test_cli.py", "test_train_lora.py", "test_checkpoint.py", "test_model.py", "test_data_cache.py",
+                  "test_evaluate.py", "test_sample.py", "test_data.py", "test_flash_gpu.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise

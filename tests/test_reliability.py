@@ -134,6 +134,15 @@ def test_changed_training_data_is_an_optimisation_change(tmp_path):
         train.run(cfg, str(tmp_path / "wd"))
 
 
+def test_mixture_spec_is_fingerprinted_and_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = _cfg(steps=1, batch_size=8, seq_len=64)
+    cfg.data.train = "data/legal/train.jsonl:0.8,data/legal/eval.jsonl:0.2"
+    assert train.run(cfg, str(tmp_path / "wd"))["step"] == 1
+    recorded = json.loads((tmp_path / "wd" / "config.json").read_text())["data"]["train"]
+    assert recorded == f"{REPO}/data/legal/train.jsonl:0.8,{REPO}/data/legal/eval.jsonl:0.2"
+
+
 def test_workdir_that_is_the_init_checkpoint_is_refused(tmp_path):
     ckpt = tmp_path / "hf"
     ckpt.mkdir()
@@ -265,17 +274,27 @@ def _largest_data_file(step_dir: Path) -> Path:
     return max(files, key=lambda p: p.stat().st_size)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "no_meta"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
-    wd = tmp_path / "wd"
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A 4-step workdir with checkpoints at steps 2 and 4 (copied by each damage case)."""
+    wd = tmp_path_factory.mktemp("two") / "wd"
     cfg = _cfg(steps=4, batch_size=8, seq_len=64)
     cfg.checkpoint.every_steps = 2
-    train.run(cfg, str(wd), stop_after=2)
-    train.run(cfg, str(wd), stop_after=2)
+    train.run(cfg, str(wd))
     assert _steps(wd) == [2, 4]
+    return wd
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "no_meta"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, two_checkpoints, damage):
+    import shutil
+
+    wd = tmp_path / "wd"
+    shutil.copytree(two_checkpoints, wd)
+    cfg = _cfg(steps=4, batch_size=8, seq_len=64)
+    cfg.checkpoint.every_steps = 2
     latest = wd / "checkpoints" / "4"
     if damage == "no_meta":
-        import shutil
         shutil.rmtree(latest / "meta")
     else:
         f = _largest_data_file(latest)
@@ -290,10 +309,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, dama
             lo, hi = size // 4, 3 * size // 4
             data[lo:hi] = rng.integers(0, 256, hi - lo, dtype=np.uint8).tobytes()
             f.write_bytes(bytes(data))
-    cfg.train.steps = 4
     out = train.run(cfg, str(wd))
     assert out["step"] == 4
-    assert [r["step"] for r in loss_records(wd)][-2:] == [3, 4], "did not retrain steps 3-4 from step 2"
+    assert [r["step"] for r in loss_records(wd)] == [1, 2, 3, 4, 3, 4], "did not retrain steps 3-4 from step 2"
     damaged = list((wd / checkpoints.DAMAGED).iterdir())
     assert len(damaged) == 1 and damaged[0].name.startswith("4-")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(gemma_jax.load(str(wd))[1]))

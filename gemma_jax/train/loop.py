@@ -114,7 +114,7 @@ def _run(cfg, workdir: str, stop_after: int | None) -> dict[str, Any]:
             raise divergence.DivergedError(
                 f"the last {watch.in_row} steps up to step {step} were not finite: the state was not saved or exported")
         manager.close()
-        final = finish(r, state, step, logger) if step == last else None
+        final = finish(r, state, step, logger, trained=step > start) if step == last else None
         metrics = logger.close()
         metrics.update(final or {})
         status = "stopped" if final is None else "finished"
@@ -139,11 +139,15 @@ def final_step(r: "Run") -> int:
     return steps
 
 
-def finish(r: "Run", state, step: int, logger) -> dict[str, Any]:
+def finish(r: "Run", state, step: int, logger, *, trained: bool = True) -> dict[str, Any]:
     """The stages after the last step: final eval, then export. Each is recorded in the manifest
     once done, so a re-run of a finished workdir does only what is missing (a kill during the
-    export, a failed eval) and returns the recorded eval metrics otherwise."""
-    done = r.manifest.setdefault("stages", {}).setdefault(str(step), {})
+    export, a failed eval) and returns the recorded eval metrics otherwise. Steps trained in this
+    invocation (say, again after a damaged checkpoint) make a new final state: all stages rerun."""
+    stages = r.manifest.setdefault("stages", {})
+    if trained:
+        stages.pop(str(step), None)
+    done = stages.setdefault(str(step), {})
     if "eval" not in done:
         metrics = evaluate(r, state, step)
         if metrics:

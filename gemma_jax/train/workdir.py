@@ -31,7 +31,7 @@ from typing import Any
 from absl import logging
 
 from gemma_jax import paths
-from gemma_jax.data import readers
+from gemma_jax.data import pipeline, readers
 from gemma_jax.errors import WorkdirError
 
 MANIFEST = "manifest.json"
@@ -79,26 +79,25 @@ def resolve_config_paths(cfg) -> None:
 
 # --------------------------------------------------------------------------------- fingerprints
 
-def file_digest(path: str, *, whole_below: int = 64 << 20) -> str:
-    """sha256 of a file; of its size, first and last 8 MiB when it is larger than `whole_below`."""
-    p = paths.Path(path)
+def file_digest(path: str, *, whole_below: int = 8 << 20, edge: int = 1 << 20) -> str:
+    """sha256 of a file; of its size and first and last MiB when it is larger than `whole_below`
+    (a resumed run must not read a large corpus just to recognise it)."""
     h = hashlib.sha256()
-    if paths.is_remote(path):
-        data = p.read_bytes()
-        size = len(data)
-        h.update(data if size <= whole_below else data[:8 << 20] + data[-(8 << 20):])
-    else:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            if size <= whole_below:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            else:
-                h.update(f.read(8 << 20))
-                f.seek(-(8 << 20), os.SEEK_END)
-                h.update(f.read())
+    with paths.Path(path).open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(0)
+        if size <= whole_below:
+            h.update(f.read())
+        else:
+            h.update(f.read(edge))
+            f.seek(size - edge)
+            h.update(f.read())
     h.update(str(size).encode())
     return h.hexdigest()
+
+
+MAX_DIGESTED_FILES = 64  # beyond this many files a spec's fingerprint is their names and the first 64
 
 
 def data_fingerprint(spec: str) -> str:
@@ -106,9 +105,12 @@ def data_fingerprint(spec: str) -> str:
     if not spec or not spec.strip():
         return ""
     h = hashlib.sha256()
-    for source in readers.sources(spec):
+    files = 0
+    sources = [src for part, _ in pipeline.parse_mixture(spec) for src in readers.sources(part)]
+    for source in sources:
         h.update(source.encode())
-        if not source.startswith(("tfds:", "hf:")):
+        if not source.startswith(("tfds:", "hf:")) and files < MAX_DIGESTED_FILES and not paths.Path(source).is_dir():
+            files += 1
             h.update(file_digest(source).encode())
     return h.hexdigest()[:16]
 
