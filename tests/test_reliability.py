@@ -113,13 +113,10 @@ def test_optimisation_change_needs_allow_changes_and_history_is_kept(tmp_path):
     assert runs[1]["changes"]["opt.lr"][1] == 5e-3
     assert json.loads((wd / "config.json").read_text())["opt"]["lr"] == 5e-3
 
-
-def test_harmless_change_just_works(tmp_path):
-    wd = tmp_path / "wd"
-    cfg = _cfg(steps=2, batch_size=8, seq_len=64)
-    train.run(cfg, str(wd), stop_after=1)
+    # Harmless changes (logging, checkpoint cadence, another mesh) need no override.
+    cfg.train.allow_changes = False
     cfg.train.log_every, cfg.checkpoint.every_steps, cfg.mesh.data = 2, 7, 4
-    assert train.run(cfg, str(wd))["step"] == 2
+    assert train.run(cfg, str(wd))["step"] == 3
 
 
 def test_changed_training_data_is_an_optimisation_change(tmp_path):
@@ -352,11 +349,9 @@ except Exception as e:
 # ----------------------------------------------------------------------------- 6. signals
 
 
-@pytest.mark.parametrize("presses", [1, 2])
-def test_ctrl_c_saves_at_the_step_boundary_and_a_second_one_aborts(tmp_path, monkeypatch, presses):
-    """Ctrl-C during step 3: the run saves step 3 and returns (exit 0 on the command line); a
-    second Ctrl-C aborts at once with KeyboardInterrupt and saves nothing. The subprocess version
-    for SIGTERM is test_train::test_sigterm_saves_and_resume_finishes."""
+def test_ctrl_c_saves_at_the_step_boundary(tmp_path, monkeypatch):
+    """Ctrl-C during step 3: the run saves step 3 and returns (exit 0 on the command line). The
+    subprocess version for SIGTERM is test_train::test_sigterm_saves_and_resume_finishes."""
     import signal
 
     from gemma_jax.train.state import Trainer
@@ -366,23 +361,30 @@ def test_ctrl_c_saves_at_the_step_boundary_and_a_second_one_aborts(tmp_path, mon
     def step(self, state, batch):
         out = real_step(self, state, batch)
         if int(jax.device_get(out[0]["step"])) == 3:
-            for _ in range(presses):
-                os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
         return out
 
     monkeypatch.setattr(Trainer, "step", step)
     wd = tmp_path / "wd"
-    cfg = _cfg(steps=20, batch_size=8, seq_len=64)
     before = signal.getsignal(signal.SIGINT)
-    if presses == 1:
-        assert train.run(cfg, str(wd))["step"] == 3
-        assert _steps(wd) == [3]
-        assert json.loads((wd / "manifest.json").read_text())["runs"][-1]["status"] == "stopped"
-    else:
-        with pytest.raises(KeyboardInterrupt):
-            train.run(cfg, str(wd))
-        assert _steps(wd) == []
+    assert train.run(_cfg(steps=20, batch_size=8, seq_len=64), str(wd))["step"] == 3
+    assert _steps(wd) == [3]
+    assert json.loads((wd / "manifest.json").read_text())["runs"][-1]["status"] == "stopped"
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_second_ctrl_c_aborts_at_once():
+    import signal
+
+    from gemma_jax.train.signals import StopRequests
+
+    with StopRequests() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs at the next bytecode boundary
+                pass
 
 
 # ----------------------------------------------------------------------------- 7. finishing stages
