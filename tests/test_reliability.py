@@ -229,9 +229,9 @@ def test_diverging_run_stops_nonzero_keeps_last_finite_checkpoint_and_never_expo
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), f"non-finite checkpoint kept: {steps}"
     records = [r for r in loss_records(wd) if r["step"] > 4]
     assert records and any(r.get("nonfinite") for r in records), "skipped steps not logged"
-    if steps == [4]:  # the last finite state of the first run survived rotation
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(good)):
-            np.testing.assert_array_equal(a, b)
+    assert steps == [4], "rotation deleted the last good checkpoint"
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(good)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_skipped_step_leaves_params_and_optimizer_untouched():

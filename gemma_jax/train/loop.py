@@ -171,7 +171,7 @@ def _write_manifest(r: "Run") -> None:
 
 def _record_end(r: "Run", status: str) -> None:
     if r.manifest and r.manifest.get("runs"):
-        r.manifest["runs"][-1].update(ended=workdir_lib._now(), status=status)
+        r.manifest["runs"][-1].update(ended=workdir_lib.now(), status=status)
         with contextlib.suppress(Exception):
             _write_manifest(r)
 

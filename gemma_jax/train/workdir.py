@@ -31,7 +31,7 @@ from typing import Any
 from absl import logging
 
 from gemma_jax import paths
-from gemma_jax.data import pipeline, readers
+from gemma_jax.data import cache, pipeline, readers
 from gemma_jax.errors import WorkdirError
 
 MANIFEST = "manifest.json"
@@ -133,7 +133,7 @@ def identity(cfg, config, tokenizer_path: str, *, lora: bool, uses_reference: bo
     """What the checkpoints' arrays depend on: change any of it and they no longer fit or mean
     the same. Keys are the config keys a user would change."""
     ident: dict[str, Any] = {f"model.{k}": getattr(config, k) for k in SHAPE_FIELDS}
-    ident["tokenizer (sha256)"] = file_digest(tokenizer_path)[:16]
+    ident["tokenizer (sha256)"] = cache.tokenizer_sha256(paths.local_copy(tokenizer_path))[:16]
     ident["train.objective"] = str(cfg.train.objective)
     ident["lora.rank"] = int(cfg.lora.rank)
     if lora:
@@ -178,7 +178,7 @@ def _legacy_identity(workdir: str) -> dict[str, Any] | None:
     ident = {f"model.{k}": m[k] for k in SHAPE_FIELDS if k in m}
     tok = paths.join(workdir, "tokenizer.model")
     if paths.exists(tok):
-        ident["tokenizer (sha256)"] = file_digest(tok)[:16]
+        ident["tokenizer (sha256)"] = cache.tokenizer_sha256(paths.local_copy(tok))[:16]  # the data cache's key too
     lora_json = paths.Path(paths.join(workdir, "lora.json"))
     ident["lora.rank"] = int(json.loads(lora_json.read_text())["rank"]) if lora_json.exists() else 0
     return ident
@@ -218,15 +218,16 @@ def check(workdir: str, cfg, ident: dict, *, resuming: bool) -> dict:
         if changes and resuming:
             logging.warning("resuming %s with changed settings (train.allow_changes=True):\n%s", workdir,
                             _lines(changes))
-    manifest = manifest or dict(format=FORMAT, created=_now(), runs=[], stages={})
+    manifest = manifest or dict(format=FORMAT, created=now(), runs=[], stages={})
     manifest["identity"], manifest["settings"] = ident, now_settings
-    manifest["runs"].append(dict(started=_now(), host=socket.gethostname(), pid=os.getpid(),
+    manifest["runs"].append(dict(started=now(), host=socket.gethostname(), pid=os.getpid(),
                                  argv=list(sys.argv), resumed=bool(resuming), changes=changes,
                                  config=json.loads(cfg.to_json_best_effort())))
     return manifest
 
 
-def _now() -> str:
+def now() -> str:
+    """UTC time as recorded in manifest.json and the lock."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -253,7 +254,7 @@ class WorkdirLock:
         self._thread = None
 
     def holder(self) -> dict:
-        return dict(host=socket.gethostname(), pid=os.getpid(), started=_now(), token=self.token,
+        return dict(host=socket.gethostname(), pid=os.getpid(), started=now(), token=self.token,
                     argv=" ".join(sys.argv))
 
     def __enter__(self):
