@@ -25,6 +25,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(REPO, "data", "tokenizer.model")
+sys.path.insert(0, REPO)  # runs from a checkout without an install
 
 
 def _cfg(train, cache_dir, seq_len, num_workers):

@@ -95,13 +95,22 @@ def test_cache_reused_and_rebuilt_only_when_inputs_change(tok, tmp_path, monkeyp
     assert other not in (first, touched, prompt) and len(builds) == 3
 
 
-def test_workers_write_the_same_cache_as_one_process(tok, tmp_path):
+def test_workers_write_the_same_cache_as_one_process(tok, tmp_path, monkeypatch):
+    # 300 examples in shards of 32: ten shards, written by two workers (one per process), in order.
+    monkeypatch.setattr(cache_lib, "SHARD_EXAMPLES", 32)
     opts = cache_lib.options_of(cfg(tmp_path))
     one = cache_lib.Cache(cache_lib.build(LEGAL, tok, opts, str(tmp_path / "a"), num_workers=1))
     two = cache_lib.Cache(cache_lib.build(LEGAL, tok, opts, str(tmp_path / "b"), num_workers=2))
+    assert [s["examples"] for s in two.manifest["shards"]] == [32] * 9 + [12]
+    assert one.manifest["shards"] == two.manifest["shards"]
+    for s in two.manifest["shards"]:
+        assert os.path.getsize(os.path.join(two.dir, s["file"])) > 0
     np.testing.assert_array_equal(one.lengths, two.lengths)
     encoded = data.encode(data.read_examples(LEGAL)[0], tok)
-    for (ids, mask), (i1, m1), (i2, m2) in zip(encoded, one.read(range(300)), two.read(range(300))):
+    rng = np.random.default_rng(0)
+    order = rng.permutation(300)  # random access across shard boundaries
+    for i, (i1, m1), (i2, m2) in zip(order, one.read(order), two.read(order)):
+        ids, mask = encoded[i]
         np.testing.assert_array_equal(ids, i1)
         np.testing.assert_array_equal(ids, i2)
         np.testing.assert_array_equal(mask, m1)

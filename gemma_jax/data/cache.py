@@ -14,9 +14,10 @@ remote ``gs://`` cache: shards first, the manifest last), so a killed build is n
 
 Validation runs in the reading process, in order, so a bad record raises the same
 ``file:line: field ...`` DataError as the in-memory path (or is counted with ``skip_invalid``);
-tokenizing runs in ``num_workers`` worker processes (default: all cores, at most 32; 1: in this
-process; forked, or spawned once jax is loaded), fed in order through a bounded window, so memory
-does not grow with the corpus.
+tokenizing and writing run in ``num_workers`` worker processes (default: all cores, at most 32; 1:
+in this process; forked, or spawned once jax is loaded), one shard of SHARD_EXAMPLES examples per
+task, each worker writing its own shard files; at most two shards per worker are in flight, so
+memory does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ FORMAT_VERSION = 1
 OPTIONS = ("train_on_prompt", "field_map", "default_instruction", "text_split", "skip_invalid", "tfds_data_dir")
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "gemma_jax", "data")
 CACHE_DIR_ENV = "GEMMA_JAX_DATA_CACHE"  # the default when data.cache_dir is empty (e.g. for test runs)
-SHARD_EXAMPLES = 16384  # records per shard: small enough to build shards in parallel later
-_CHUNK = 64  # examples per worker task
+SHARD_EXAMPLES = 1024  # records per shard = one worker task: 2 workers share 20k examples evenly
 MAX_DEFAULT_WORKERS = 32
 # One record per chunk: a random read decodes only its record; zstd:1 compresses ids ~2x, cheaply.
 _WRITER_OPTIONS = "group_size:1,zstd:1"
@@ -208,61 +208,68 @@ def _pool(num_workers, tokenizer_path, train_on_prompt):
     return ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_path, train_on_prompt))
 
 
-def _chunks(spec, options, skipped, per_source):
-    chunk = []
+def _shard_inputs(spec, options, skipped, per_source):
+    """Validated examples of spec in order, SHARD_EXAMPLES at a time: [(turns, text)] per shard."""
+    shard = []
     for source, ex in readers.examples(spec, field_map=options["field_map"],
                                        default_instruction=options["default_instruction"],
                                        text_split=options["text_split"], skip_invalid=options["skip_invalid"],
                                        tfds_data_dir=options["tfds_data_dir"], skipped=skipped):
         per_source[source] += 1
-        chunk.append((ex.turns, ex.text))
-        if len(chunk) == _CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+        shard.append((ex.turns, ex.text))
+        if len(shard) == SHARD_EXAMPLES:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
+def _write_shard(out_dir, k, items):
+    """Tokenizes one shard's examples and writes them as examples-k.array_record (in a worker).
+
+    Workers write their own shards and send back only the lengths: passing every record through
+    the reading process would make it (reading, validating, writing) the bottleneck."""
+    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+    name = f"examples-{k:05d}.array_record"
+    writer = ArrayRecordWriter(os.path.join(out_dir, name), _WRITER_OPTIONS)
+    lengths = []
+    for rec, *lens in _encode_chunk(items):
+        writer.write(rec)
+        lengths.append(lens)
+    writer.close()
+    return dict(file=name, examples=len(lengths)), np.asarray(lengths, np.int32).reshape(-1, 3)
 
 
 def _write(spec, tokenizer, options, out_dir, num_workers, identity, key):
-    """Reads, validates, tokenizes and writes the shards, lengths and manifest into out_dir."""
-    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+    """Reads and validates spec here, tokenizes and writes its shards in workers, then the lengths
+    and the manifest into out_dir."""
     t0 = time.time()
     skipped, per_source = collections.Counter(), collections.Counter()
-    lengths, shards, writer = [], [], None
+    lengths, shards = [], []
 
-    def write(results):
-        nonlocal writer
-        for rec, *lens in results:
-            if writer is None or shards[-1]["examples"] == SHARD_EXAMPLES:
-                if writer is not None:
-                    writer.close()
-                shards.append(dict(file=f"examples-{len(shards):05d}.array_record", examples=0))
-                writer = ArrayRecordWriter(os.path.join(out_dir, shards[-1]["file"]), _WRITER_OPTIONS)
-            writer.write(rec)
-            shards[-1]["examples"] += 1
-            lengths.append(lens)
+    def done(result):
+        shards.append(result[0])
+        lengths.append(result[1])
 
-    chunks = _chunks(spec, options, skipped, per_source)
+    inputs = enumerate(_shard_inputs(spec, options, skipped, per_source))
     if num_workers <= 1:
         _init_worker(tokenizer.path, options["train_on_prompt"])
-        for c in chunks:
-            write(_encode_chunk(c))
+        for k, items in inputs:
+            done(_write_shard(out_dir, k, items))
     else:
         with _pool(num_workers, tokenizer.path, options["train_on_prompt"]) as pool:
-            window = collections.deque()  # in order, at most 4 chunks per worker in flight
-            for c in chunks:
-                window.append(pool.apply_async(_encode_chunk, (c,)))
-                if len(window) >= 4 * num_workers:
-                    write(window.popleft().get())
+            window = collections.deque()  # in order; two shards per worker in flight bound the memory
+            for k, items in inputs:
+                window.append(pool.apply_async(_write_shard, (out_dir, k, items)))
+                if len(window) >= 2 * num_workers:
+                    done(window.popleft().get())
             while window:
-                write(window.popleft().get())
-    if writer is not None:
-        writer.close()
+                done(window.popleft().get())
     if skipped:
         logging.warning("%s: skipped %d invalid records: %s", spec, sum(skipped.values()), dict(skipped))
     if not lengths:
         raise DataError(f"{spec}: no valid examples (skipped: {dict(skipped)})")
-    lens = np.asarray(lengths, np.int32).reshape(-1, 3)
+    lens = np.concatenate(lengths)
     np.save(os.path.join(out_dir, "lengths.npy"), lens)
     q = np.percentile(lens[:, 0], [50, 95, 99]).tolist()
     manifest = dict(
@@ -374,11 +381,9 @@ def preview(spec, tokenizer, cfg_data, n: int) -> str:
     options = options_of(cfg_data)
     _init_worker(tokenizer.path, options["train_on_prompt"])
     out, skipped = [], collections.Counter()
-    for c in _chunks(spec, options, skipped, collections.Counter()):
-        for (rec, *_), (turns, _) in zip(_encode_chunk(c), c):
-            if len(out) == n:
-                break
-            ids, mask = decode_record(rec)
+    for shard in _shard_inputs(spec, options, skipped, collections.Counter()):
+        for item in shard[:n - len(out)]:
+            ids, mask = decode_record(_encode_chunk([item])[0][0])
             text = []
             for start, stop, on in _runs(mask):
                 piece = tokenizer.decode(ids[start:stop])
