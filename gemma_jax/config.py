@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
         tfds_data_dir="",  # TFDS data_dir for tfds: specs ("" is TFDS's default)
         cache_dir="",  # tokenized cache, local or gs://, shared by runs; "" = $GEMMA_JAX_DATA_CACHE, else ~/.cache/gemma_jax/data
         num_workers=0,  # tokenizer processes when the cache is built; 0 = all cores (at most 32)
+        input_workers=0,  # grain worker processes reading train batches ahead; 0 = 2 threads of the trainer
     ))
 
     c.train = ml_collections.ConfigDict(dict(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -115,3 +116,41 @@ def read_safetensors_dir(path) -> dict[str, np.ndarray]:
     for f in sorted(Path(path).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+@contextlib.contextmanager
+def fake_gcs(root):
+    """gs://BUCKET/PATH served from root/BUCKET/PATH through fsspec, the way gcsfs serves a bucket.
+
+    etils.epath reaches gs:// through fsspec's "gcs" protocol when TensorFlow is absent (as here),
+    so every gs:// code path of gemma_jax (paths.Path, readers, the data cache) runs unchanged;
+    only the storage is a local directory. No bucket can be reached from the test machines."""
+    import fsspec
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    class FakeGCS(DirFileSystem):
+        protocol = ("gs", "gcs")
+
+        def __init__(self, *args, **kwargs):  # gcsfs options (finalize_on_close, ...) are ignored
+            super().__init__(path=str(root), fs=LocalFileSystem())
+
+        def _join(self, path):
+            if isinstance(path, str):
+                return os.path.join(self.path, path.split("://", 1)[-1].lstrip("/"))
+            return [self._join(p) for p in path]
+
+    registry = sys.modules["fsspec.registry"]._registry  # what fsspec.registry shows, writable
+    old = {p: registry.get(p) for p in FakeGCS.protocol}
+    for p in FakeGCS.protocol:
+        fsspec.register_implementation(p, FakeGCS, clobber=True)
+    from etils.epath import backend
+    backend.fsspec_backend._get_filesystem.cache_clear()  # epath keeps the filesystems it made
+    try:
+        yield root
+    finally:
+        backend.fsspec_backend._get_filesystem.cache_clear()
+        for p, cls in old.items():
+            registry.pop(p, None)
+            if cls is not None:
+                registry[p] = cls

@@ -211,6 +211,55 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tok, tmp_path, monkeypatch
     assert not all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(straight[per_epoch:], straight))
 
 
+def test_grain_worker_processes_give_the_same_batches_and_resume(tok, tmp_path):
+    import multiprocessing
+    d = data.build(cfg(tmp_path), tok, global_batch_size=8, seed=3)
+    per_epoch = d.rows_per_epoch // 8
+    straight = take(d.train, per_epoch + 3)
+    w = data.build(cfg(tmp_path, input_workers=2), tok, global_batch_size=8, seed=3)
+    first = take(w.train, 2)
+    workers = multiprocessing.active_children()
+    assert len(workers) >= 2  # the batches come from grain's worker processes
+    assert_batches_equal(first, straight[:2])
+    # A state saved by a threaded run resumes with workers (and back): same format, same batches.
+    state = {"next_index": per_epoch - 2}
+    w.train.set_state(state)
+    assert_batches_equal(take(w.train, 5), straight[per_epoch - 2:])
+    assert w.train.get_state() == {"next_index": per_epoch + 3}
+    w.train.close()
+    for p in workers:  # set_state stopped the first workers; close stops the second
+        p.join(10)
+    assert not any(p.is_alive() for p in workers + multiprocessing.active_children())
+
+
+def test_gs_data_and_gs_cache_dir(tok, tmp_path, monkeypatch):
+    import helpers
+    from gemma_jax import paths
+    with helpers.fake_gcs(tmp_path / "bucket_root"):
+        src = "gs://bkt/legal/train.jsonl"
+        paths.Path(src).parent.mkdir(parents=True, exist_ok=True)
+        paths.Path(src).write_bytes(open(LEGAL, "rb").read())
+        c = cfg("gs://bkt/cache", train=src, eval_fraction=0.1)
+        remote = data.build(c, tok, global_batch_size=8, seed=4)
+        key, _ = cache_lib.cache_key(src, tok, cache_lib.options_of(c))
+        stored = sorted(p.name for p in paths.Path(f"gs://bkt/cache/{key}").iterdir())
+        assert stored == ["examples-00000.array_record", "lengths.npy", "manifest.json"]
+        assert (tmp_path / "bucket_root" / "bkt" / "cache" / key / "manifest.json").exists()  # in the bucket
+        local = data.build(cfg(tmp_path / "local", eval_fraction=0.1), tok, global_batch_size=8, seed=4)
+        assert_batches_equal(take(remote.train, 3), take(local.train, 3))
+        assert_batches_equal(list(remote.eval), list(local.eval))
+        # A second run reuses the bucket's cache without a pass over the data ...
+        real_write = cache_lib._write
+        monkeypatch.setattr(cache_lib, "_write", lambda *a: (_ for _ in ()).throw(AssertionError("rebuilt")))
+        again = data.build(c, tok, global_batch_size=8, seed=4)
+        local = data.build(cfg(tmp_path / "local", eval_fraction=0.1), tok, global_batch_size=8, seed=4)
+        assert_batches_equal(take(again.train, 3), take(local.train, 3))
+        # ... and a changed source in the bucket builds a new one.
+        monkeypatch.setattr(cache_lib, "_write", real_write)
+        paths.Path(src).write_bytes(b"".join(open(LEGAL, "rb").readlines()[:100]))
+        assert data.build(c, tok, global_batch_size=8, seed=4).stats["train"]["examples"] == 90
+
+
 def test_eval_streams_and_equals_in_memory_eval_batches(tok, tmp_path):
     d = data.build(cfg(tmp_path, eval=LEGAL_EVAL), tok, global_batch_size=8, seed=0)
     rows, _ = data.pack(data.encode(data.read_examples(LEGAL_EVAL)[0], tok), 256, pad_id=tok.pad_id, seed=0)

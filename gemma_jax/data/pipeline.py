@@ -19,12 +19,13 @@ contributing ``round(w_i / sum(w) * total)``, each component walking its own res
 
 ``build`` reads keys: train, eval, eval_fraction, seq_len, packing, overlong, train_on_prompt,
 skip_invalid, field_map, default_instruction, text_split, num_epochs, tfds_data_dir, cache_dir,
-num_workers (``cfg.get``: absent keys take their defaults). ``train_iterator``/``eval_batches``
+num_workers, input_workers (``cfg.get``: absent keys take their defaults). ``train_iterator``/``eval_batches``
 over in-memory rows stay for preference data.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import functools
@@ -33,7 +34,7 @@ import threading
 from typing import Any
 
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 from gemma_jax.data import cache as cache_lib
 from gemma_jax.data.packing import fill_rows, plan
@@ -95,7 +96,7 @@ def eval_batches(rows, *, global_batch_size: int, pad_id: int = 0, process_index
 @dataclasses.dataclass
 class Data:
     """What build returns: the train iterator, eval batches and counts."""
-    train: Any  # grain DatasetIterator: next() -> local batch dict; get_state()/set_state()
+    train: Any  # TrainIterator (or grain's for preference rows): next() -> local batch; get_state()/set_state()
     eval: Any  # local eval batches, re-iterable (finite, in order, padded rows have loss_mask 0); [] if none
     stats: dict  # {"train": {...}, "eval": {...}}: examples, skipped, truncated, dropped_*, rows, tokens, fill
     rows_per_epoch: int  # of epoch 0 (later epochs are planned afresh and may differ by a few rows)
@@ -209,6 +210,12 @@ class _Epochs:
         counts[np.argsort(-(raw - counts), kind="stable")[:total - counts.sum()]] += 1
         self.counts = counts
 
+    def __getstate__(self):  # pickled into grain worker processes: locks and planner threads stay here
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_ahead")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock(), _ahead=set())
+
     def examples(self, e):
         """Global example ids of epoch e, before packing shuffles them."""
         if len(self.components) == 1:
@@ -286,6 +293,59 @@ class _Batch:
         return _fill(self.epochs.reader, rows, self.epochs.pk["seq_len"], self.pad_id)
 
 
+class TrainIterator:
+    """This process's train batches from batch ``next_index`` on, read ahead by grain: in 2 threads
+    of this process, or in ``workers`` grain worker processes (batch b is made by worker b mod
+    workers, and the batches come back in order).
+
+    The state is ``{"next_index": batches drawn}`` whatever the workers, so a run can resume with
+    another data.input_workers; set_state starts a fresh read-ahead at that batch without making
+    the batches before it.
+    """
+
+    def __init__(self, batch_fn, num_batches, workers):
+        self.batch_fn, self.num_batches, self.workers = batch_fn, num_batches, workers
+        self.next_index, self._it = 0, None
+
+    def _start(self):
+        import grain  # pylint: disable=g-import-not-at-top  (imports jax)
+        ds = grain.MapDataset.range(self.next_index, self.num_batches or 2**62).map(self.batch_fn)
+        # A small read-ahead: grain's default buffer (500 batches) would hold gigabytes of rows.
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+        if self.workers:
+            if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (library use, tests)
+                flags.FLAGS.mark_as_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2))
+        self._it = iter(it)
+        if self.workers:  # workers left running at interpreter exit make grain print tracebacks
+            atexit.register(self.close)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._start()
+        batch = next(self._it)
+        self.next_index += 1
+        if self.workers:  # out of grain's shared memory at once: a block alive at exit makes noise
+            batch = {k: np.array(v) for k, v in batch.items()}
+        return batch
+
+    def get_state(self) -> dict:
+        return {"next_index": self.next_index}
+
+    def set_state(self, state: dict):
+        self.close()
+        self.next_index = int(state["next_index"])
+
+    def close(self):
+        """Stops the read-ahead (and the worker processes); a next() afterwards starts it again."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+
 def _fill(reader, rows, seq_len, pad_id):
     flat = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     examples = iter(reader.read(flat))
@@ -347,8 +407,6 @@ def _skipped(caches):
 def build(cfg_data, tokenizer, *, global_batch_size: int, seed: int, process_index: int = 0,
           process_count: int = 1) -> Data:
     """config.data -> Data(train iterator, eval batches, stats), streamed from the tokenized cache."""
-    import grain  # pylint: disable=g-import-not-at-top  (imports jax)
-
     o = functools.partial(_option, cfg_data)
     is_str = lambda v: isinstance(v, str)  # noqa: E731
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
@@ -368,6 +426,7 @@ def build(cfg_data, tokenizer, *, global_batch_size: int, seed: int, process_ind
     o("tfds_data_dir", "", is_str, "a directory, empty for the TFDS default")
     o("cache_dir", "", is_str, "a local or gs:// directory, empty for ~/.cache/gemma_jax/data")
     workers = o("num_workers", 0, lambda v: is_int(v) and v >= 0, "an integer >= 0, 0 = all cores")
+    input_workers = o("input_workers", 0, lambda v: is_int(v) and v >= 0, "an integer >= 0, 0 = threads")
     if eval_spec and frac:
         raise DataError("data.eval and data.eval_fraction are both set; use one")
     lo, hi = _local_slice(global_batch_size, process_index, process_count)
@@ -429,8 +488,6 @@ def build(cfg_data, tokenizer, *, global_batch_size: int, seed: int, process_ind
     for split, s in stats.items():
         logging.info("data %s: %s", split, ", ".join(
             f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
-    ds = grain.MapDataset.range(num_batches or 2**62).map(_Batch(epochs, global_batch_size, lo, hi, tokenizer.pad_id))
-    # A small prefetch in threads: the reads and fills run beside the train step.
-    train = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+    train = TrainIterator(_Batch(epochs, global_batch_size, lo, hi, tokenizer.pad_id), num_batches, input_workers)
     return Data(train=train, eval=evals, stats=stats, rows_per_epoch=nrows, global_batch_size=global_batch_size,
                 num_batches=num_batches, epochs=epochs)

@@ -45,8 +45,8 @@ OPTIMISATION_PREFIXES = ("opt.", "dpo.", "orpo.", "simpo.", "data.", "train.batc
                          "train.steps", "train.seed", "lora.dropout", "lora.quantize", "lora.base_dtype",
                          "model.dtype", "model.param_dtype", "model.init_checkpoint")
 # ... except these, which only say where things are or what is evaluated.
-HARMLESS = ("data.eval", "data.tfds_data_dir", "data.cache_dir", "data.num_workers", "data.tokenizer",
-            "dpo.precompute_reference")
+HARMLESS = ("data.eval", "data.tfds_data_dir", "data.cache_dir", "data.num_workers", "data.input_workers",
+            "data.tokenizer", "dpo.precompute_reference")
 
 
 # ----------------------------------------------------------------------------------------- paths
