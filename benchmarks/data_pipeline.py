@@ -40,7 +40,9 @@ def child(a):
     from gemma_jax import data
     from gemma_jax.tokenizer import Tokenizer
     t0 = time.time()
-    d = data.build(_cfg(a.corpus, a.cache_dir, a.seq_len, 2), Tokenizer(TOKENIZER), global_batch_size=a.batch, seed=0)
+    cfg = _cfg(a.corpus, a.cache_dir, a.seq_len, 2)
+    cfg.input_workers = a.input_workers
+    d = data.build(cfg, Tokenizer(TOKENIZER), global_batch_size=a.batch, seed=0)
     next(d.train)
     first = time.time()
     real = 0
@@ -94,6 +96,7 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--batches", type=int, default=100)
     p.add_argument("--no_speedup", action="store_true", help="skip the 1-worker build")
+    p.add_argument("--input_workers", type=int, default=0, help="data.input_workers of the warm-cache process")
     p.add_argument("--train", action="store_true",
                    help="also time a 1-step tiny-model training run on the warm cache (seq 2048, batch 4)")
     p.add_argument("--warm_only", action="store_true", help="reuse caches of an earlier run in --dir")
@@ -131,7 +134,8 @@ def main():
         env = {**os.environ, "BENCH_LAUNCHED": repr(time.time()), "PYTHONPATH": REPO}
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--corpus", corpus,
                               "--cache_dir", cache_dir, "--seq_len", str(a.seq_len), "--batch", str(a.batch),
-                              "--batches", str(a.batches)], check=True, capture_output=True, text=True, env=env)
+                              "--batches", str(a.batches), "--input_workers", str(a.input_workers)],
+                             check=True, capture_output=True, text=True, env=env)
         r.update(json.loads(out.stdout.strip().splitlines()[-1]))
         if a.train:
             r.update(train_run(corpus, cache_dir, os.path.join(a.dir, f"wd_{n}")))

@@ -295,8 +295,8 @@ class _Batch:
 
 class TrainIterator:
     """This process's train batches from batch ``next_index`` on, read ahead by grain: in 2 threads
-    of this process, or in ``workers`` grain worker processes (batch b is made by worker b mod
-    workers, and the batches come back in order).
+    of this process, or in ``workers`` grain worker processes (grain deals the batch indices out
+    to the workers and returns the batches in order).
 
     The state is ``{"next_index": batches drawn}`` whatever the workers, so a run can resume with
     another data.input_workers; set_state starts a fresh read-ahead at that batch without making
