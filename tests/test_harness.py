@@ -21,6 +21,7 @@ import lm_eval  # noqa: E402  (the harness extra; in the test extra too)
 import gemma_jax  # noqa: E402
 from gemma_jax.model import ModelConfig  # noqa: E402
 from gemma_jax.tokenizer import Tokenizer  # noqa: E402
+from test_train import init_checkpoint  # noqa: E402,F401  (a fixture: the small model's base checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data" / "tokenizer.model"
@@ -145,3 +146,75 @@ def test_cli_writes_lm_eval_results_json(setup, tmp_path):
     assert "tiny_mc" in (out / "results.md").read_text()
     bad = subprocess.run(base + ["--tasks=no_such_task"], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no_such_task" in bad.stderr.splitlines()[-2], bad.stderr[-2000:]
+
+
+def _hf_scores(hf_lm, pairs):
+    """lm_eval's hf backend on token requests (its own batching, truncation and greedy check)."""
+    return hf_lm._loglikelihood_tokens([(("", ""), list(c), list(x)) for c, x in pairs], disable_tqdm=True)
+
+
+def _greedy(hf_lm, ctx, n):
+    """The torch model's own greedy continuation of ctx (n tokens)."""
+    import torch
+
+    ids = list(ctx)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(hf_lm.model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(ctx):]
+
+
+@pytest.mark.slow
+def test_shared_context_trees_and_long_requests_match_hf_with_greedy_flags(setup, monkeypatch):
+    """Token-level requests: several continuations of one context (scored as one tree), the
+    model's own greedy continuation (greedy True) beside others (False), and requests over
+    PACK_LIMIT (lowered here) that are scored one per row: log-probs within 1e-4, same flags."""
+    from lm_eval.models.huggingface import HFLM
+
+    from gemma_jax.eval import harness as harness_lib
+
+    tok = setup["tok"]
+    hf_lm = HFLM(pretrained=str(setup["hf"]), device="cpu", dtype="float32", batch_size=1)
+    ctx = [tok.bos_id] + tok.encode("The lessee shall pay the rent", add_bos=False)
+    greedy = _greedy(hf_lm, ctx, 5)
+    rng = np.random.default_rng(5)
+    other = [int(t) for t in rng.integers(3, 2000, 6)]
+    long_ctx = [tok.bos_id] + [int(t) for t in rng.integers(3, 2000, 40)]
+    pairs = [(ctx, greedy), (ctx, greedy[:2]), (ctx, other), (ctx, greedy[:3] + other[:2]),
+             (long_ctx, _greedy(hf_lm, long_ctx, 3)), (long_ctx, other[:4]), ([tok.bos_id], other[:3])]
+    monkeypatch.setattr(harness_lib, "PACK_LIMIT", 30)  # the long_ctx requests go one per row
+    got = harness_lib.GemmaJaxLM(str(setup["hf"]), mesh="none", batch_size=4).score_tokens(pairs)
+    ref = _hf_scores(hf_lm, pairs)
+    for (lg, gg), (lr, gr) in zip(got, ref):
+        assert abs(lg - lr) < 1e-4 and gg == gr
+    flags = [g for _, g in got]
+    assert flags[0] and flags[1] and flags[4] and not flags[2] and not flags[5]
+
+
+@pytest.mark.slow
+def test_lora_workdir_is_scored_merged(setup, tmp_path, init_checkpoint):
+    """A LoRA training workdir scores as its merged weights: equal to lm_eval's hf backend on the
+    merged HF export, and different from the base (the adapters count)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from gemma_jax import train
+    from gemma_jax.eval.harness import GemmaJaxLM
+    from test_train_lora import lora_config
+
+    cfg = lora_config(2, rank=4, batch_size=8)
+    cfg.model.init_checkpoint = init_checkpoint
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    cfg.opt.lr, cfg.opt.warmup_steps = 5e-2, 0
+    workdir = tmp_path / "lora_run"
+    assert train.run(cfg, str(workdir))["step"] == 2
+    config, merged = gemma_jax.load(str(workdir))
+    gemma_jax.save(str(tmp_path / "merged_hf"), config, merged, format="hf", tokenizer=str(TOKENIZER))
+    tok = setup["tok"]
+    pairs = [([tok.bos_id] + tok.encode(q, add_bos=False), tok.encode(" " + c, add_bos=False))
+             for q, choices, _ in QUESTIONS for c in choices]
+    ours = GemmaJaxLM(str(workdir), mesh="none").score_tokens(pairs)
+    ref = _hf_scores(HFLM(pretrained=str(tmp_path / "merged_hf"), device="cpu", dtype="float32", batch_size=1), pairs)
+    base = GemmaJaxLM(init_checkpoint, mesh="none", tokenizer=str(TOKENIZER)).score_tokens(pairs)
+    for (lo, go), (lr, gr) in zip(ours, ref):
+        assert abs(lo - lr) < 1e-4 and go == gr
+    assert max(abs(lo - lb) for (lo, _), (lb, _) in zip(ours, base)) > 1e-3

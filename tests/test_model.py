@@ -79,6 +79,38 @@ def test_packed_segments_equal_separate_runs(small):
     assert np.abs(np.asarray(M.logits(cfg, params, packed))[0, 13:] - alone_b).max() > 1e-2
 
 
+def test_branch_rows_equal_each_sequence_alone(small):
+    """Shared-prefix trees (the harness's packed multiple-choice rows): every branch sees its
+    trunk and itself only, at its own positions, so its logits are those of trunk + branch run
+    alone, also where the sliding window (24 here) reaches back into the trunk and across the
+    key blocks of a 288-token row."""
+    cfg, params = small
+    cfg = cfg.replace(sliding_window=24)
+    rng = np.random.default_rng(3)
+    trees = [(rng.integers(0, cfg.vocab_size, 20), [rng.integers(0, cfg.vocab_size, n) for n in (130, 60)]),
+             (rng.integers(0, cfg.vocab_size, 10), [rng.integers(0, cfg.vocab_size, 50)])]
+    tokens, pos, seg, branch = (np.zeros((1, 288), np.int32) for _ in range(4))
+    spans, o = [], 0  # (the sequence alone, its slice in the row, the same tokens' slice alone)
+    for s, (trunk, branches) in enumerate(trees, 1):
+        n = len(trunk)
+        tokens[0, o:o + n], pos[0, o:o + n], seg[0, o:o + n] = trunk, np.arange(n), s
+        spans.append((trunk, slice(o, o + n), slice(0, n)))
+        o += n
+        for b, x in enumerate(branches, 1):
+            m = len(x)
+            tokens[0, o:o + m], pos[0, o:o + m], seg[0, o:o + m], branch[0, o:o + m] = x, n + np.arange(m), s, b
+            spans.append((np.concatenate([trunk, x]), slice(o, o + m), slice(n, n + m)))
+            o += m
+    out = np.asarray(M.Transformer(cfg).apply({"params": params}, tokens, pos, seg, branch_BT=branch))[0]
+    for whole, in_row, alone_part in spans:
+        alone = np.asarray(M.logits(cfg, params, whole[None]))[0]
+        np.testing.assert_allclose(out[in_row], alone[alone_part], atol=1e-4)
+    # Without branch ids the second branch would see the first: a real difference.
+    plain = np.asarray(M.Transformer(cfg).apply({"params": params}, tokens, pos, seg))[0]
+    whole, in_row, alone_part = spans[2]
+    assert np.abs(plain[in_row] - np.asarray(M.logits(cfg, params, whole[None]))[0][alone_part]).max() > 1e-2
+
+
 def test_explicit_positions_match_segment_positions():
     seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
     np.testing.assert_array_equal(np.asarray(M.segment_positions(seg)), [[0, 1, 2, 0, 1, 0, 0, 1]])

@@ -4,10 +4,12 @@
 harness sends. Tokenisation, truncation, rolling windows and stop handling follow lm_eval's own
 `hf` backend, so scores are comparable with it:
 
-  loglikelihood          requests sorted by length into bucketed [rows, T] batches, one compiled
-                         forward per bucket; float32 log-softmax over the tokenizer's vocabulary,
-                         [tokens, vocab] logits one chunk at a time; exact continuation log-probs
-                         and greedy flags;
+  loglikelihood          requests sharing a context (a question's choices) scored as one tree:
+                         the context once, each continuation a branch that sees it (model
+                         branch_BT masks); trees packed into rows of PACK_LEN tokens, one
+                         compiled forward per row length; float32 log-softmax over the
+                         tokenizer's vocabulary, [tokens, vocab] logits one chunk at a time;
+                         exact continuation log-probs and greedy flags;
   loglikelihood_rolling  documents cut into windows of the model's length (lm_eval's windows),
                          scored as loglikelihood requests;
   generate_until         the KV-cache sampler (gemma_jax.sample.generate_ids): `until` stop
@@ -45,6 +47,8 @@ except ImportError as exc:  # an optional extra: say how to get it
 
 HARNESS_NAME = "gemma_jax"
 CHUNK = 1024  # tokens of [tokens, vocab] logits at a time, as the eval loss does
+PACK_LEN = 256  # rows that hold several shared-prefix trees (attention grows with the row, MLP does not)
+PACK_LIMIT = 1024  # longer requests are scored one per row
 BOS = "<bos>"
 # Gemma 2's chat format as a Jinja template (for lm_eval's logs and request-cache keys); a system
 # message is folded into the first user turn, as everywhere in gemma_jax.
@@ -59,10 +63,12 @@ CHAT_TEMPLATE = (
 
 @functools.lru_cache(maxsize=16)
 def _score_fn(config, vocab_limit: int, mesh, rules):
-    """Jitted (target log-probs [B, T], target is the argmax [B, T]) of a padded token batch."""
+    """Jitted (target log-probs [B, T], target is the argmax [B, T]) of a padded token batch (or of
+    packed shared-prefix rows: positions, segment ids and branch ids given)."""
 
-    def score(params, tokens_BT, targets_BT):
-        hidden_BTD = M.Transformer(config).apply({"params": params}, tokens_BT, return_hidden=True)
+    def score(params, tokens_BT, targets_BT, positions_BT=None, segment_ids_BT=None, branch_BT=None):
+        hidden_BTD = M.Transformer(config).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT,
+                                                 return_hidden=True, branch_BT=branch_BT)
         table_VD = params["embedder"]["input_embedding"]
         b, t, d = hidden_BTD.shape
         x_ND, y_N = hidden_BTD.reshape(-1, d), targets_BT.reshape(-1)
@@ -89,6 +95,43 @@ def _score_fn(config, vocab_limit: int, mesh, rules):
     # Replicated outputs are addressable on every process (multi-host meshes).
     rep = sharding.replicated(mesh)
     return jax.jit(score, out_shardings=(rep, rep))
+
+
+def _trees(trees, limit: int):
+    """{context: [(request, continuation)]} -> [(context, [(request, continuation)])] trees of at
+    most `limit` tokens (a context with many long continuations becomes several trees)."""
+    out = []
+    for ctx, reqs in trees.items():
+        ctx, branches = list(ctx), []
+        for i, cont in reqs:
+            if branches and _tree_len((ctx, branches)) + len(cont) > limit:
+                out.append((ctx, branches))
+                branches = []
+            branches.append((i, cont))
+        out.append((ctx, branches))
+    return out
+
+
+def _tree_len(tree) -> int:
+    ctx, branches = tree
+    return len(ctx) - 1 + sum(len(cont) for _, cont in branches)
+
+
+def _pack_trees(trees, t: int, window: int = 128):
+    """Trees -> rows of at most t tokens: longest first, each into the first of the last `window`
+    rows with room (as data packing does), else a new row."""
+    rows, room = [], []
+    for tree in sorted(trees, key=_tree_len, reverse=True):
+        n = _tree_len(tree)
+        lo = max(0, len(rows) - window)
+        k = next((j for j in range(lo, len(rows)) if room[j] >= n), None)
+        if k is None:
+            rows.append([])
+            room.append(t)
+            k = len(rows) - 1
+        rows[k].append(tree)
+        room[k] -= n
+    return rows
 
 
 def score_bucket(n: int) -> int:
@@ -207,35 +250,87 @@ class GemmaJaxLM(TemplateLM):
         return -(-rows // shards) * shards
 
     def score_tokens(self, pairs):
-        """(sum of continuation log-probs, all greedy) for (context ids, continuation ids) pairs."""
-        items = []
+        """(sum of continuation log-probs, all greedy) for (context ids, continuation ids) pairs.
+
+        Requests that share a context (the choices of a multiple-choice question) are scored as
+        one tree: the context once (the trunk), each continuation as a branch that sees the trunk
+        and itself, with the positions it has in its own sequence, so every log-prob is the one
+        of the request alone. Trees are packed into rows of PACK_LEN tokens (longer ones into
+        rows of their own bucket), so rows are not mostly padding. Requests longer than
+        PACK_LIMIT are scored one per row.
+        """
+        out = [None] * len(pairs)
+        limit = PACK_LIMIT
+        trees, plain = defaultdict(list), []
         for i, (ctx, cont) in enumerate(pairs):
             if not ctx or not cont:
                 raise ValueError(f"request {i}: empty context or continuation tokens")
             whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
-            items.append((i, whole, len(cont)))
+            n_cont = len(cont)
+            if n_cont >= len(whole) or len(whole) - 1 > limit:
+                plain.append((i, whole, n_cont))
+            else:
+                trees[tuple(whole[:-n_cont])].append((i, whole[-n_cont:]))
+        fn = _score_fn(self.config, self.vocab_limit, self.mesh, self.rules)
+        with sharding.mesh_context(self.mesh, self.rules):
+            self._score_trees(fn, _trees(trees, limit), out)
+            self._score_plain(fn, plain, out)
+        return out
+
+    def _score_trees(self, fn, groups, out):
+        by_len = defaultdict(list)  # row length -> groups
+        for g in groups:
+            n = _tree_len(g)
+            by_len[max(PACK_LEN, score_bucket(n))].append(g)
+        for t, gs in sorted(by_len.items()):
+            rows = _pack_trees(gs, t)
+            per_batch = self._rows_for(t, len(rows))
+            for start in range(0, len(rows), per_batch):
+                batch = rows[start:start + per_batch]
+                arrays = np.zeros((5, per_batch, t), np.int32)  # tokens, targets, positions, segments, branches
+                arrays[0] = self.tokenizer.pad_id
+                spans = []  # (request, row, first, end) of each continuation's targets
+                for r, row in enumerate(batch):
+                    o = 0
+                    for seg, (ctx, branches) in enumerate(row, 1):
+                        trunk = ctx[:-1]
+                        arrays[0, r, o:o + len(trunk)] = trunk
+                        arrays[2, r, o:o + len(trunk)] = np.arange(len(trunk))
+                        arrays[3, r, o:o + len(trunk)] = seg
+                        o += len(trunk)
+                        for b, (i, cont) in enumerate(branches, 1):
+                            n = len(cont)  # inputs: the context's last token, then cont[:-1]
+                            arrays[0, r, o:o + n] = [ctx[-1], *cont[:-1]]
+                            arrays[1, r, o:o + n] = cont
+                            arrays[2, r, o:o + n] = len(trunk) + np.arange(n)
+                            arrays[3, r, o:o + n] = seg
+                            arrays[4, r, o:o + n] = b
+                            spans.append((i, r, o, o + n))
+                            o += n
+                logp, greedy = jax.device_get(fn(self.params, *(self._put(a) for a in arrays)))
+                for i, r, a, b in spans:
+                    out[i] = (float(np.sum(logp[r, a:b], dtype=np.float64)), bool(np.all(greedy[r, a:b])))
+
+    def _score_plain(self, fn, items, out):
+        """One request per row, rows of a length bucket batched (long requests)."""
         by_bucket = defaultdict(list)
         for it in items:
             by_bucket[score_bucket(len(it[1]) - 1)].append(it)
-        out = [None] * len(items)
-        fn = _score_fn(self.config, self.vocab_limit, self.mesh, self.rules)
-        with sharding.mesh_context(self.mesh, self.rules):
-            for t, group in sorted(by_bucket.items()):
-                group.sort(key=lambda it: -len(it[1]))
-                rows = self._rows_for(t, len(group))
-                for start in range(0, len(group), rows):
-                    batch = group[start:start + rows]
-                    tokens = np.full((rows, t), self.tokenizer.pad_id, np.int32)
-                    targets = np.zeros((rows, t), np.int32)
-                    for r, (_, whole, _) in enumerate(batch):
-                        tokens[r, :len(whole) - 1] = whole[:-1]
-                        targets[r, :len(whole) - 1] = whole[1:]
-                    logp, greedy = jax.device_get(fn(self.params, self._put(tokens), self._put(targets)))
-                    for r, (i, whole, n_cont) in enumerate(batch):
-                        end = len(whole) - 1
-                        out[i] = (float(np.sum(logp[r, end - n_cont:end], dtype=np.float64)),
-                                  bool(np.all(greedy[r, end - n_cont:end])))
-        return out
+        for t, group in sorted(by_bucket.items()):
+            group.sort(key=lambda it: -len(it[1]))
+            rows = self._rows_for(t, len(group))
+            for start in range(0, len(group), rows):
+                batch = group[start:start + rows]
+                tokens = np.full((rows, t), self.tokenizer.pad_id, np.int32)
+                targets = np.zeros((rows, t), np.int32)
+                for r, (_, whole, _) in enumerate(batch):
+                    tokens[r, :len(whole) - 1] = whole[:-1]
+                    targets[r, :len(whole) - 1] = whole[1:]
+                logp, greedy = jax.device_get(fn(self.params, self._put(tokens), self._put(targets)))
+                for r, (i, whole, n_cont) in enumerate(batch):
+                    end = len(whole) - 1
+                    out[i] = (float(np.sum(logp[r, end - n_cont:end], dtype=np.float64)),
+                              bool(np.all(greedy[r, end - n_cont:end])))
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         results = self.score_tokens([(ctx, cont) for _, ctx, cont in requests])

@@ -43,14 +43,25 @@ def segment_positions(segment_ids_BT):
     return idx_BT - start_idx_BT
 
 
-def attention_masks(segment_ids_BT, sliding_window: int):
-    """(local, global) boolean [B, T, S] masks: causal, same segment, local also windowed."""
+def attention_masks(segment_ids_BT, sliding_window: int, positions_BT=None, branch_BT=None):
+    """(local, global) boolean [B, T, S] masks: causal, same segment, local also windowed.
+
+    With `branch_BT` (the harness's shared-prefix rows) a segment is a trunk (branch 0) followed
+    by branches 1, 2, ...: every token sees the trunk before it and its own branch only, so
+    several continuations of one context are scored in one row at the cost of the context once.
+    The window is then measured in `positions_BT` (branches restart where the trunk ends).
+    """
     t = segment_ids_BT.shape[1]
     q_T1 = jnp.arange(t)[:, None]
     k_1S = jnp.arange(t)[None, :]
     same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
     global_BTS = same_BTS & (k_1S <= q_T1)[None]
-    local_BTS = global_BTS & (q_T1 - k_1S < sliding_window)[None]
+    if branch_BT is None:
+        local_BTS = global_BTS & (q_T1 - k_1S < sliding_window)[None]
+        return local_BTS, global_BTS
+    seen_BTS = (branch_BT[:, None, :] == 0) | (branch_BT[:, None, :] == branch_BT[:, :, None])
+    global_BTS = global_BTS & seen_BTS
+    local_BTS = global_BTS & (positions_BT[:, :, None] - positions_BT[:, None, :] < sliding_window)
     return local_BTS, global_BTS
 
 

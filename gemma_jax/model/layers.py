@@ -258,8 +258,10 @@ class Attention(nn.Module):
             enc_BTKGH, _, _, probs_BKGTS = attention_parts(c.attn_softcap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
             self.sow("intermediates", "attention_probs", probs_BKGTS)
         elif cache is None:
-            enc_BTKGH = causal_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, c.attn_softcap,
-                                         c.sliding_window if self.local else None)
+            # Key blocks are skipped by index distance; rows without segment ids here are branch
+            # rows (Transformer's branch_BT), whose window is in positions: only the mask decides.
+            window = c.sliding_window if self.local and segment_ids_BT is not None else None
+            enc_BTKGH = causal_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, c.attn_softcap, window)
         else:
             enc_BTKGH = dense_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, c.attn_softcap)
         if cache is not None and t > 1:
@@ -376,20 +378,29 @@ class Transformer(nn.Module):
     With `cache` (from `kv_cache.init_cache`), returns (logits or hidden, updated cache):
     `positions_BT` are then required, absolute, -1 marking padding (neither attended to nor
     cached). T > 1 tokens prefill an empty cache; T = 1 decodes one token per row after them.
+
+    `branch_BT` (with positions and segment ids; no cache) scores rows of shared-prefix trees, see
+    attention.attention_masks; such rows take the xla attention path.
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, return_hidden=False, cache=None):
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, return_hidden=False, cache=None,
+                 branch_BT=None):
         c = self.config
+        if branch_BT is not None:
+            if cache is not None or positions_BT is None or segment_ids_BT is None:
+                raise ValueError("branch_BT needs positions_BT and segment_ids_BT, and no cache")
         if cache is None:
             if segment_ids_BT is None:
                 segment_ids_BT = jnp.ones_like(tokens_BT, jnp.int32)
             if positions_BT is None:
                 positions_BT = segment_positions(segment_ids_BT)
-            local_BTS, global_BTS = attention_masks(segment_ids_BT, c.sliding_window)
+            local_BTS, global_BTS = attention_masks(segment_ids_BT, c.sliding_window, positions_BT, branch_BT)
             local_slots = global_slots = None
+            if branch_BT is not None:  # fused kernels and key-block skipping know segments, not branches
+                segment_ids_BT = None
         else:
             if positions_BT is None or segment_ids_BT is not None:
                 raise ValueError("with a cache, pass absolute positions (-1 = padding) and no segment_ids")
