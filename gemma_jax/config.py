@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
         beta=0.1,  # how far the policy may move from the reference (higher: closer)
         loss="sigmoid",  # sigmoid (the DPO paper's) | ipo (squared, per-token averaged log-ratios)
         label_smoothing=0.0,  # > 0: conservative DPO, the assumed share of flipped labels (sigmoid only)
-        precompute_reference=False,  # reserved: reference log-probs from one pass over the data (not yet)
+        precompute_reference=False,  # reference log-probs from one pass before training (stored in the workdir): no reference forward per step, no frozen copy
     ))
     c.orpo = ml_collections.ConfigDict({
         "lambda": 0.1,  # weight of the odds-ratio term next to the chosen NLL (TRL's ORPOConfig.beta)

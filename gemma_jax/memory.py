@@ -184,6 +184,7 @@ def plan(cfg, config, mesh, *, mode: str, compile: bool = True, device: str | No
         # Two sequences per pair; the reference pass is forward-only and done before the policy's.
         rows *= 2
         if trainer.reference_sharding is not None:  # DPO, full fine-tuning: the frozen initial weights
+            # (not with dpo.precompute_reference: then the batch carries the reference log-probs)
             frozen_b += _per_device(shapes, trainer.reference_sharding)
     act = activation_bytes(config, rows, seq, loss_chunk=int(cfg.train.loss_chunk), table_grad=not trainer.lora,
                            fused_attention=fused)
@@ -205,8 +206,11 @@ def compiled_memory(trainer, shapes, opt_shapes, frozen_shapes, batch: int, seq:
                  rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sh["rng"]))
     bs = trainer.batch_sharding
     shape = trainer.batch_shape(batch, seq)  # [pairs, 2, T] for a preference objective
-    rows = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=bs)
-            for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
+    fields = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+    if trainer.objective is not None and trainer.objective.precomputed:
+        fields += ("ref_logps",)  # dpo.precompute_reference: the batch carries the reference
+    rows = {k: jax.ShapeDtypeStruct(shape, jnp.int32 if k in ("inputs", "targets", "segment_ids", "positions")
+                                    else jnp.float32, sharding=bs) for k in fields}
     frozen = None if frozen_shapes is None else abstract(frozen_shapes, trainer.frozen_sharding)
     with trainer.context():
         stats = trainer.lower_step(state, rows, frozen).compile().memory_analysis()

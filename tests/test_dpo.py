@@ -371,3 +371,94 @@ def test_interrupted_dpo_run_resumes_like_an_uninterrupted_one(tmp_path):
             np.testing.assert_allclose(x[k], y[k], rtol=1e-6, err_msg=f"step {x['step']} {k}")
     evals = [r for r in read_metrics(b) if "eval_rewards/accuracies" in r]
     assert evals and evals[-1]["eval_pairs"] == 3
+
+
+# ----------------------------------------------------------------------------- dpo.precompute_reference
+
+
+def test_precomputed_reference_equals_a_direct_reference_pass():
+    """reference.compute over packed rows (6 rows in global batches of 4: the last one padded)
+    puts each sequence's reference sum at its segment's first token; summed per segment it gives
+    reference_logps of the same rows back, and a precompute trainer holds no reference copy."""
+    from gemma_jax.train import reference
+
+    rows = pair_rows(PAIRS, packing=True, seq_len=96)
+    assert rows["inputs"].shape[0] == 6 and rows["segment_ids"].max() > 1
+    cfg = dpo_config(1, 4, precompute_reference=True)
+    config = train.model_config(cfg, tokenizer())
+    trainer = train.Trainer.create(cfg, config, one_device_mesh())
+    assert trainer.reference_sharding is None and trainer.objective.precomputed
+    params = jax.device_put(random_params(config, seed=1, scale=0.3))
+    field = reference.compute(trainer, rows, params)
+    flat = {k: jnp.asarray(v) for k, v in objectives.pair_rows(rows).items()}
+    want = np.asarray(objectives.reference_logps(flat, None, params, config=config, chunk=96))
+    got = np.asarray(loss_lib.segment_sums(jnp.asarray(field.reshape(12, 96)), flat["segment_ids"]))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.count_nonzero(field) == 24  # one value per sequence: 12 pairs x 2 sides
+
+
+@pytest.mark.slow
+def test_precompute_reference_trains_like_the_live_reference_and_resumes_from_the_stored_values(
+        tmp_path, monkeypatch):
+    """Full fine-tuning DPO: precompute_reference (stopped after 2 steps, resumed) gives the same
+    losses, rewards and eval metrics as the live frozen copy; the resume reads the stored values
+    (no second pass) and the memory planner counts no reference copy."""
+    from gemma_jax import memory
+    from gemma_jax.train import reference
+    from test_train import read_metrics
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    runs = {}
+    for pre in (False, True):
+        cfg = dpo_config(4, 4, precompute_reference=pre)
+        cfg.data.train, cfg.data.eval_fraction, cfg.train.eval_every = str(path), 0.25, 2
+        cfg.checkpoint.every_steps = 2
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+        wd = tmp_path / f"pre_{pre}"
+        if pre:
+            assert train.run(cfg, str(wd), stop_after=2)["step"] == 2
+            [stored] = list((wd / reference.DIRNAME).glob("*.npz"))
+            monkeypatch.setattr(reference, "compute", lambda *a: pytest.fail("the reference pass ran again"))
+        assert train.run(cfg, str(wd))["step"] == 4
+        runs[pre] = read_metrics(wd)
+    def by_step(records, key):  # the last record of each step that has `key` (a resume logs again)
+        return {r["step"]: r for r in records if key in r}
+
+    for key in ("rewards/margins", "eval_rewards/margins"):
+        live, pre = by_step(runs[False], key), by_step(runs[True], key)
+        assert sorted(live) == sorted(pre) and len(live) >= 2
+        for step, x in live.items():
+            for k in x:
+                if k.startswith(("loss", "rewards", "logps", "grad_norm", "eval_")) and isinstance(x[k], float):
+                    np.testing.assert_allclose(pre[step][k], x[k], rtol=2e-5, atol=2e-6, err_msg=f"step {step} {k}")
+    assert stored.exists()
+    cfg = dpo_config(4, 4)
+    config = train.model_config(cfg, tokenizer())
+    with_copy = memory.plan(cfg, config, one_device_mesh(), mode="full", compile=False)
+    cfg.dpo.precompute_reference = True
+    without = memory.plan(cfg, config, one_device_mesh(), mode="full", compile=False)
+    assert with_copy.frozen - without.frozen == with_copy.params > 0
+
+
+def test_preference_log_has_no_perplexity_and_counts_both_sides_and_the_reference(tmp_path):
+    from gemma_jax.train import log
+
+    cfg = dpo_config(2, 4)
+    config = train.model_config(cfg, tokenizer())
+    kw = dict(config=config, seq_len=128, batch_size=4, total_steps=2, start_step=0, progress=False)
+    sft = log.Logger(str(tmp_path / "sft"), **kw)
+    live = log.Logger(str(tmp_path / "live"), objective=objectives.from_config(cfg), **kw)
+    cfg.dpo.precompute_reference = True
+    pre = log.Logger(str(tmp_path / "pre"), objective=objectives.from_config(cfg), **kw)
+    train_flops, forward = config.flops_per_token(128), config.flops_per_token(128, training=False)
+    assert sft.flops_per_token * sft.positions_per_step == train_flops * 4 * 128
+    assert live.flops_per_token * live.positions_per_step == (train_flops + forward) * 2 * 4 * 128
+    assert pre.flops_per_token * pre.positions_per_step == train_flops * 2 * 4 * 128
+    metrics = {k: jnp.float32(v) for k, v in dict(loss=0.6, accuracy=0.5, learning_rate=1e-3, grad_norm=1.0,
+                                                  tokens=100.0, **{"rewards/margins": 0.1}).items()}
+    sft.step(1, metrics, log=True)
+    live.step(1, metrics, log=True)
+    assert "perplexity" in sft.last and "perplexity" not in live.last and live.last["rewards/margins"] > 0
+    for lg in (sft, live, pre):
+        lg.close()

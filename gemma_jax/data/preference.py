@@ -233,8 +233,11 @@ def pack_pairs(encoded, seq_len: int, *, pad_id: int, packing: bool = True, over
 
 
 def build(cfg_data, tokenizer, *, global_batch_size: int, seed: int, process_index: int = 0,
-          process_count: int = 1) -> Data:
-    """config.data -> Data of pair rows (train iterator, eval batches, stats), as pipeline.build."""
+          process_count: int = 1, extra_fields=None) -> Data:
+    """config.data -> Data of pair rows (train iterator, eval batches, stats), as pipeline.build.
+
+    `extra_fields(train_rows, eval_rows)` (optional) returns more per-token arrays {name: (train
+    [rows, 2, T], eval or None)} that travel with the rows (DPO's precomputed reference)."""
     get = lambda k, d: cfg_data.get(k, d) if hasattr(cfg_data, "get") else getattr(cfg_data, k, d)  # noqa: E731
     if get("train_on_prompt", False):
         raise DataError("data.train_on_prompt does not apply to preference pairs: the objectives score the "
@@ -254,9 +257,15 @@ def build(cfg_data, tokenizer, *, global_batch_size: int, seed: int, process_ind
                            packing=bool(get("packing", True)), overlong=get("overlong", "truncate"))
     rows, train_stats = pk(encode_pairs(train_pairs, tokenizer), seed=seed)
     train_stats["skipped"] = dict(train_skipped)
-    stats, evals = {"train": train_stats}, []
+    stats, evals, eval_rows = {"train": train_stats}, [], None
     if eval_pairs:
         eval_rows, stats["eval"] = pk(encode_pairs(eval_pairs, tokenizer), seed=0)
+    if extra_fields is not None:
+        for name, (train_field, eval_field) in extra_fields(rows, eval_rows).items():
+            rows[name] = train_field
+            if eval_rows is not None:
+                eval_rows[name] = eval_field
+    if eval_rows is not None:
         evals = eval_batches(eval_rows, global_batch_size=global_batch_size, pad_id=tokenizer.pad_id,
                              process_index=process_index, process_count=process_count)
     num_epochs = int(get("num_epochs", 0))

@@ -1,7 +1,10 @@
 """Training metrics: progress bar, stdout lines, metrics.jsonl, TensorBoard events, plots/.
 
 Only process 0 writes. Each logged step carries loss, perplexity, accuracy, learning rate,
-gradient norm, tokens/s, step time, an MFU estimate and device memory.
+gradient norm, tokens/s, step time, an MFU estimate and device memory. A preference objective
+logs no perplexity (exp of a DPO loss means nothing), its accuracy is the reward accuracy, its
+tokens are both sides' response tokens, and the MFU counts two sequences per pair plus, for DPO
+with a live reference, the reference's forward of both.
 """
 
 from __future__ import annotations
@@ -123,13 +126,19 @@ class Logger:
     """
 
     def __init__(self, workdir, *, config, seq_len, batch_size, total_steps, start_step, progress=True, stats=None,
-                 stream=None):
+                 stream=None, objective=None):
         self.main = jax.process_index() == 0
         self.workdir, self.total, self.start = workdir, total_steps, start_step
         self.done = start_step >= total_steps
         self.stream = stream or sys.stdout
+        self.objective = objective
         self.flops_per_token = config.flops_per_token(seq_len)
         self.positions_per_step = batch_size * seq_len
+        if objective is not None:
+            # A batch of pairs is two sequences each; DPO's live reference adds one forward of both.
+            self.positions_per_step *= 2
+            if objective.live_reference:
+                self.flops_per_token += config.flops_per_token(seq_len, training=False)
         self.peak = 0.0 if self.done else (
             peak_flops_per_device() * (jax.device_count() if jax.local_devices()[0].platform != "cpu" else 1))
         self.pending: list[tuple[int, Any]] = []
@@ -222,6 +231,8 @@ class Logger:
                       accuracy=m["accuracy"], learning_rate=m["learning_rate"], grad_norm=m["grad_norm"],
                       target_tokens=tokens, tokens_per_second=tokens / elapsed, step_time=elapsed / steps,
                       memory_bytes=memory_bytes())
+        if self.objective is not None:  # exp(a preference loss) is no perplexity
+            del record["perplexity"]
         record["mfu"] = self.mfu(record["step_time"])
         # Objective-specific metrics (preference: rewards/chosen, ...) and the loop's own (nonfinite).
         record.update({k: v for k, v in m.items() if k not in record and k != "tokens"})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -28,7 +29,7 @@ from gemma_jax.eval import report as report_lib, tasks
 from gemma_jax.model import lora as lora_lib
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.tokenizer import Tokenizer
-from gemma_jax.train import checkpoints, divergence, log, model_setup, objectives, workdir as workdir_lib
+from gemma_jax.train import checkpoints, divergence, log, model_setup, objectives, reference, workdir as workdir_lib
 from gemma_jax.train.signals import StopRequests
 from gemma_jax.train.state import Trainer
 from gemma_jax.weights import native
@@ -78,7 +79,7 @@ def _run(cfg, workdir: str, stop_after: int | None) -> dict[str, Any]:
                             "train.allow_changes=True, to continue)", workdir, start, last)
         logger = log.Logger(workdir, config=r.config, seq_len=int(cfg.data.seq_len),
                             batch_size=int(cfg.train.batch_size), total_steps=last, start_step=start,
-                            progress=bool(cfg.train.progress), stats=r.data.stats)
+                            progress=bool(cfg.train.progress), stats=r.data.stats, objective=r.trainer.objective)
         watch = divergence.Watch(int(cfg.train.max_nonfinite_steps), r.config.vocab_size,
                                  warn=getattr(logger, "warn", logging.warning))
         eval_every, log_every = int(cfg.train.eval_every), max(int(cfg.train.log_every), 1)
@@ -228,10 +229,17 @@ def setup(cfg, workdir: str) -> Run:
     if batch_size % (accum * shards):
         raise ValueError(f"train.batch_size={batch_size} must be a multiple of train.grad_accum={accum} "
                          f"times the batch shards (mesh data*fsdp = {shards})")
-    build_data = data_lib.build if cfg.train.objective == "sft" else preference.build  # pairs for dpo/orpo/simpo
-    data = build_data(cfg.data, tokenizer, global_batch_size=batch_size, seed=int(cfg.train.seed),
-                      process_index=jax.process_index(), process_count=jax.process_count())
     trainer = Trainer.create(cfg, config, mesh)
+    build_data, extra = data_lib.build, {}
+    if objective is not None:  # pairs for dpo/orpo/simpo
+        build_data = preference.build
+        if objective.precomputed:  # one reference pass now (or its stored result), none in the steps
+            if use_lora:
+                trainer.set_base(init_params)
+            extra["extra_fields"] = functools.partial(reference.fields, cfg=cfg, trainer=trainer, workdir=workdir,
+                                                      init_params=init_params)
+    data = build_data(cfg.data, tokenizer, global_batch_size=batch_size, seed=int(cfg.train.seed),
+                      process_index=jax.process_index(), process_count=jax.process_count(), **extra)
     r = Run(cfg, workdir, tokenizer, config, mesh, rules, data, trainer, init_params, manifest)
     write_run_files(r)
     logging.info("%s; %s; %.1fM params", sharding.describe(mesh), config, config.num_params() / 1e6)
@@ -245,7 +253,8 @@ def set_lora_base(r: Run) -> None:
     """Puts the frozen base on the trainer; a random base is saved to WORKDIR/base so the adapters
     can be merged into it later (gemma_jax.load)."""
     cfg, trainer = r.cfg, r.trainer
-    trainer.set_base(r.init_params)
+    if trainer.frozen is None:  # (already set for dpo.precompute_reference's pass)
+        trainer.set_base(r.init_params)
     if not cfg.model.init_checkpoint and not paths.exists(paths.join(r.workdir, "base")):
         weights.save(os.path.join(r.workdir, "base"), r.config, trainer.frozen["params"], format="gemma_jax")
     if jax.process_index() == 0:

@@ -43,10 +43,16 @@ class Objective:
     loss: str = "sigmoid"  # dpo only
     label_smoothing: float = 0.0  # dpo only
     gamma: float = 0.0  # simpo only
+    precomputed: bool = False  # dpo: reference log-probs read from the batch (dpo.precompute_reference)
 
     @property
     def uses_reference(self) -> bool:
         return self.name == "dpo"
+
+    @property
+    def live_reference(self) -> bool:
+        """The reference runs in every step (a frozen copy, or the LoRA base with adapters off)."""
+        return self.uses_reference and not self.precomputed
 
 
 def from_config(cfg) -> Objective | None:
@@ -65,10 +71,8 @@ def from_config(cfg) -> Objective | None:
         if d.loss == "ipo" and float(d.label_smoothing):
             raise UserError("dpo.label_smoothing applies to dpo.loss='sigmoid' only (conservative DPO); "
                             "set it to 0 for 'ipo'")
-        if d.precompute_reference:
-            raise UserError("dpo.precompute_reference=True is not implemented yet: leave it False (LoRA "
-                            "runs use the base with adapters off, full fine-tuning a frozen copy)")
-        obj = Objective("dpo", float(d.beta), d.loss, float(d.label_smoothing))
+        obj = Objective("dpo", float(d.beta), d.loss, float(d.label_smoothing),
+                        precomputed=bool(d.precompute_reference))
     elif name == "orpo":
         obj = Objective("orpo", float(cfg.orpo["lambda"]))
     else:
@@ -150,10 +154,23 @@ def summed_metrics(terms: dict, logp_c, logp_r, valid) -> dict:
 def pair_rows(batch) -> dict:
     """Pair arrays [B, 2, T] (chosen, rejected) -> model rows [2B, T], row 2r chosen and 2r+1
     rejected, so each batch shard's rows stay on it."""
-    return {k: batch[k].reshape(-1, *batch[k].shape[2:]) for k in ROW_FIELDS}
+    return {k: batch[k].reshape(-1, *batch[k].shape[2:]) for k in ROW_FIELDS + (REF_FIELD,) if k in batch}
 
 
 ROW_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+# dpo.precompute_reference: each sequence's summed reference log-prob at its segment's first
+# token, zeros elsewhere, so per-segment sums of the field give the reference sums back.
+REF_FIELD = "ref_logps"
+
+
+def step_reference(rows, frozen, reference, obj: Objective, *, config, chunk: int):
+    """The reference sums [2B, T+1] a step or eval batch uses: from the batch when precomputed,
+    else by a forward of the reference (reference_logps); None for objectives without one."""
+    if not obj.uses_reference:
+        return None
+    if obj.precomputed:
+        return loss_lib.segment_sums(rows[REF_FIELD].astype(jnp.float32), rows["segment_ids"])
+    return reference_logps(rows, frozen, reference, config=config, chunk=chunk)
 
 
 def reference_logps(rows, frozen, reference, *, config, chunk: int):

@@ -109,7 +109,7 @@ class Trainer:
         objective = objectives.from_config(cfg)
         if objective is not None:
             # Full fine-tuning DPO keeps the initial weights, sharded like the policy, as its reference.
-            ref_sh = param_sh if objective.uses_reference and frozen_sh is None else None
+            ref_sh = param_sh if objective.live_reference and frozen_sh is None else None
             step = functools.partial(step_lib.preference_step, config=config, tx=tx, chunk=chunk, accum=accum,
                                      schedule=schedule, objective=objective)
             step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh, ref_sh),
@@ -250,5 +250,5 @@ class Trainer:
 def _score_pairs(params, batch, frozen=None, reference=None, *, config: ModelConfig, chunk: int, obj):
     """Summed pair scores of one eval batch of pairs (objectives.pair_scores)."""
     rows = objectives.pair_rows(batch)
-    ref = objectives.reference_logps(rows, frozen, reference, config=config, chunk=chunk) if obj.uses_reference else None
+    ref = objectives.step_reference(rows, frozen, reference, obj, config=config, chunk=chunk)
     return objectives.pair_scores(params, rows, ref, frozen, obj=obj, config=config, chunk=chunk)

@@ -76,8 +76,9 @@ def preference_step(state, batch, frozen=None, reference=None, *, config: ModelC
     `batch` holds pairs: [B, 2, T] arrays (chosen, rejected), several pairs per row when packed
     (segment ids). The loss is normalised by the whole step's pair and chosen-token counts, read
     from the masks up front, so micro-batches add up to the one-batch gradient. DPO's reference
-    log-probs come from the frozen base with adapters off (LoRA, `frozen`) or the frozen initial
-    weights (`reference`); they are computed outside the differentiated function.
+    log-probs come from the frozen base with adapters off (LoRA, `frozen`), the frozen initial
+    weights (`reference`), or with dpo.precompute_reference from the batch; they are computed
+    outside the differentiated function.
     """
     params = state["params"]
     step_rng = (jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -93,8 +94,7 @@ def preference_step(state, batch, frozen=None, reference=None, *, config: ModelC
 
     def grads_of(mb, i):
         rows = objectives.pair_rows(mb)
-        ref = (objectives.reference_logps(rows, frozen, reference, config=config, chunk=chunk)
-               if objective.uses_reference else None)
+        ref = objectives.step_reference(rows, frozen, reference, objective, config=config, chunk=chunk)
         rng = None if step_rng is None else jax.random.fold_in(step_rng, i)
         (_, scores), grads = grad_fn(params, rows, ref, rng)
         return scores, grads
