@@ -50,6 +50,8 @@ setup(
         # Data sources: .parquet (pyarrow), .jsonl.zst (zstandard), hf:org/name:split (datasets).
         "data": ["pyarrow>=14", "zstandard>=0.22"],
         "hf": ["datasets>=2.16", "pyarrow>=14"],
+        # benchmarks/: the peers they compare against (TRL's DPOTrainer in benchmarks/dpo.py).
+        "bench": ["torch==2.13.0", "transformers>=4.44", "trl>=1.0", "lm-eval>=0.4", "accelerate>=0.26"],
         # keras-nlp pulls full TensorFlow through tensorflow-text; see README for a lighter recipe.
         "keras": ["keras>=3.5", "keras-hub>=0.18", "keras-nlp>=0.18", "h5py"],
     },

@@ -4,6 +4,7 @@
   optimizer.py    AdamW, warmup + schedule, decay mask, clipping
   step.py         the pure train step (micro-batches, one update, metrics), SFT or preference pairs
   objectives.py   DPO / IPO / cDPO, ORPO, SimPO losses on summed response log-probs, pair metrics
+  reference.py    dpo.precompute_reference: the reference log-probs in one pass, stored in the workdir
   state.py        Trainer: state shardings, sharded init, the jitted train and eval steps
   checkpoints.py  Orbax checkpoints of the train state and data iterator, exact resume
   log.py          progress, metrics.jsonl, TensorBoard, plots
