@@ -244,9 +244,10 @@ class GemmaJaxLM(TemplateLM):
         return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
     def _rows_for(self, t: int, n: int) -> int:
-        """Rows of every batch of one length bucket: token budget, row cap, requests, mesh shards."""
+        """Rows of every batch of one length bucket: token budget, row cap, the rows there are (in
+        multiples of 8: padding rows cost as much as real ones), mesh shards."""
         shards = 1 if self.mesh is None else int(np.prod([self.mesh.shape[a] for a in sample._batch_axes(self.rules)]))
-        rows = max(1, min(self.batch_rows, self.max_batch_tokens // t, sample.bucket(n, 1)))
+        rows = max(1, min(self.batch_rows, self.max_batch_tokens // t, -(-n // 8) * 8))
         return -(-rows // shards) * shards
 
     def score_tokens(self, pairs):
