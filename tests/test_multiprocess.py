@@ -137,8 +137,9 @@ def runs(tmp_path_factory, compile_cache):
         first.kill()
         reference.kill()
     after_first = dict(steps=[r["step"] for r in losses(multi)], saved=saved_steps(multi))
-    # Resume to step 6, with the distributed settings from the environment this time.
-    second = Job(tmp, "multi_resume", multi, 6, processes=2, devices=2, cache=compile_cache, via_env=True)
+    # Resume to step 6, with the distributed settings from the environment this time, and export.
+    second = Job(tmp, "multi_resume", multi, 6, processes=2, devices=2, cache=compile_cache, via_env=True,
+                 extra=("--config.train.export_format=hf",))
     second.wait()
     return SimpleNamespace(multi=multi, single=single, after_first=after_first, second=second)
 
@@ -191,16 +192,13 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(runs, tmp_path, 
 
 
 @pytest.mark.slow
-def test_export_after_multi_process_training(runs, tmp_path, compile_cache):
-    """The HF export at the end of a 2-process run (weights sharded across the processes) is complete."""
-    workdir = tmp_path / "wd"
-    shutil.copytree(runs.multi, workdir)  # at step 6: one more step (compiled ones cached), then export
-    Job(tmp_path, "export", workdir, 7, processes=2, devices=2, cache=compile_cache,
-        extra=("--config.train.export_format=hf",)).wait()
-    assert saved_steps(workdir) == [6, 7]
+def test_export_after_multi_process_training(runs):
+    """The HF export at the end of the resumed 2-process run (weights sharded across the processes)
+    is complete: it loads back equal to the trained checkpoint."""
     import gemma_jax
-    _, exported = gemma_jax.load(str(workdir / "export"))
-    _, trained = gemma_jax.load(str(workdir))
+    _, exported = gemma_jax.load(str(runs.multi / "export"))
+    _, trained = gemma_jax.load(str(runs.multi))
+    assert len(jax.tree.leaves(exported)) == len(jax.tree.leaves(trained))
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(trained)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
