@@ -43,9 +43,10 @@ TIMEOUT = 240  # seconds per phase; a hang fails the test with the children's lo
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> Path:
-    """A persistent XLA compilation cache shared by the children: later runs skip most compiles."""
-    return tmp_path_factory.mktemp("xla_cache")
+def compile_cache() -> Path:
+    """The suite's persistent XLA compilation cache (tests/conftest.py), shared by the children:
+    later phases, and later test runs, skip most compiles."""
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 def _env(devices: int, cache: Path) -> dict[str, str]:
