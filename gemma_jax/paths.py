@@ -47,20 +47,25 @@ def copy_file(src, dst) -> None:
     Path(dst).write_bytes(Path(src).read_bytes())
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Writes `text` under a temporary name, then renames it onto `path`: a kill leaves the old
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Writes `data` under a temporary name, then renames it onto `path`: a kill leaves the old
     file or the new one, never half of one (object stores write whole objects anyway)."""
     path = os.fspath(path)
     if is_remote(path):
-        Path(path).write_text(text)
+        Path(path).write_bytes(data)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """write_bytes_atomic for text (UTF-8)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def copy_tree(src, dst) -> None:

@@ -397,6 +397,36 @@ def test_precomputed_reference_equals_a_direct_reference_pass():
     assert np.count_nonzero(field) == 24  # one value per sequence: 12 pairs x 2 sides
 
 
+def test_damaged_stored_reference_is_computed_again(tmp_path, caplog):
+    """A stored reference file that is garbage, truncated or of other rows is not used: a warning
+    names it, the pass runs again from the initial weights and the file is replaced."""
+    from gemma_jax.train import reference
+
+    rows = pair_rows(PAIRS, packing=True, seq_len=96)
+    cfg = dpo_config(1, 4, precompute_reference=True)
+    config = train.model_config(cfg, tokenizer())
+    trainer = train.Trainer.create(cfg, config, one_device_mesh())
+    params = jax.device_put(random_params(config, seed=1, scale=0.3))
+    fields = lambda: reference.fields(rows, None, cfg=cfg, trainer=trainer, workdir=str(tmp_path),  # noqa: E731
+                                      init_params=params)[objectives.REF_FIELD][0]
+    want = fields()
+    [path] = list((tmp_path / reference.DIRNAME).glob("*.npz"))
+    good = path.read_bytes()
+    buf = __import__("io").BytesIO()
+    np.savez_compressed(buf, train=want[:2])
+    for damage in (b"not a zip file", good[:len(good) // 2], buf.getvalue()):
+        path.write_bytes(damage)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            np.testing.assert_array_equal(fields(), want)
+        assert any(str(path) in r.getMessage() and "computing them again" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+        assert path.read_bytes() == good  # replaced by a whole file again
+    caplog.clear()
+    np.testing.assert_array_equal(fields(), want)  # now read back, no warning
+    assert not any("computing them again" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.slow
 def test_precompute_reference_trains_like_the_live_reference_and_resumes_from_the_stored_values(
         tmp_path, monkeypatch):

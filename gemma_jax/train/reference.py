@@ -95,16 +95,33 @@ def _reference_fn(trainer):
     return jax.jit(sums, out_shardings=rep)
 
 
+def _read(path, train_rows, eval_rows):
+    """The stored (train, eval) fields, or None (with a warning) when the file is damaged or does
+    not fit the rows: the pass then runs again, from the same initial weights, and replaces it."""
+    want = [None if rows is None else (len(rows["inputs"]), 2, rows["inputs"].shape[-1])
+            for rows in (train_rows, eval_rows)]
+    try:
+        with np.load(io.BytesIO(paths.Path(path).read_bytes())) as z:
+            got = z["train"], (z["eval"] if "eval" in z.files else None)
+        if [None if g is None else g.shape for g in got] != want or not all(
+                g is None or np.isfinite(g).all() for g in got):
+            raise ValueError(f"shapes {[None if g is None else g.shape for g in got]}, expected {want}")
+    except Exception as e:  # noqa: BLE001  a damaged zip raises many types; all mean "compute again"
+        logging.warning("DPO reference log-probs: %s is unreadable (%s: %s); computing them again",
+                        path, type(e).__name__, e)
+        return None
+    return got
+
+
 def fields(train_rows, eval_rows, *, cfg, trainer, workdir: str, init_params):
     """{REF_FIELD: (train field, eval field)}: read from the workdir when stored, else computed
     (with the initial weights, or the LoRA base) and stored."""
     key = key_of(cfg, train_rows, eval_rows)
     path = paths.join(workdir, DIRNAME, f"{key}.npz")
-    if paths.exists(path):
-        with np.load(io.BytesIO(paths.Path(path).read_bytes())) as z:
-            train, ev = z["train"], (z["eval"] if "eval" in z.files else None)
+    stored = _read(path, train_rows, eval_rows) if paths.exists(path) else None
+    if stored is not None:
         logging.info("DPO reference log-probs: read from %s", path)
-        return {objectives.REF_FIELD: (train, ev)}
+        return {objectives.REF_FIELD: stored}
     t0 = time.time()
     params = None
     if not trainer.lora:
@@ -121,9 +138,5 @@ def fields(train_rows, eval_rows, *, cfg, trainer, workdir: str, init_params):
     if jax.process_index() == 0:
         buf = io.BytesIO()
         np.savez_compressed(buf, train=train, **({} if ev is None else {"eval": ev}))
-        paths.Path(paths.join(workdir, DIRNAME)).mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp" if not paths.is_remote(path) else path
-        paths.Path(tmp).write_bytes(buf.getvalue())
-        if tmp != path:
-            paths.Path(tmp).rename(path)
+        paths.write_bytes_atomic(path, buf.getvalue())  # replaces a damaged file too
     return {objectives.REF_FIELD: (train, ev)}
