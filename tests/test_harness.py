@@ -134,8 +134,9 @@ def test_cli_writes_lm_eval_results_json(setup, tmp_path, capsys):
 
     out = tmp_path / "out"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    base = [sys.executable, "-m", "gemma_jax.harness", f"--checkpoint={setup['hf']}",
-            f"--include_path={setup['tasks']}", "--mesh=none", f"--max_length={MAX_LENGTH}"]
+    flags = [f"--checkpoint={setup['hf']}", f"--include_path={setup['tasks']}", "--mesh=none",
+             f"--max_length={MAX_LENGTH}"]
+    base = [sys.executable, "-m", "gemma_jax.harness", *flags]
     done = subprocess.run(base + ["--tasks=tiny_mc", f"--output={out}"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -147,7 +148,7 @@ def test_cli_writes_lm_eval_results_json(setup, tmp_path, capsys):
     # A misspelled task: one error line, exit 2 (in-process, the same main as the command line).
     from gemma_jax import harness as harness_cli
     with pytest.raises(SystemExit) as exit_info:
-        harness_cli.main(base[3:] + ["--tasks=no_such_task"])
+        harness_cli.main(flags + ["--tasks=no_such_task"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "no_such_task" in err.splitlines()[-2], err[-2000:]
 
