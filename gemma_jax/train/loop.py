@@ -74,7 +74,9 @@ def _run(cfg, workdir: str, stop_after: int | None) -> dict[str, Any]:
         start = step = int(jax.device_get(state["step"]))
         last = final_step(r)
         end = last if stop_after is None else min(last, start + stop_after)
-        if start >= last:
+        if last == 0:  # a baseline: the starting weights, evaluated and exported as they are
+            logging.info("train.steps=0: no training; the starting weights are evaluated and exported")
+        elif start >= last:
             logging.warning("%s is already at step %d of %d: nothing to train (raise train.steps, with "
                             "train.allow_changes=True, to continue)", workdir, start, last)
         logger = log.Logger(workdir, config=r.config, seq_len=int(cfg.data.seq_len),
