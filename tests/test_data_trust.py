@@ -22,7 +22,7 @@ import pytest
 from gemma_jax import data
 from gemma_jax import prepare as prepare_lib
 from gemma_jax.data import cache as cache_lib
-from gemma_jax.data import fingerprint, pipeline
+from gemma_jax.data import cache_store, fingerprint, pipeline
 from gemma_jax.train import workdir as workdir_lib
 from test_data_cache import LEGAL, REPO, TOKENIZER, cfg, take, tok  # noqa: F401  (tok: a fixture)
 
@@ -147,7 +147,7 @@ def _damage(d, kind):
     shard = os.path.join(d, "examples-00001.array_record")
     lengths = os.path.join(d, "lengths.npy")
     manifest = os.path.join(d, "manifest.json")
-    if kind == "shard_bytes":  # 200 bytes changed, the same size
+    if kind.startswith("shard_bytes"):  # 200 bytes changed, the same size
         _overwrite(shard, 100)
     elif kind == "shard_truncated":
         with open(shard, "r+b") as f:
@@ -181,11 +181,13 @@ DAMAGE = ["shard_truncated", "shard_deleted", "lengths_edited", "lengths_deleted
           "manifest_truncated", "manifest_shard_count"]
 
 
-@pytest.mark.parametrize("kind", DAMAGE + ["shard_bytes"])
-def test_damaged_cache_is_named_and_rebuilt_before_the_first_batch(tok, small, tmp_path, kind, caplog):
-    # Same-size changed bytes in a shard are found by its checksum (data.verify_cache=full); the
-    # rest by the checks of every open.
-    c = cfg(tmp_path / "cache", train=str(small), verify_cache="full" if kind == "shard_bytes" else "sizes")
+@pytest.mark.parametrize("kind", DAMAGE + ["shard_bytes", "shard_bytes_large"])
+def test_damaged_cache_is_named_and_rebuilt_before_the_first_batch(tok, small, tmp_path, kind, caplog, monkeypatch):
+    # Same-size changed bytes in a shard are found by its checksum: on every open of a small cache,
+    # with data.verify_cache=full for a large one; the rest by the size and count checks of every open.
+    if kind == "shard_bytes_large":
+        monkeypatch.setattr(cache_store, "HASH_ON_OPEN_BYTES", 0)
+    c = cfg(tmp_path / "cache", train=str(small), verify_cache="full" if kind == "shard_bytes_large" else "sizes")
     good = build(c, tok)
     d = cache_dir_of(good)
     assert [s["examples"] for s in good.epochs.reader.caches[0].manifest["shards"]] == [16, 16, 8]
@@ -226,6 +228,7 @@ def test_shard_damaged_during_a_run_is_named_then_rebuilt_and_resumed(tok, small
     c = cfg(tmp_path / "cache", train=str(small))
     straight = build(c, tok)
     expected = take(straight.train, 12)
+    straight.train.close()
     run = build(c, tok)
     d = cache_dir_of(run)
     done = take(run.train, 2)
@@ -375,7 +378,6 @@ def test_trainer_saves_the_last_good_step_then_the_rerun_rebuilds_and_resumes(tm
     """A shard damaged while training reads it: the run saves its last step, fails with the file
     named; the same run again rebuilds the cache and ends where an undisturbed run ends."""
     from gemma_jax import train  # pylint: disable=g-import-not-at-top
-    from gemma_jax.data import cache_store  # pylint: disable=g-import-not-at-top
     from test_train import loss_records, small_config  # pylint: disable=g-import-not-at-top
 
     src = tmp_path / "t.jsonl"
@@ -411,3 +413,35 @@ def test_trainer_saves_the_last_good_step_then_the_rerun_rebuilds_and_resumes(tm
     assert [r["step"] for r in resumed] == [r["step"] for r in whole] == list(range(1, 7))
     for a, b in zip(resumed, whole):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, err_msg=f"step {a['step']}")
+
+
+def test_gs_cache_damaged_in_the_bucket_or_in_the_local_copy(tok, small, tmp_path, caplog):
+    import shutil  # pylint: disable=g-import-not-at-top
+
+    import helpers  # pylint: disable=g-import-not-at-top
+    from gemma_jax import paths  # pylint: disable=g-import-not-at-top
+    with helpers.fake_gcs(tmp_path / "bucket_root"):
+        c = cfg("gs://bkt/cache", train=str(small))
+        d = cache_dir_of(build(c, tok))
+        in_bucket = tmp_path / "bucket_root" / "bkt" / "cache" / os.path.basename(d)
+        local = paths.local_copy(d)
+        reference = build(c, tok)
+        expected = take(reference.train, 2)
+        reference.train.close()  # no read-ahead left running while the files change
+        # The local copy damaged: fetched again from the bucket, nothing rebuilt.
+        os.remove(os.path.join(local, "lengths.npy"))
+        built = os.path.getmtime(in_bucket / "manifest.json")
+        again = build(c, tok)
+        assert os.path.getmtime(in_bucket / "manifest.json") == built
+        assert os.path.exists(os.path.join(local, "lengths.npy"))
+        # The bucket's copy damaged (seen by a host without a local copy): named and rebuilt in the bucket.
+        shutil.rmtree(local)
+        a = np.load(in_bucket / "lengths.npy")
+        a[0, 0] += 1
+        np.save(in_bucket / "lengths.npy", a)
+        with caplog.at_level(logging.WARNING):
+            again = build(c, tok)
+        assert any(f"{d}/lengths.npy is damaged" in w for w in warnings_of(caplog)), warnings_of(caplog)
+        assert files_match_manifest(str(in_bucket)) and not (in_bucket / cache_lib.DAMAGED).exists()
+        for x, y in zip(take(again.train, 2), expected):
+            np.testing.assert_array_equal(x["inputs"], y["inputs"])

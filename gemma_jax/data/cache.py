@@ -20,9 +20,10 @@ What is checked when a cache is opened (``ensure``), before any step:
   - always: the manifest parses and is complete; every file it lists exists with its recorded
     size; shard counts add up; ``lengths.npy`` (read whole anyway) matches its sha256; the content
     digest of each source file (``fingerprint.quick_digest``, what the trainer's data fingerprint
-    is made of) equals the one recorded at build; no earlier run marked the cache damaged;
+    is made of) equals the one recorded at build; no earlier run marked the cache damaged; the
+    shards' sha256 while they hold at most ``cache_store.HASH_ON_OPEN_BYTES`` (64 MiB) in all;
   - ``data.verify_cache=full`` (and ``prepare``): also the sha256 of every shard and of every
-    source file, whole.
+    source file, whole, whatever their size.
 A mismatch logs one WARNING naming the file and rebuilds the cache from its sources (where they
 cannot be read: one ``error:`` naming the file and the command that rebuilds it). A read that fails
 during a run (a shard damaged after it was opened) is diagnosed against the checksums, the cache
@@ -40,7 +41,6 @@ memory does not grow with the corpus.
 from __future__ import annotations
 
 import collections
-import ctypes
 import hashlib
 import json
 import multiprocessing
@@ -57,9 +57,9 @@ import numpy as np
 from absl import logging
 
 from gemma_jax import paths
-from gemma_jax.data import fingerprint, readers
+from gemma_jax.data import fingerprint as fingerprint_lib, readers
 from gemma_jax.data.cache_store import (  # noqa: F401  (the cache's names, as they always were here)
-    DAMAGED, FORMAT_VERSION, MANIFEST, Cache, CacheDamaged, decode_record, encode_record, rebuild_command)
+    DAMAGED, FORMAT_VERSION, MANIFEST, Cache, CacheDamaged, decode_record, encode_record, exchange, rebuild_command)
 from gemma_jax.data.schema import DataError, parse_field_map
 
 # Formatting options: they change the tokens, so they are part of the cache key.
@@ -109,9 +109,9 @@ def verify_level(cfg_data) -> str:
 # ---------------------------------------------------------------------------------- fingerprints
 
 
-def fingerprint_of(source: str, tfds_data_dir: str = "") -> dict:
+def fingerprint(source: str, tfds_data_dir: str = "") -> dict:
     """What identifies a source's content without reading it (gemma_jax.data.fingerprint.identity)."""
-    return fingerprint.identity(source, tfds_data_dir)
+    return fingerprint_lib.identity(source, tfds_data_dir)
 
 
 def tokenizer_sha256(path: str) -> str:
@@ -126,7 +126,7 @@ def tokenizer_sha256(path: str) -> str:
 def cache_key(spec: str, tokenizer, options: dict) -> tuple[str, dict]:
     """(key, the identity it hashes): identities of spec's sources, tokenizer, options."""
     identity = dict(version=FORMAT_VERSION,
-                    sources=[fingerprint_of(s, options["tfds_data_dir"]) for s in readers.sources(spec)],
+                    sources=[fingerprint(s, options["tfds_data_dir"]) for s in readers.sources(spec)],
                     tokenizer=tokenizer_sha256(tokenizer.path), options=options)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20], identity
 
@@ -190,7 +190,7 @@ def _shard_inputs(spec, options, skipped, per_source):
 
 
 def _file_record(path) -> dict:
-    return dict(size=os.path.getsize(path), sha256=fingerprint.sha256_file(path))
+    return dict(size=os.path.getsize(path), sha256=fingerprint_lib.sha256_file(path))
 
 
 def _write_shard(out_dir, k, items):
@@ -215,7 +215,7 @@ def _write(spec, tokenizer, options, out_dir, num_workers, identity, key):
     and the manifest into out_dir."""
     t0 = time.time()
     # Before the pass over the data: a source edited during the build then no longer matches.
-    content = [fingerprint.content(s) for s in readers.sources(spec)]
+    content = [fingerprint_lib.content(s) for s in readers.sources(spec)]
     skipped, per_source = collections.Counter(), collections.Counter()
     lengths, shards, files = [], [], {}
 
@@ -339,23 +339,13 @@ def _new_tmp(cache_dir: str, key: str) -> str:
     return os.path.join(parent, name)
 
 
-def _exchange(a: str, b: str) -> bool:
-    """Swaps two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
 def _publish_local(tmp: str, final: str, replace: bool) -> None:
     """Moves the finished build onto final; an existing final (partial, damaged or replaced) is
     swapped out and ends up in tmp, which the caller removes."""
     if os.path.isdir(final):
         if _complete(final) and not replace:  # another process finished the same cache first: keep theirs
             return
-        if not _exchange(tmp, final):
+        if not exchange(tmp, final):
             old = f"{tmp}.old"
             os.rename(final, old)
             os.rename(tmp, final)
@@ -425,14 +415,14 @@ def _stale(c: Cache, verify: str) -> str | None:
             return f"{marker} marks the cache damaged"
     for i, rec in enumerate(c.manifest["source_content"]):
         source = rec.get("source", "")
-        if fingerprint.is_file(source):
-            if verify == "full" and fingerprint.full_sha256(source) != rec.get("sha256"):
+        if fingerprint_lib.is_file(source):
+            if verify == "full" and fingerprint_lib.full_sha256(source) != rec.get("sha256"):
                 return f"{source} changed since its cache was built (its sha256 differs)"
-            if i < fingerprint.MAX_DIGESTED_FILES and fingerprint.quick_digest(source) != rec.get("digest"):
+            if i < fingerprint_lib.MAX_DIGESTED_FILES and fingerprint_lib.quick_digest(source) != rec.get("digest"):
                 return (f"{source} changed since its cache was built (its content digest differs, although its "
                         "size and times look unchanged)")
         elif rec.get("revision"):
-            now = fingerprint.hub_revision(source)
+            now = fingerprint_lib.hub_revision(source)
             if now and now != rec["revision"]:
                 return f"{source} moved from revision {rec['revision']} to {now} since its cache was built"
     return None
