@@ -255,13 +255,16 @@ def test_shard_damaged_during_a_run_is_named_then_rebuilt_and_resumed(tok, small
 
 
 def test_read_failure_is_told_apart_from_an_intact_file(tok, small, tmp_path):
-    """A record that decodes to another length than lengths.npy records is refused, not trained on."""
+    """A record that decodes to another length than lengths.npy records is refused, not trained on;
+    with every file matching its checksum the cache is not marked for rebuilding."""
     d = cache_dir_of(build(cfg(tmp_path / "cache", train=str(small)), tok))
     c = cache_lib.Cache(d)
     c.lengths = c.lengths.copy()
     c.lengths[5, 0] += 1
-    with pytest.raises(data.CacheDamaged, match=r"examples-00000\.array_record.*reading example 5 failed"):
+    with pytest.raises(data.CacheDamaged, match=r"examples-00000\.array_record.*reading example 5 failed.*"
+                                                r"although the file matches its sha256"):
         c.read([5])
+    assert not os.path.exists(os.path.join(d, cache_lib.DAMAGED))  # intact files: the next run reuses them
 
 
 # ---------------------------------------------------------------------------------- 3. prepare --rebuild

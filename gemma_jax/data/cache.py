@@ -320,7 +320,7 @@ def remove_stale_builds(parent: str) -> list[str]:
 
 def _not_writable(cache_dir: str, e: OSError) -> DataError:
     return DataError(f"data.cache_dir={cache_dir!r}: cannot write the tokenized cache there ({e.strerror or e}); "
-                     f"set data.cache_dir (or ${CACHE_DIR_ENV}) to a writable directory")
+                     f"set data.cache_dir (or ${CACHE_DIR_ENV}) to a writable directory", "cache_dir")
 
 
 def _new_tmp(cache_dir: str, key: str) -> str:
@@ -404,15 +404,20 @@ def build(spec, tokenizer, options, cache_dir, *, num_workers=0, key=None, ident
 # ---------------------------------------------------------------------------------- opening
 
 
-def _stale(c: Cache, verify: str) -> str | None:
-    """Why an intact cache no longer stands for its sources (None: it does)."""
+def _marked(c: Cache) -> str | None:
+    """Why an earlier run marked the cache damaged (DAMAGED), or None."""
     marker = paths.Path(paths.join(c.dir, DAMAGED))
-    if marker.exists():
-        try:
-            info = json.loads(marker.read_text())
-            return f"data cache file {info['file']} is damaged: {info['problem']} (found by an earlier run)"
-        except (ValueError, KeyError, TypeError, OSError):
-            return f"{marker} marks the cache damaged"
+    if not marker.exists():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+        return f"data cache file {info['file']} is damaged: {info['problem']} (found by an earlier run)"
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"{marker} marks the cache damaged"
+
+
+def _changed(c: Cache, verify: str) -> str | None:
+    """Why an intact cache no longer stands for its sources (a content digest, a hub revision), or None."""
     for i, rec in enumerate(c.manifest["source_content"]):
         source = rec.get("source", "")
         if fingerprint_lib.is_file(source):
@@ -428,18 +433,22 @@ def _stale(c: Cache, verify: str) -> str | None:
     return None
 
 
-def _open_checked(final: str, verify: str) -> tuple[Cache | None, str | None]:
-    """(the cache at final if it is intact and current, else None; why not, None if never built)."""
+def _open_checked(final: str, verify: str) -> tuple[Cache | None, str | None, bool]:
+    """(the cache at final if it is intact and current, else None; why not, None if never built;
+    whether the why is damage, as opposed to changed sources)."""
     if not _complete(final):
         if paths.exists(final):
-            return None, f"data cache {final} has no {MANIFEST} (an interrupted build or a deleted manifest)"
-        return None, None
+            return None, f"data cache {final} has no {MANIFEST} (an interrupted build or a deleted manifest)", True
+        return None, None, False
     try:
         c = Cache(final, verify=verify)
     except CacheDamaged as e:
-        return None, str(e)
-    reason = _stale(c, verify)
-    return (None, reason) if reason else (c, None)
+        return None, str(e), True
+    marked = _marked(c)
+    if marked:
+        return None, marked, True
+    changed = _changed(c, verify)
+    return (None, changed, False) if changed else (c, None, False)
 
 
 def ensure(spec, tokenizer, cfg_data, *, num_workers=0, process_index=0, process_count=1,
@@ -455,9 +464,9 @@ def ensure(spec, tokenizer, cfg_data, *, num_workers=0, process_index=0, process
     verify = verify or verify_level(cfg_data)
     key, identity = cache_key(spec, tokenizer, options)
     final = paths.join(cache_dir, key)
-    why = None
+    why, damaged = None, False
     if not rebuild:
-        c, why = _open_checked(final, verify)
+        c, why, damaged = _open_checked(final, verify)
         if c is not None:
             logging.info("data cache of %s: %s (reused)", spec, final)
             if c.manifest["skipped"]:
@@ -469,7 +478,7 @@ def ensure(spec, tokenizer, cfg_data, *, num_workers=0, process_index=0, process
     if process_index != 0 and process_count > 1:
         t0, marker = time.time(), paths.join(cache_dir, f".building-{key}")
         while time.time() - t0 <= _WAIT_FOR_OTHERS_S or paths.exists(marker):
-            c, _ = _open_checked(final, verify)
+            c = _open_checked(final, verify)[0]
             if c is not None:
                 return c
             time.sleep(1.0)
@@ -481,10 +490,12 @@ def ensure(spec, tokenizer, cfg_data, *, num_workers=0, process_index=0, process
             built = build(spec, tokenizer, options, cache_dir, num_workers=num_workers, key=key, identity=identity,
                           replace=bool(rebuild or why))
         except (DataError, OSError) as e:
-            if not why:
+            if not damaged:  # a first build, or changed sources: their own error says it all
                 raise
+            if getattr(e, "reason", "") == "cache_dir":
+                raise DataError(f"{why}; rebuilding it failed: {e}", "cache_dir") from None
             raise DataError(f"{why}, and rebuilding it from {spec} failed: {e}; make the sources readable and run "
-                            f"`{rebuild_command()}`") from None
+                            f"`{rebuild_command()}`", "damaged_cache") from None
         return Cache(built)
     finally:
         if process_count > 1:

@@ -212,26 +212,26 @@ class Cache:
             raise self._damaged(indices, e) from None
 
     def _damaged(self, indices, exc) -> CacheDamaged:
-        """The file a failed read points at (its checksum checked, the indices' shards first),
-        with the cache marked damaged so the next open rebuilds it."""
+        """The file a failed read points at: the shards holding the indices, checked against the
+        manifest's sha256. One that differs (or is gone) marks the cache damaged, so the next
+        open rebuilds it; intact ones mean the read itself failed (the file system): not marked."""
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        shown = ", ".join(map(str, indices[:3])) + (", ..." if len(indices) > 3 else "")
+        what = f"reading example{'s' if len(indices) > 1 else ''} {shown} failed: {first}"
         shards = self.manifest["shards"]
-        near = [int(k) for k in np.searchsorted(self._starts, indices, side="right") - 1 if 0 <= k < len(shards)]
-        order = list(dict.fromkeys(near + list(range(len(shards)))))
-        culprit = None
-        for k in order:
+        near = list(dict.fromkeys(int(k) for k in np.searchsorted(self._starts, indices, side="right") - 1
+                                  if 0 <= k < len(shards)))
+        for k in near:
             try:
                 self._check_file(shards[k]["file"], full=True)
             except CacheDamaged as e:
-                culprit = e
-                break
-        if culprit is None:
-            name = shards[near[0]]["file"] if near else self.manifest["lengths"]
-            culprit = CacheDamaged(self._path(name), "unreadable although its sha256 matches the manifest")
-        _mark_damaged(self.dir, self.local_dir, culprit)
-        return CacheDamaged(culprit.path, f"{culprit.problem} (reading example {indices[0] if indices else '?'} "
-                            f"failed: {first})", ". The cache is marked for rebuilding: run the same command again "
-                            f"to rebuild it from its sources and resume (or `{rebuild_command()}`)")
+                _mark_damaged(self.dir, self.local_dir, e)
+                return CacheDamaged(e.path, f"{e.problem} ({what})", ". The cache is marked for rebuilding: run the "
+                                    "same command again to rebuild it from its sources and resume (or "
+                                    f"`{rebuild_command()}`)")
+        name = shards[near[0]]["file"] if near else self.manifest["lengths"]
+        return CacheDamaged(self._path(name), f"{what}, although the file matches its sha256 in the manifest",
+                            " (a read error of the disk or file system?); run the same command again to resume")
 
 
 def _local_copy(directory: str, *, fresh: bool = False) -> str:

@@ -140,7 +140,7 @@ def hub_revision(source: str) -> str | None:
         return None
     try:
         from huggingface_hub import HfApi  # pylint: disable=g-import-not-at-top
-        return HfApi().dataset_info(readers.hf_parts(source)[0], timeout=10).sha
+        return HfApi().dataset_info(readers.hf_parts(source)[0], timeout=5).sha
     except Exception:  # noqa: BLE001  no network, no such repo, no package: not checkable
         return None
 

@@ -492,7 +492,10 @@ def _data_problems(name: str, cfg: dict) -> list[str]:
         for f in fs if isinstance(fs, list) else [fs]:
             if not isinstance(f, str) or "://" in f:
                 continue
-            f = os.path.expanduser(f if os.path.isabs(os.path.expanduser(f)) else os.path.join(os.path.dirname(where), f))
+            f = os.path.expanduser(f)
+            if not os.path.isabs(f) and not glob.glob(f):  # datasets reads it from the cwd; else beside the YAML
+                beside = os.path.join(os.path.dirname(where), f)
+                f = beside if glob.glob(beside) else f
             found = sorted(glob.glob(f)) if any(c in f for c in "*?[") else [f]
             if not found or not all(os.path.exists(x) for x in found):
                 out.append(f"task {name} ({where}): dataset file {f} does not exist")
