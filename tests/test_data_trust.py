@@ -169,16 +169,22 @@ def _damage(d, kind):
         text = open(manifest, "rb").read()
         open(manifest, "wb").write(text[:len(text) // 2])
         return "manifest.json"
-    elif kind == "manifest_shard_count":  # valid JSON, counts that no longer add up
+    elif kind == "manifest_edited":  # valid JSON, a count changed
         m = json.load(open(manifest))
         m["shards"][0]["examples"] += 1
         json.dump(m, open(manifest, "w"))
         return "manifest.json"
+    elif kind == "manifest_deleted":
+        os.remove(manifest)
+        return "manifest.json"
+    elif kind == "shard_appended":
+        with open(shard, "ab") as f:
+            f.write(b"\0" * 10)
     return "examples-00001.array_record"
 
 
-DAMAGE = ["shard_truncated", "shard_deleted", "lengths_edited", "lengths_deleted", "manifest_garbage",
-          "manifest_truncated", "manifest_shard_count"]
+DAMAGE = ["shard_truncated", "shard_deleted", "shard_appended", "lengths_edited", "lengths_deleted",
+          "manifest_garbage", "manifest_truncated", "manifest_edited", "manifest_deleted"]
 
 
 @pytest.mark.parametrize("kind", DAMAGE + ["shard_bytes", "shard_bytes_large"])

@@ -59,7 +59,8 @@ from absl import logging
 from gemma_jax import paths
 from gemma_jax.data import fingerprint as fingerprint_lib, readers
 from gemma_jax.data.cache_store import (  # noqa: F401  (the cache's names, as they always were here)
-    DAMAGED, FORMAT_VERSION, MANIFEST, Cache, CacheDamaged, decode_record, encode_record, exchange, rebuild_command)
+    DAMAGED, FORMAT_VERSION, MANIFEST, Cache, CacheDamaged, decode_record, encode_record, exchange,
+    manifest_checksum, rebuild_command)
 from gemma_jax.data.schema import DataError, parse_field_map
 
 # Formatting options: they change the tokens, so they are part of the cache key.
@@ -253,6 +254,7 @@ def _write(spec, tokenizer, options, out_dir, num_workers, identity, key):
         examples_per_source=dict(per_source), tokens=int(lens[:, 0].sum()), target_tokens=int(lens[:, 2].sum()),
         length_p50=q[0], length_p95=q[1], length_p99=q[2], length_max=int(lens[:, 0].max()),
         shards=shards, lengths="lengths.npy", files=files)
+    manifest["checksum"] = manifest_checksum(manifest)
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
     logging.info("data cache %s: %d examples, %d tokens, %d skipped, %.1f s with %d workers", key, len(lens),
@@ -438,7 +440,8 @@ def _open_checked(final: str, verify: str) -> tuple[Cache | None, str | None, bo
     whether the why is damage, as opposed to changed sources)."""
     if not _complete(final):
         if paths.exists(final):
-            return None, f"data cache {final} has no {MANIFEST} (an interrupted build or a deleted manifest)", True
+            return None, (f"data cache file {paths.join(final, MANIFEST)} is damaged: missing (an interrupted build, "
+                          "or deleted)"), True
         return None, None, False
     try:
         c = Cache(final, verify=verify)

@@ -76,6 +76,12 @@ class CacheDamaged(DataError):
         return (type(self), (self.path, self.problem, self.hint))
 
 
+def manifest_checksum(m: dict) -> str:
+    """sha256 of a manifest's content (all but its own "checksum" entry): an edit is damage too."""
+    body = {k: v for k, v in m.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _read_manifest(local_dir: str, shown: str) -> dict:
     """The manifest, checked to be complete: CacheDamaged (naming it) when it is not."""
     where = paths.join(shown, MANIFEST)
@@ -88,6 +94,8 @@ def _read_manifest(local_dir: str, shown: str) -> dict:
         raise CacheDamaged(where, f"not valid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("version") != FORMAT_VERSION:
         raise CacheDamaged(where, f"not a format-{FORMAT_VERSION} cache manifest")
+    if m.get("checksum") != manifest_checksum(m):
+        raise CacheDamaged(where, "its content does not match its checksum (edited or corrupted)")
     kinds = dict(key=str, examples=int, shards=list, files=dict, lengths=str, skipped=dict, tokens=int,
                  sources=list, source_content=list)
     for k, kind in kinds.items():
