@@ -487,7 +487,10 @@ def ensure(spec, tokenizer, cfg_data, *, num_workers=0, process_index=0, process
             time.sleep(1.0)
     marker = paths.join(cache_dir, f".building-{key}")
     if process_count > 1:
-        paths.write_text_atomic(marker, json.dumps(dict(host=socket.gethostname(), pid=os.getpid())))
+        try:
+            paths.write_text_atomic(marker, json.dumps(dict(host=socket.gethostname(), pid=os.getpid())))
+        except OSError as e:
+            raise _not_writable(cache_dir, e) from None
     try:
         try:
             built = build(spec, tokenizer, options, cache_dir, num_workers=num_workers, key=key, identity=identity,
