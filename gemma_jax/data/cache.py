@@ -423,7 +423,7 @@ def _changed(c: Cache, verify: str) -> str | None:
     for i, rec in enumerate(c.manifest["source_content"]):
         source = rec.get("source", "")
         if fingerprint_lib.is_file(source):
-            if verify == "full" and fingerprint_lib.full_sha256(source) != rec.get("sha256"):
+            if verify == "full" and rec.get("sha256") and fingerprint_lib.full_sha256(source) != rec["sha256"]:
                 return f"{source} changed since its cache was built (its sha256 differs)"
             if i < fingerprint_lib.MAX_DIGESTED_FILES and fingerprint_lib.quick_digest(source) != rec.get("digest"):
                 return (f"{source} changed since its cache was built (its content digest differs, although its "

@@ -145,11 +145,18 @@ def hub_revision(source: str) -> str | None:
         return None
 
 
+# info() fields that are a checksum of the whole object, computed by the store (gcsfs: md5Hash, crc32c).
+_STORE_CHECKSUMS = ("md5Hash", "crc32c", "checksum")
+
+
 def content(source: str) -> dict:
     """What a cache records of a source's content at build: the quick digest and full sha256 of
-    a file, the hub revision of a hub dataset (None where there is none)."""
+    a file, the hub revision of a hub dataset (None where there is none). A remote file whose
+    store keeps a checksum of it has that in its identity (the cache key) instead of a sha256:
+    no second download of the corpus."""
     if is_file(source):
-        return dict(source=source, digest=quick_digest(source), sha256=full_sha256(source))
+        stored = paths.is_remote(source) and any(k in file_identity(source) for k in _STORE_CHECKSUMS)
+        return dict(source=source, digest=quick_digest(source), sha256=None if stored else full_sha256(source))
     if source.startswith("hf:") and not readers.hf_parts(source)[3]:
         return dict(source=source, revision=hub_revision(source))
     return dict(source=source)
