@@ -692,3 +692,6 @@ def test_preference_pairs_cut_by_seq_len_warn_like_sft_and_none_left_names_seq_l
     with pytest.raises(data.DataError, match=rf"data train: nothing left at data\.seq_len=8: .*of 40 pairs; "
                                              rf"data\.seq_len={p95} keeps 95% whole, {p99} keeps 99%"):
         build(8)
+    for bad in (0, -4, 1):
+        with pytest.raises(data.DataError, match=rf"data\.seq_len: invalid value {bad} \(expected an integer >= 2\)"):
+            build(bad)

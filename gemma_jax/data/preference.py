@@ -258,7 +258,9 @@ def build(cfg_data, tokenizer, *, global_batch_size: int, seed: int, process_ind
         eval_pairs, _ = read(eval_spec)
     elif frac:
         train_pairs, eval_pairs = holdout(train_pairs, frac, seed=seed)
-    seq_len = int(get("seq_len", 1024))
+    seq_len = get("seq_len", 1024)
+    if not (isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len >= 2):
+        raise DataError(f"data.seq_len: invalid value {seq_len!r} (expected an integer >= 2)")
     pk = functools.partial(pack_pairs, seq_len=seq_len, pad_id=tokenizer.pad_id,
                            packing=bool(get("packing", True)), overlong=get("overlong", "truncate"))
     encoded = encode_pairs(train_pairs, tokenizer)
