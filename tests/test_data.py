@@ -679,7 +679,8 @@ def test_preference_pairs_cut_by_seq_len_warn_like_sft_and_none_left_names_seq_l
         assert len(msg) == 1, caplog.text
         lost = sum(n > need[20] for n in need)
         assert f"data.seq_len={p95} keeps 95% of the pairs" in msg[0] and f"{p99} keeps 99%" in msg[0]
-        counts = re.match(r"data train: (\d+) truncated, (\d+) dropped as overlong, (\d+) dropped with no target", msg[0])
+        counts = re.match(r"data train: (\d+) truncated, (\d+) dropped as overlong, (\d+) dropped with no target",
+                          msg[0])
         assert counts and sum(map(int, counts.groups())) == lost > 0, msg[0]
         assert f" {counted}" in msg[0] and "of 40 pairs" in msg[0] and f"at data.seq_len={need[20]}" in msg[0]
         if overlong == "drop":

@@ -47,7 +47,6 @@ def rebuild_command() -> str:
         " --rebuild"
 
 
-
 def encode_record(ids, mask) -> bytes:
     """(ids, bool mask) -> bytes: uint32 n, n int32 ids, ceil(n/8) bytes of packed mask bits."""
     ids = np.asarray(ids, "<i4")
@@ -62,7 +61,6 @@ def decode_record(b: bytes) -> tuple[np.ndarray, np.ndarray]:
     ids = np.frombuffer(b, "<i4", n, 4)
     mask = np.unpackbits(np.frombuffer(b, np.uint8, offset=4 + 4 * n), count=n).astype(bool)
     return ids, mask
-
 
 
 class CacheDamaged(DataError):

@@ -136,7 +136,7 @@ def sha256_file(path: str) -> str:
 def hub_revision(source: str) -> str | None:
     """The commit a hf:org/name dataset's hub repo is at now, or None when that cannot be asked
     (offline, no huggingface_hub): then the cache is trusted by name, as before."""
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0"):
+    if any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return None
     try:
         from huggingface_hub import HfApi  # pylint: disable=g-import-not-at-top
