@@ -134,7 +134,8 @@ def _saved_first(e, r: "Run", manager, watch, state, step: int):
     """Saves the last good state (the step boundary reached) before a damaged data cache ends the
     run, so the re-run, which rebuilds the cache, resumes there; returns the error, saying so."""
     note = ""
-    if state is not None and watch is not None:
+    # One process's read failed: a save is collective, and the other processes are not saving.
+    if state is not None and watch is not None and jax.process_count() == 1:
         try:
             watch.settle()
             if watch.healthy:
