@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
         num_epochs=0,  # 0 repeats until train.steps
         tfds_data_dir="",  # TFDS data_dir for tfds: specs ("" is TFDS's default)
         cache_dir="",  # tokenized cache, local or gs://, shared by runs; "" = $GEMMA_JAX_DATA_CACHE, else ~/.cache/gemma_jax/data
+        verify_cache="sizes",  # one of sizes | full: sizes checks the cache's file sizes, counts, lengths.npy and the source files' digests on every open (shards' sha256 too while under 64 MiB); full also hashes every cache and source file whole
         num_workers=0,  # tokenizer processes when the cache is built; 0 = all cores (at most 32)
         input_workers=0,  # grain worker processes reading train batches ahead; 0 = 2 threads of the trainer
     ))

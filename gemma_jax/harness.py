@@ -52,7 +52,9 @@ def _main(FLAGS, args) -> int:  # noqa: N803 (the flag values, read as absl's FL
 
     from gemma_jax.eval import harness
 
-    harness.task_manager(FLAGS.tasks, FLAGS.include_path)  # fail on a misspelled task before loading
+    # Inputs checked before the model loads: --limit, the task files and their datasets, unknown tasks.
+    harness.check_limit(FLAGS.limit)
+    harness.task_manager(FLAGS.tasks, FLAGS.include_path)
     lm = harness.GemmaJaxLM(FLAGS.checkpoint, tokenizer=FLAGS.tokenizer, mesh=FLAGS.mesh, dtype=FLAGS.dtype,
                             lora_base=FLAGS.lora_base, batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
                             max_gen_toks=FLAGS.max_gen_toks, seed=FLAGS.seed)

@@ -6,6 +6,10 @@ formatted with the chat template, tokenized on --num_workers processes (default:
 written to data.cache_dir. Training builds a missing cache itself; running this first moves that
 work off the accelerators' clock. --preview=N prints N formatted examples with the tokens that
 carry loss between [[ and ]] and exits, to check the loss mask before training.
+
+A cache found already built is checked as with data.verify_cache=full (every byte of the cache
+and of its source files against the manifest's sha256s) and rebuilt when anything differs;
+--rebuild builds it again regardless, beside the old one, then swaps it in and removes the old.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def _tokenizer(cfg):
 
 def prepare(cfg, *, num_workers: int = 0, preview: int = 0, rebuild: bool = False) -> dict:
     """Builds or reuses the caches of cfg.data (or prints a preview); returns what it did."""
+    cache_lib.verify_level(cfg.data)  # a bad data.verify_cache is an error here too
     tok = _tokenizer(cfg)
     specs = [part for part, _ in pipeline.parse_mixture(cfg.data.train)] if cfg.data.train else []
     if not specs:
@@ -47,7 +52,7 @@ def prepare(cfg, *, num_workers: int = 0, preview: int = 0, rebuild: bool = Fals
         specs.append(cfg.data.eval)
     out = {}
     for spec in specs:
-        c = cache_lib.ensure(spec, tok, cfg.data, num_workers=num_workers, rebuild=rebuild)
+        c = cache_lib.ensure(spec, tok, cfg.data, num_workers=num_workers, rebuild=rebuild, verify="full")
         m = c.manifest
         out[spec] = dict(cache=c.dir, examples=m["examples"], tokens=m["tokens"], skipped=m["skipped"],
                          length_p95=m["length_p95"], length_p99=m["length_p99"], build_seconds=m["build_seconds"])
@@ -75,7 +80,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("num_workers", 0, "tokenizer processes; 0: data.num_workers, else all cores", flag_values=fv)
     flags.DEFINE_integer("preview", 0, "print this many formatted examples with [[trained spans]] and exit",
                          flag_values=fv)
-    flags.DEFINE_bool("rebuild", False, "build the cache again even when a complete one exists", flag_values=fv)
+    flags.DEFINE_bool("rebuild", False, "build the cache again even when an intact one exists (beside it, then swapped in)", flag_values=fv)
     cli.require(fv, "config")
 
 

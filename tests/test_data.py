@@ -646,3 +646,53 @@ def test_hf_save_to_disk(tmp_path):
     assert [e.text for e in exs] == ["held out"]
     with pytest.raises(data.DataError, match="no split 'validation'"):
         data.read_examples(f"hf:{tmp_path / 'ds'}:validation")
+
+
+# ---------------------------------------------------------------------------------- preference data and seq_len
+
+
+def test_preference_pairs_cut_by_seq_len_warn_like_sft_and_none_left_names_seq_len(tok, tmp_path, caplog):
+    """Pairs truncated or dropped by data.seq_len: the SFT data's WARNING (the seq_len that keeps
+    95% / 99% whole); every pair too long: the error names data.seq_len, not an empty batch."""
+    import logging  # pylint: disable=g-import-not-at-top
+
+    import ml_collections  # pylint: disable=g-import-not-at-top
+
+    from gemma_jax.data import preference  # pylint: disable=g-import-not-at-top
+    pairs = [{"prompt": "word " * (10 + i), "chosen": "yes it is", "rejected": "no"} for i in range(40)]
+    path = write(tmp_path, "pairs.jsonl", jsonl(*pairs))
+    encoded = preference.encode_pairs(preference.read_pairs(path)[0], tok)
+    need = sorted(max(len(ids) for ids, _ in sides) - 1 for sides in encoded)
+    p95, p99 = (int(np.ceil(np.percentile(need, q))) for q in (95, 99))
+
+    def build(seq_len, overlong="truncate"):
+        c = ml_collections.ConfigDict(dict(train=path, eval="", eval_fraction=0.0, seq_len=seq_len, packing=True,
+                                           overlong=overlong, train_on_prompt=False, skip_invalid=False,
+                                           field_map="", text_split="line", tfds_data_dir="", num_epochs=0))
+        return preference.build(c, tok, global_batch_size=1, seed=0)
+
+    for overlong, counted in (("truncate", "truncated"), ("drop", "dropped as overlong")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            build(need[20], overlong)
+        msg = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "keeps 95%" in r.getMessage()]
+        assert len(msg) == 1, caplog.text
+        lost = sum(n > need[20] for n in need)
+        assert f"data.seq_len={p95} keeps 95% of the pairs" in msg[0] and f"{p99} keeps 99%" in msg[0]
+        counts = re.match(r"data train: (\d+) truncated, (\d+) dropped as overlong, (\d+) dropped with no target",
+                          msg[0])
+        assert counts and sum(map(int, counts.groups())) == lost > 0, msg[0]
+        assert f" {counted}" in msg[0] and "of 40 pairs" in msg[0] and f"at data.seq_len={need[20]}" in msg[0]
+        if overlong == "drop":
+            assert int(counts.group(2)) == lost
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build(need[-1])
+    assert "keeps 95%" not in caplog.text  # nothing lost, no warning
+    # Every prompt alone is longer than seq_len: nothing left, and the error says which key to raise.
+    with pytest.raises(data.DataError, match=rf"data train: nothing left at data\.seq_len=8: .*of 40 pairs; "
+                                             rf"data\.seq_len={p95} keeps 95% whole, {p99} keeps 99%"):
+        build(8)
+    for bad in (0, -4, 1):
+        with pytest.raises(data.DataError, match=rf"data\.seq_len: invalid value {bad} \(expected an integer >= 2\)"):
+            build(bad)

@@ -223,3 +223,71 @@ def test_lora_workdir_is_scored_merged(setup, tmp_path, init_checkpoint):
     for (lo, go), (lr, gr) in zip(ours, ref):
         assert abs(lo - lr) < 1e-4 and go == gr
     assert max(abs(lo - lb) for (lo, _), (lb, _) in zip(ours, base)) > 1e-3
+
+
+# ----------------------------------------------------------------------------- inputs checked up front
+
+
+def _harness_error(monkeypatch, capsys, flags):
+    """Runs the harness command in-process; the model must not load. Returns its one error line."""
+    from gemma_jax import harness as harness_cli
+    from gemma_jax.eval import harness as backend
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(backend, "GemmaJaxLM", no_model)
+    with pytest.raises(SystemExit) as exit_info:
+        harness_cli.main(["--checkpoint=/nonexistent/checkpoint", "--mesh=none", *flags])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    return errors[0]
+
+
+def _task(tasks: Path, name: str, data_file: str, split: str = "train") -> None:
+    (tasks / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ntest_split: {split}\ndataset_kwargs:\n  data_files:\n"
+        f"    train: {data_file}\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{{{text}}}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n")
+
+
+def test_malformed_task_yaml_is_reported_with_its_parse_error_file_and_line(tmp_path, monkeypatch, capsys):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "broken.yaml").write_text("task: broken_task\ndataset_path: json\n  test_split: train\n")
+    (tasks / "unclosed.yaml").write_text("task: unclosed_task\ndoc_to_text: '{{question}}\nmetric_list: []\n")
+    line = _harness_error(monkeypatch, capsys, [f"--include_path={tasks}", "--tasks=broken_task"])
+    assert f"{tasks / 'broken.yaml'}:3:" in line and "malformed YAML" in line and "mapping values" in line, line
+    assert "unknown" not in line
+    line = _harness_error(monkeypatch, capsys, [f"--include_path={tasks}", "--tasks=unclosed_task"])
+    assert f"{tasks / 'unclosed.yaml'}:" in line and "malformed YAML" in line and "quoted scalar" in line, line
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "-0.5", "nan"])
+def test_limit_zero_or_negative_is_an_error_before_the_model_loads(tmp_path, monkeypatch, capsys, limit):
+    line = _harness_error(monkeypatch, capsys, ["--tasks=arc_easy", f"--limit={limit}"])
+    assert line.startswith(f"error: --limit={limit.lstrip('+')}: must be a number > 0"), line
+
+
+def test_missing_or_empty_task_dataset_is_an_error_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    empty, blank, array = tasks / "empty.jsonl", tasks / "blank.jsonl", tasks / "array.json"
+    empty.write_text("")
+    blank.write_text("\n  \n")
+    array.write_text("[]")
+    for name, f in (("t_missing", tasks / "missing.jsonl"), ("t_empty", empty), ("t_blank", blank),
+                    ("t_array", array)):
+        _task(tasks, name, str(f))
+        line = _harness_error(monkeypatch, capsys, [f"--include_path={tasks}", f"--tasks={name}"])
+        what = "does not exist" if name == "t_missing" else "is empty"
+        assert f"task {name}" in line and f"dataset file {f} {what}" in line, line
+    # A group reaches its tasks' files; a split the data files do not have is named too.
+    (tasks / "grp.yaml").write_text("group: grp\ntask:\n  - t_empty\n")
+    line = _harness_error(monkeypatch, capsys, [f"--include_path={tasks}", "--tasks=grp"])
+    assert f"dataset file {empty} is empty" in line, line
+    _task(tasks, "t_split", str(tasks / "ppl.jsonl"), split="test")
+    (tasks / "ppl.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    line = _harness_error(monkeypatch, capsys, [f"--include_path={tasks}", "--tasks=t_split"])
+    assert "split(s) ['test'] not among its data_files ['train']" in line, line

@@ -3,14 +3,32 @@
 A cache is the directory ``CACHE_DIR/<key>``: shards ``examples-NNNNN.array_record`` (record i =
 example i in spec order, a uint32 length, then its int32 ids, then its loss mask as packed bits),
 ``lengths.npy`` (int32 ``[n, 3]``: tokens, first target index, target count; packing plans from it
-without reading tokens) and ``manifest.json`` (written last: source fingerprints, tokenizer sha256,
-formatting options, counts, skips, token stats, shard sizes).
+without reading tokens) and ``manifest.json`` (written last: source identities and content digests,
+tokenizer sha256, formatting options, counts, skips, token stats, and the size and sha256 of every
+other file of the cache).
 
-The key hashes the source fingerprints (path, size, mtime; a ``save_to_disk`` directory file by
-file; ``tfds:``/``hf:`` hub names by name), the tokenizer's sha256 and the formatting options
-(``OPTIONS``); seq_len, packing, batch size and seed are applied when reading, so changing them
-reuses the cache. A build writes into a temporary directory renamed onto ``<key>`` at the end (a
-remote ``gs://`` cache: shards first, the manifest last), so a killed build is never reused.
+The key hashes the sources' identities (gemma_jax.data.fingerprint: a local file's path, size,
+mtime, ctime and inode; a gs:// object's size and generation/etag/checksum; a ``save_to_disk``
+directory file by file with its datasets fingerprint; ``tfds:``/``hf:`` hub names by name), the
+tokenizer's sha256 and the formatting options (``OPTIONS``); seq_len, packing, batch size and seed
+are applied when reading, so changing them reuses the cache. A build writes into a temporary
+directory beside ``<key>`` and then swaps it in (a remote ``gs://`` cache: old manifest removed,
+shards, the manifest last), so a killed build is never used; the next build removes the temporary
+directories of builds whose process is gone.
+
+What is checked when a cache is opened (``ensure``), before any step:
+  - always: the manifest parses and is complete; every file it lists exists with its recorded
+    size; shard counts add up; ``lengths.npy`` (read whole anyway) matches its sha256; the content
+    digest of each source file (``fingerprint.quick_digest``, what the trainer's data fingerprint
+    is made of) equals the one recorded at build; no earlier run marked the cache damaged; the
+    shards' sha256 while they hold at most ``cache_store.HASH_ON_OPEN_BYTES`` (64 MiB) in all;
+  - ``data.verify_cache=full`` (and ``prepare``): also the sha256 of every shard and of every
+    source file, whole, whatever their size.
+A mismatch logs one WARNING naming the file and rebuilds the cache from its sources (where they
+cannot be read: one ``error:`` naming the file and the command that rebuilds it). A read that fails
+during a run (a shard damaged after it was opened) is diagnosed against the checksums, the cache
+marked damaged (``damaged.json``) and ``CacheDamaged`` raised naming the file; the trainer saves
+its last good step first, and the next run rebuilds and resumes.
 
 Validation runs in the reading process, in order, so a bad record raises the same
 ``file:line: field ...`` DataError as the in-memory path (or is counted with ``skip_invalid``);
@@ -23,11 +41,11 @@ memory does not grow with the corpus.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import socket
 import sys
@@ -39,10 +57,12 @@ import numpy as np
 from absl import logging
 
 from gemma_jax import paths
-from gemma_jax.data import readers
+from gemma_jax.data import fingerprint as fingerprint_lib, readers
+from gemma_jax.data.cache_store import (  # noqa: F401  (the cache's names, as they always were here)
+    DAMAGED, FORMAT_VERSION, MANIFEST, Cache, CacheDamaged, decode_record, encode_record, exchange,
+    manifest_checksum, rebuild_command)
 from gemma_jax.data.schema import DataError, parse_field_map
 
-FORMAT_VERSION = 1
 # Formatting options: they change the tokens, so they are part of the cache key.
 OPTIONS = ("train_on_prompt", "field_map", "default_instruction", "text_split", "skip_invalid", "tfds_data_dir")
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "gemma_jax", "data")
@@ -52,6 +72,12 @@ MAX_DEFAULT_WORKERS = 32
 # One record per chunk: a random read decodes only its record; zstd:1 compresses ids ~2x, cheaply.
 _WRITER_OPTIONS = "group_size:1,zstd:1"
 _WAIT_FOR_OTHERS_S = 60.0  # a process that is not 0 builds itself when no build shows up in this time
+# data.verify_cache: sizes = sizes, counts, lengths.npy and source digests on every open (cheap);
+# full = also every shard's and every source file's sha256, whole.
+VERIFY_LEVELS = ("sizes", "full")
+# A temporary build directory: .tmp-<key>-<host>-<pid>-<hex>[.old]; a dead pid's (this host) is stale.
+_TMP_RE = re.compile(r"^\.tmp-[0-9a-f]+-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{6}(\.[a-z]+)?$")
+STALE_OTHER_HOST_S = 24 * 3600  # another host's build directory untouched this long is stale
 
 
 def cache_dir_of(cfg_data) -> str:
@@ -71,32 +97,26 @@ def options_of(cfg_data) -> dict:
                 skip_invalid=bool(get("skip_invalid", False)), tfds_data_dir=str(get("tfds_data_dir", "")))
 
 
+def verify_level(cfg_data) -> str:
+    """data.verify_cache, checked: 'sizes' (default) or 'full'."""
+    v = cfg_data.get("verify_cache", "sizes") if hasattr(cfg_data, "get") else getattr(cfg_data, "verify_cache",
+                                                                                         "sizes")
+    if v not in VERIFY_LEVELS:
+        raise DataError(f"data.verify_cache={v!r}: expected one of {' | '.join(VERIFY_LEVELS)} (sizes: file sizes, "
+                        "counts and source digests on every open; full: also every byte of the cache and the sources)")
+    return v
+
+
 # ---------------------------------------------------------------------------------- fingerprints
 
 
-def _file_fingerprint(path):
-    if paths.is_remote(path):
-        st = paths.Path(path).stat()
-        return dict(path=path, size=int(st.length), mtime=float(st.mtime))
-    st = os.stat(path)
-    return dict(path=os.path.abspath(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
-
-
 def fingerprint(source: str, tfds_data_dir: str = "") -> dict:
-    """What identifies a source's content without reading it: files by path, size and mtime."""
-    if source.startswith("tfds:"):
-        return dict(tfds=source, data_dir=os.path.abspath(os.path.expanduser(tfds_data_dir)) if tfds_data_dir else "")
-    if source.startswith("hf:"):
-        name, _, split, local = readers.hf_parts(source)
-        if not local:  # a hub dataset: its name (a new revision on the hub is not noticed)
-            return dict(hf=source)
-        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(name) for f in fs)
-        return dict(hf_dir=os.path.abspath(name), split=split,
-                    files=[[os.path.relpath(f, name), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files])
-    return _file_fingerprint(source)
+    """What identifies a source's content without reading it (gemma_jax.data.fingerprint.identity)."""
+    return fingerprint_lib.identity(source, tfds_data_dir)
 
 
 def tokenizer_sha256(path: str) -> str:
+    """sha256 of a tokenizer file: part of every cache key and of a workdir's identity."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -105,7 +125,7 @@ def tokenizer_sha256(path: str) -> str:
 
 
 def cache_key(spec: str, tokenizer, options: dict) -> tuple[str, dict]:
-    """(key, the identity it hashes): fingerprints of spec's sources, tokenizer, options."""
+    """(key, the identity it hashes): identities of spec's sources, tokenizer, options."""
     identity = dict(version=FORMAT_VERSION,
                     sources=[fingerprint(s, options["tfds_data_dir"]) for s in readers.sources(spec)],
                     tokenizer=tokenizer_sha256(tokenizer.path), options=options)
@@ -113,20 +133,6 @@ def cache_key(spec: str, tokenizer, options: dict) -> tuple[str, dict]:
 
 
 # ---------------------------------------------------------------------------------- records
-
-
-def encode_record(ids, mask) -> bytes:
-    """(ids, bool mask) -> bytes: uint32 n, n int32 ids, ceil(n/8) bytes of packed mask bits."""
-    ids = np.asarray(ids, "<i4")
-    return np.uint32(len(ids)).astype("<u4").tobytes() + ids.tobytes() + np.packbits(np.asarray(mask, bool)).tobytes()
-
-
-def decode_record(b: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """The inverse of encode_record: (int32 ids, bool mask)."""
-    n = int(np.frombuffer(b, "<u4", 1)[0])
-    ids = np.frombuffer(b, "<i4", n, 4)
-    mask = np.unpackbits(np.frombuffer(b, np.uint8, offset=4 + 4 * n), count=n).astype(bool)
-    return ids, mask
 
 
 def _lengths(ids, mask):
@@ -160,46 +166,6 @@ def _encode_chunk(items):
 # ---------------------------------------------------------------------------------- the cache
 
 
-@dataclasses.dataclass
-class _Shard:  # array_record's FileInstruction protocol: opening needs no pass over the file
-    filename: str
-    skip: int
-    take: int
-    examples_in_shard: int
-
-
-class Cache:
-    """A built cache: manifest, lengths ``[n, 3]``, and random access to examples by index."""
-
-    def __init__(self, directory: str):
-        self.dir = directory
-        self.local_dir = paths.local_copy(directory)  # gs://: a local copy (disk, not RAM)
-        with open(os.path.join(self.local_dir, "manifest.json")) as f:
-            self.manifest = json.load(f)
-        self.lengths = np.load(os.path.join(self.local_dir, "lengths.npy"))
-        self._source = None
-
-    def __len__(self):
-        return len(self.lengths)
-
-    def __getstate__(self):  # pickled into grain workers without an open reader
-        return {**self.__dict__, "_source": None}
-
-    def source(self):
-        if self._source is None:
-            import grain  # pylint: disable=g-import-not-at-top  (imports jax)
-            shards = [_Shard(os.path.join(self.local_dir, s["file"]), 0, s["examples"], s["examples"])
-                      for s in self.manifest["shards"]]
-            self._source = grain.sources.ArrayRecordDataSource(shards)
-        return self._source
-
-    def read(self, indices) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Examples by index: [(ids, mask)]; only these records are read."""
-        src, indices = self.source(), [int(i) for i in indices]
-        raw = src.__getitems__(indices) if hasattr(src, "__getitems__") else [src[i] for i in indices]
-        return [decode_record(b) for b in raw]
-
-
 def _pool(num_workers, tokenizer_path, train_on_prompt):
     # fork starts a worker in milliseconds but is unsafe once jax (its threads) is loaded, as in the
     # trainer; spawn is safe there and costs each worker ~1 s of imports.
@@ -224,6 +190,10 @@ def _shard_inputs(spec, options, skipped, per_source):
         yield shard
 
 
+def _file_record(path) -> dict:
+    return dict(size=os.path.getsize(path), sha256=fingerprint_lib.sha256_file(path))
+
+
 def _write_shard(out_dir, k, items):
     """Tokenizes one shard's examples and writes them as examples-k.array_record (in a worker).
 
@@ -237,19 +207,23 @@ def _write_shard(out_dir, k, items):
         writer.write(rec)
         lengths.append(lens)
     writer.close()
-    return dict(file=name, examples=len(lengths)), np.asarray(lengths, np.int32).reshape(-1, 3)
+    return (dict(file=name, examples=len(lengths)), np.asarray(lengths, np.int32).reshape(-1, 3),
+            _file_record(os.path.join(out_dir, name)))
 
 
 def _write(spec, tokenizer, options, out_dir, num_workers, identity, key):
     """Reads and validates spec here, tokenizes and writes its shards in workers, then the lengths
     and the manifest into out_dir."""
     t0 = time.time()
+    # Before the pass over the data: a source edited during the build then no longer matches.
+    content = [fingerprint_lib.content(s) for s in readers.sources(spec)]
     skipped, per_source = collections.Counter(), collections.Counter()
-    lengths, shards = [], []
+    lengths, shards, files = [], [], {}
 
     def done(result):
         shards.append(result[0])
         lengths.append(result[1])
+        files[result[0]["file"]] = result[2]
 
     inputs = enumerate(_shard_inputs(spec, options, skipped, per_source))
     if num_workers <= 1:
@@ -271,15 +245,17 @@ def _write(spec, tokenizer, options, out_dir, num_workers, identity, key):
         raise DataError(f"{spec}: no valid examples (skipped: {dict(skipped)})")
     lens = np.concatenate(lengths)
     np.save(os.path.join(out_dir, "lengths.npy"), lens)
+    files["lengths.npy"] = _file_record(os.path.join(out_dir, "lengths.npy"))
     q = np.percentile(lens[:, 0], [50, 95, 99]).tolist()
     manifest = dict(
         key=key, spec=spec, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        build_seconds=round(time.time() - t0, 2), num_workers=num_workers, **identity,
+        build_seconds=round(time.time() - t0, 2), num_workers=num_workers, **identity, source_content=content,
         tokenizer_path=os.path.abspath(tokenizer.path), examples=len(lens), skipped=dict(skipped),
         examples_per_source=dict(per_source), tokens=int(lens[:, 0].sum()), target_tokens=int(lens[:, 2].sum()),
         length_p50=q[0], length_p95=q[1], length_p99=q[2], length_max=int(lens[:, 0].max()),
-        shards=shards, lengths="lengths.npy")
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        shards=shards, lengths="lengths.npy", files=files)
+    manifest["checksum"] = manifest_checksum(manifest)
+    with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
     logging.info("data cache %s: %d examples, %d tokens, %d skipped, %.1f s with %d workers", key, len(lens),
                  manifest["tokens"], sum(skipped.values()), time.time() - t0, num_workers)
@@ -295,75 +271,238 @@ def default_workers() -> int:
 
 
 def _complete(directory) -> bool:
-    return paths.exists(paths.join(directory, "manifest.json"))
+    return paths.exists(paths.join(directory, MANIFEST))
 
 
-def build(spec, tokenizer, options, cache_dir, *, num_workers=0, key=None, identity=None) -> str:
-    """Builds the cache of spec into cache_dir/<key> (atomically) and returns that directory."""
+# ---------------------------------------------------------------------------------- building
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _newest_mtime(path: str) -> float:
+    times = [os.path.getmtime(path)]
+    for r, ds, fs in os.walk(path):
+        times += [os.path.getmtime(os.path.join(r, x)) for x in ds + fs if os.path.exists(os.path.join(r, x))]
+    return max(times)
+
+
+def remove_stale_builds(parent: str) -> list[str]:
+    """Removes the temporary directories in parent of builds that were killed: on this host those
+    whose process is gone, another host's untouched for STALE_OTHER_HOST_S. A live build's stay."""
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    host = socket.gethostname()
+    for name in names:
+        m = _TMP_RE.match(name)
+        path = os.path.join(parent, name)
+        if not m or not os.path.isdir(path):
+            continue
+        try:
+            stale = (not _pid_alive(int(m["pid"])) if m["host"] == host else
+                     time.time() - _newest_mtime(path) > STALE_OTHER_HOST_S)
+        except OSError:  # removed by someone else meanwhile
+            continue
+        if stale:
+            logging.info("removing %s, left by a cache build that was killed", path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _not_writable(cache_dir: str, e: OSError) -> DataError:
+    return DataError(f"data.cache_dir={cache_dir!r}: cannot write the tokenized cache there ({e.strerror or e}); "
+                     f"set data.cache_dir (or ${CACHE_DIR_ENV}) to a writable directory", "cache_dir")
+
+
+def _new_tmp(cache_dir: str, key: str) -> str:
+    """A fresh temporary build directory (beside the cache, or local staging for a remote one),
+    after removing killed builds' ones; DataError naming data.cache_dir when it cannot be written."""
+    name = f".tmp-{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    parent = os.path.join(tempfile.gettempdir(), "gemma_jax_cache_staging") if paths.is_remote(cache_dir) else cache_dir
+    try:
+        os.makedirs(parent, exist_ok=True)
+        remove_stale_builds(parent)
+        os.mkdir(os.path.join(parent, name))
+        if paths.is_remote(cache_dir):
+            paths.Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _not_writable(cache_dir, e) from None
+    return os.path.join(parent, name)
+
+
+def _publish_local(tmp: str, final: str, replace: bool) -> None:
+    """Moves the finished build onto final; an existing final (partial, damaged or replaced) is
+    swapped out and ends up in tmp, which the caller removes."""
+    if os.path.isdir(final):
+        if _complete(final) and not replace:  # another process finished the same cache first: keep theirs
+            return
+        if not exchange(tmp, final):
+            old = f"{tmp}.old"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process finished the same cache first: keep theirs
+        if not _complete(final):
+            raise
+
+
+def _publish_remote(tmp: str, final: str) -> None:
+    """Uploads the build: the old manifest (and damage mark) removed first, so the cache reads as
+    incomplete until the new manifest, uploaded last, lands; files of an old build removed."""
+    dst = paths.Path(final)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (MANIFEST, DAMAGED):
+        if (dst / name).exists():
+            (dst / name).unlink()
+    names = sorted(os.listdir(tmp), key=lambda n: n == MANIFEST)
+    for name in names:
+        with open(os.path.join(tmp, name), "rb") as f:
+            (dst / name).write_bytes(f.read())
+    for p in dst.iterdir():
+        if p.name not in names:
+            p.unlink()
+
+
+def build(spec, tokenizer, options, cache_dir, *, num_workers=0, key=None, identity=None, replace=False) -> str:
+    """Builds the cache of spec into cache_dir/<key> (atomically) and returns that directory.
+
+    A complete cache already there is kept (another process built it meanwhile) unless replace:
+    then the new build is swapped in and the old one removed (prepare --rebuild, a damaged cache)."""
     if key is None:
         key, identity = cache_key(spec, tokenizer, options)
     final = paths.join(cache_dir, key)
     num_workers = num_workers or default_workers()
-    remote = paths.is_remote(cache_dir)
-    if not remote:
-        os.makedirs(cache_dir, exist_ok=True)
-    # Local: a temp dir beside the target, renamed onto it; remote: staged locally, manifest last.
-    tmp = (tempfile.mkdtemp(prefix=f"gemma_jax_cache_{key}_") if remote else
-           os.path.join(cache_dir, f".tmp-{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"))
-    os.makedirs(tmp, exist_ok=True)
+    tmp = _new_tmp(cache_dir, key)
     try:
         logging.info("building the data cache of %s in %s (%d workers)", spec, final, num_workers)
         _write(spec, tokenizer, options, tmp, num_workers, identity, key)
-        if remote:
-            dst = paths.Path(final)
-            dst.mkdir(parents=True, exist_ok=True)
-            for name in sorted(os.listdir(tmp), key=lambda n: n == "manifest.json"):  # manifest last
-                (dst / name).write_bytes(open(os.path.join(tmp, name), "rb").read())
+        if paths.is_remote(cache_dir):
+            _publish_remote(tmp, final)
         else:
-            if os.path.isdir(final) and not _complete(final):  # a partial copy, never a finished build
-                stale = f"{tmp}.stale"
-                os.rename(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another process finished the same cache first: keep theirs
-                if not _complete(final):
-                    raise
+            _publish_local(tmp, final, replace)
+    except OSError as e:
+        if str(getattr(e, "filename", "") or "").startswith((tmp, cache_dir)):
+            raise _not_writable(cache_dir, e) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def ensure(spec, tokenizer, cfg_data, *, num_workers=0, process_index=0, process_count=1,
-           rebuild=False) -> Cache:
-    """The cache of spec for these options: reused when complete, else built (process 0).
+# ---------------------------------------------------------------------------------- opening
 
-    Processes other than 0 wait for process 0's manifest; when none shows up (and no build of
-    process 0 is visible) within a minute, the cache dir is not shared and they build their own.
+
+def _marked(c: Cache) -> str | None:
+    """Why an earlier run marked the cache damaged (DAMAGED), or None."""
+    marker = paths.Path(paths.join(c.dir, DAMAGED))
+    if not marker.exists():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+        return f"data cache file {info['file']} is damaged: {info['problem']} (found by an earlier run)"
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"{marker} marks the cache damaged"
+
+
+def _changed(c: Cache, verify: str) -> str | None:
+    """Why an intact cache no longer stands for its sources (a content digest, a hub revision), or None."""
+    for i, rec in enumerate(c.manifest["source_content"]):
+        source = rec.get("source", "")
+        if fingerprint_lib.is_file(source):
+            if verify == "full" and rec.get("sha256") and fingerprint_lib.full_sha256(source) != rec["sha256"]:
+                return f"{source} changed since its cache was built (its sha256 differs)"
+            if i < fingerprint_lib.MAX_DIGESTED_FILES and fingerprint_lib.quick_digest(source) != rec.get("digest"):
+                return (f"{source} changed since its cache was built (its content digest differs, although its "
+                        "size and times look unchanged)")
+        elif rec.get("revision"):
+            now = fingerprint_lib.hub_revision(source)
+            if now and now != rec["revision"]:
+                return f"{source} moved from revision {rec['revision']} to {now} since its cache was built"
+    return None
+
+
+def _open_checked(final: str, verify: str) -> tuple[Cache | None, str | None, bool]:
+    """(the cache at final if it is intact and current, else None; why not, None if never built;
+    whether the why is damage, as opposed to changed sources)."""
+    if not _complete(final):
+        if paths.exists(final):
+            return None, (f"data cache file {paths.join(final, MANIFEST)} is damaged: missing (an interrupted build, "
+                          "or deleted)"), True
+        return None, None, False
+    try:
+        c = Cache(final, verify=verify)
+    except CacheDamaged as e:
+        return None, str(e), True
+    marked = _marked(c)
+    if marked:
+        return None, marked, True
+    changed = _changed(c, verify)
+    return (None, changed, False) if changed else (c, None, False)
+
+
+def ensure(spec, tokenizer, cfg_data, *, num_workers=0, process_index=0, process_count=1,
+           rebuild=False, verify: str | None = None) -> Cache:
+    """The cache of spec for these options: reused when intact and current, else built (process 0).
+
+    `verify` (default data.verify_cache) says how much is checked on open (module docstring); a
+    damaged or stale cache is named in a WARNING and rebuilt. Processes other than 0 wait for
+    process 0's cache; when none shows up (and no build of process 0 is visible) within a minute,
+    the cache dir is not shared and they build their own.
     """
     options, cache_dir = options_of(cfg_data), cache_dir_of(cfg_data)
+    verify = verify or verify_level(cfg_data)
     key, identity = cache_key(spec, tokenizer, options)
     final = paths.join(cache_dir, key)
-    if _complete(final) and not rebuild:
-        c = Cache(final)
-        logging.info("data cache of %s: %s (reused)", spec, final)
-        if c.manifest["skipped"]:
-            logging.warning("%s: %d invalid records were skipped when its cache was built: %s", spec,
-                            sum(c.manifest["skipped"].values()), c.manifest["skipped"])
-        return c
+    why, damaged = None, False
+    if not rebuild:
+        c, why, damaged = _open_checked(final, verify)
+        if c is not None:
+            logging.info("data cache of %s: %s (reused)", spec, final)
+            if c.manifest["skipped"]:
+                logging.warning("%s: %d invalid records were skipped when its cache was built: %s", spec,
+                                sum(c.manifest["skipped"].values()), c.manifest["skipped"])
+            return c
+        if why:
+            logging.warning("%s; rebuilding the cache of %s from its sources", why, spec)
     if process_index != 0 and process_count > 1:
         t0, marker = time.time(), paths.join(cache_dir, f".building-{key}")
-        while not _complete(final):
-            if time.time() - t0 > _WAIT_FOR_OTHERS_S and not paths.exists(marker):
-                break
+        while time.time() - t0 <= _WAIT_FOR_OTHERS_S or paths.exists(marker):
+            c = _open_checked(final, verify)[0]
+            if c is not None:
+                return c
             time.sleep(1.0)
-        if _complete(final):
-            return Cache(final)
     marker = paths.join(cache_dir, f".building-{key}")
     if process_count > 1:
-        paths.write_text_atomic(marker, json.dumps(dict(host=socket.gethostname(), pid=os.getpid())))
+        try:
+            paths.write_text_atomic(marker, json.dumps(dict(host=socket.gethostname(), pid=os.getpid())))
+        except OSError as e:
+            raise _not_writable(cache_dir, e) from None
     try:
-        return Cache(build(spec, tokenizer, options, cache_dir, num_workers=num_workers, key=key, identity=identity))
+        try:
+            built = build(spec, tokenizer, options, cache_dir, num_workers=num_workers, key=key, identity=identity,
+                          replace=bool(rebuild or why))
+        except (DataError, OSError) as e:
+            if not damaged:  # a first build, or changed sources: their own error says it all
+                raise
+            if getattr(e, "reason", "") == "cache_dir":
+                raise DataError(f"{why}; rebuilding it failed: {e}", "cache_dir") from None
+            raise DataError(f"{why}, and rebuilding it from {spec} failed: {e}; make the sources readable and run "
+                            f"`{rebuild_command()}`", "damaged_cache") from None
+        return Cache(built)
     finally:
         if process_count > 1:
             try:

@@ -12,15 +12,15 @@ resume exactly without replaying data. A batch is a dict of ``[batch, seq_len]``
 ``inputs``, ``targets``, ``segment_ids``, ``positions`` (int32) and ``loss_mask`` (float32).
 
 Mixtures: ``data.train="legal/*.jsonl:0.8,general.jsonl:0.2"``: when any comma-separated part ends
-in ``:WEIGHT`` (a plain number), every part must, and each part (a file, glob, tfds: or hf: name) is
+in ``:WEIGHT`` (a finite number > 0), every part must, and each part (a file, glob, tfds: or hf: name) is
 a component. An epoch then draws as many examples as all components hold together, component i
 contributing ``round(w_i / sum(w) * total)``, each component walking its own reshuffled passes
 (small ones repeat, large ones are subsampled), deterministic from the seed.
 
 ``build`` reads keys: train, eval, eval_fraction, seq_len, packing, overlong, train_on_prompt,
 skip_invalid, field_map, default_instruction, text_split, num_epochs, tfds_data_dir, cache_dir,
-num_workers, input_workers (``cfg.get``: absent keys take their defaults). ``train_iterator``/``eval_batches``
-over in-memory rows stay for preference data.
+verify_cache, num_workers, input_workers (``cfg.get``: absent keys take their defaults).
+``train_iterator``/``eval_batches`` over in-memory rows stay for preference data.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import atexit
 import collections
 import dataclasses
 import functools
+import math
+import os
 import re
 import threading
 from typing import Any
@@ -129,22 +131,51 @@ def _option(cfg, key, default, ok, expected):
     return v
 
 
-_WEIGHT = re.compile(r"^(.*\S):\s*(\d+\.?\d*|\.\d+)$")
+# A weight as written: a plain decimal number (signs, exponents, inf and nan are read to be named).
+_NUMBER = re.compile(r"^[-+]?((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
+_NUMBERISH = re.compile(r"^\s*([-+]|\d|\.\d|inf|nan|$)", re.IGNORECASE)  # a tfds:/hf: part's weight
+WEIGHT_RULE = "a mixture weight is a finite number > 0 (e.g. legal.jsonl:0.8,general.jsonl:0.2)"
+
+
+def _split_weight(part: str) -> tuple[str, str | None]:
+    """(source, the text after its last ':' when that is a weight, else None)."""
+    body = part.split("://", 1)[1] if "://" in part else part
+    if ":" not in body or os.path.exists(os.path.expanduser(part)):
+        return part, None
+    head, _, tail = part.rpartition(":")
+    if part.startswith(("tfds:", "hf:")):  # their own fields are ':'-separated: only a number-like tail
+        return (head, tail) if _NUMBERISH.match(tail) else (part, None)
+    return (part, None) if "/" in tail else (head, tail)
+
+
+def _weight(text: str, part: str, key: str) -> float:
+    t = text.strip()
+    if not _NUMBER.match(t):
+        raise DataError(f"{key}: {part!r}: weight {text!r} is not a number; {WEIGHT_RULE}")
+    w = float(t)
+    if not math.isfinite(w):
+        raise DataError(f"{key}: {part!r}: weight {text!r} is not finite; {WEIGHT_RULE}")
+    if w <= 0:
+        leave = " (to leave a part out, remove it from the mixture)" if w == 0 else ""
+        raise DataError(f"{key}: {part!r}: weight {text!r} is not > 0{leave}; {WEIGHT_RULE}")
+    return w
 
 
 def parse_mixture(spec: str, key: str = "data.train") -> list[tuple[str, float | None]]:
-    """'a.jsonl:0.8,b/*.jsonl:0.2' -> [(part, weight)]; a spec without weights -> [(spec, None)]."""
+    """'a.jsonl:0.8,b/*.jsonl:0.2' -> [(part, weight)]; a spec without weights -> [(spec, None)].
+    A bad weight (not a number, not finite, not > 0) raises DataError naming it and the rule."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
-    found = [_WEIGHT.match(p) for p in parts]
-    if not any(found):
+    split = [_split_weight(p) for p in parts]
+    if all(w is None for _, w in split):
         return [(spec, None)]
-    if not all(found):
-        bad = next(p for p, m in zip(parts, found) if not m)
-        raise DataError(f"{key}: {bad!r} has no weight; in a mixture every part ends in :WEIGHT "
-                        f"(e.g. legal.jsonl:0.8,general.jsonl:0.2)")
-    out = [(m.group(1).strip(), float(m.group(2))) for m in found]
-    if not sum(w for _, w in out) > 0:
-        raise DataError(f"{key}: mixture weights must not all be 0")
+    bad = next((p for p, (_, w) in zip(parts, split) if w is None), None)
+    if bad is not None:
+        raise DataError(f"{key}: {bad!r} has no weight; in a mixture every part ends in :WEIGHT, and {WEIGHT_RULE}")
+    out = []
+    for p, (source, w) in zip(parts, split):
+        if not source.strip():
+            raise DataError(f"{key}: {p!r} names no data before its weight; {WEIGHT_RULE}")
+        out.append((source.strip(), _weight(w, p, key)))
     return out
 
 
@@ -380,21 +411,27 @@ class EvalBatches:
         return (self[k] for k in range(len(self)))
 
 
-def _loss_check(split, reader, ids, stats, seq_len):
-    """WARNING when more than 2% of the examples are cut or dropped; DataError when no row is left."""
+def check_lost(split: str, need, stats: dict, seq_len: int, *, unit: str = "examples") -> None:
+    """WARNING when more than 2% of the examples are cut or dropped by data.seq_len, naming the
+    seq_len that keeps 95% / 99% of them whole; DataError naming data.seq_len when no row is left.
+
+    Generic over what an example is: `need` holds each example's length in tokens as a row must
+    fit it (tokens - 1; a preference pair: its longer side); `stats` the packer's counts
+    (truncated, dropped_overlong, dropped_no_target, rows, and the example count under `unit`)."""
     lost = stats["truncated"] + stats["dropped_overlong"] + stats["dropped_no_target"]
-    if not lost:
+    total = stats[unit]
+    if not lost and stats["rows"]:
         return
-    need = reader.lengths[ids][:, 0] - 1
-    p95, p99 = (int(np.ceil(np.percentile(need, q))) for q in (95, 99))
+    need = np.asarray(need, np.int64)
+    p95, p99 = (int(np.ceil(np.percentile(need, q))) for q in (95, 99)) if len(need) else (0, 0)
     what = (f"{stats['truncated']} truncated, {stats['dropped_overlong']} dropped as overlong, "
-            f"{stats['dropped_no_target']} dropped with no target token left of {stats['examples']} examples")
+            f"{stats['dropped_no_target']} dropped with no target token left of {total} {unit}")
     if stats["rows"] == 0:
         raise DataError(f"data {split}: nothing left at data.seq_len={seq_len}: {what}; "
                         f"data.seq_len={p95} keeps 95% whole, {p99} keeps 99%")
-    if lost > LOSS_WARN_FRACTION * stats["examples"]:
-        logging.warning("data %s: %s (%.1f%%) at data.seq_len=%d; data.seq_len=%d keeps 95%% of the examples "
-                        "whole, %d keeps 99%%", split, what, 100 * lost / stats["examples"], seq_len, p95, p99)
+    if lost > LOSS_WARN_FRACTION * total:
+        logging.warning("data %s: %s (%.1f%%) at data.seq_len=%d; data.seq_len=%d keeps 95%% of the %s "
+                        "whole, %d keeps 99%%", split, what, 100 * lost / total, seq_len, p95, unit, p99)
 
 
 def _skipped(caches):
@@ -425,6 +462,7 @@ def build(cfg_data, tokenizer, *, global_batch_size: int, seed: int, process_ind
     o("skip_invalid", False, lambda v: isinstance(v, bool), "True or False")
     o("tfds_data_dir", "", is_str, "a directory, empty for the TFDS default")
     o("cache_dir", "", is_str, "a local or gs:// directory, empty for ~/.cache/gemma_jax/data")
+    cache_lib.verify_level(cfg_data)
     workers = o("num_workers", 0, lambda v: is_int(v) and v >= 0, "an integer >= 0, 0 = all cores")
     input_workers = o("input_workers", 0, lambda v: is_int(v) and v >= 0, "an integer >= 0, 0 = threads")
     if eval_spec and frac:
@@ -462,7 +500,7 @@ def build(cfg_data, tokenizer, *, global_batch_size: int, seed: int, process_ind
                      num_epochs=num_epochs)
     train_stats = dict(epochs.plan(0)[1])
     train_stats["skipped"] = _skipped(caches)
-    _loss_check("train", reader, epochs.examples(0), train_stats, seq_len)
+    check_lost("train", reader.lengths[epochs.examples(0)][:, 0] - 1, train_stats, seq_len)
     if len(mixture) > 1:
         train_stats["mixture"] = {part: dict(weight=w, examples=len(i), per_epoch=int(c))
                                   for (part, w), i, c in zip(mixture, ids, epochs.counts)}
@@ -472,7 +510,7 @@ def build(cfg_data, tokenizer, *, global_batch_size: int, seed: int, process_ind
     if eval_ids is not None and len(eval_ids):
         kept, row_start, stats["eval"] = _rows(eval_reader, eval_ids, seq_len, packing, overlong, seed=0)
         stats["eval"]["skipped"] = eval_skipped
-        _loss_check("eval", eval_reader, eval_ids, stats["eval"], seq_len)
+        check_lost("eval", eval_reader.lengths[eval_ids][:, 0] - 1, stats["eval"], seq_len)
         evals = EvalBatches(eval_reader, [kept[a:b] for a, b in zip(row_start[:-1], row_start[1:])],
                             seq_len=seq_len, global_batch_size=global_batch_size, pad_id=tokenizer.pad_id,
                             lo=lo, hi=hi)

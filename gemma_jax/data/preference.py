@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import numpy as np
 from absl import logging
 
-from gemma_jax.data.pipeline import Data, eval_batches, holdout, train_iterator
+from gemma_jax.data.pipeline import Data, check_lost, eval_batches, holdout, train_iterator
 from gemma_jax.data.readers import records, sources
 from gemma_jax.data.schema import FIELDS, DataError, to_example
 
@@ -182,6 +182,11 @@ def encode_pairs(pairs, tokenizer):
     return out
 
 
+def pair_lengths(encoded) -> np.ndarray:
+    """Tokens a row must hold for each encoded pair (its longer side, less the shifted-out one)."""
+    return np.array([max(len(ids) for ids, _ in sides) - 1 for sides in encoded], np.int64)
+
+
 def pack_pairs(encoded, seq_len: int, *, pad_id: int, packing: bool = True, overlong: str = "truncate",
                seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
     """Encoded pairs -> rows {field: [rows, 2, seq_len]} and stats; a pair's sides share a row."""
@@ -253,13 +258,20 @@ def build(cfg_data, tokenizer, *, global_batch_size: int, seed: int, process_ind
         eval_pairs, _ = read(eval_spec)
     elif frac:
         train_pairs, eval_pairs = holdout(train_pairs, frac, seed=seed)
-    pk = functools.partial(pack_pairs, seq_len=int(get("seq_len", 1024)), pad_id=tokenizer.pad_id,
+    seq_len = get("seq_len", 1024)
+    if not (isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len >= 2):
+        raise DataError(f"data.seq_len: invalid value {seq_len!r} (expected an integer >= 2)")
+    pk = functools.partial(pack_pairs, seq_len=seq_len, pad_id=tokenizer.pad_id,
                            packing=bool(get("packing", True)), overlong=get("overlong", "truncate"))
-    rows, train_stats = pk(encode_pairs(train_pairs, tokenizer), seed=seed)
+    encoded = encode_pairs(train_pairs, tokenizer)
+    rows, train_stats = pk(encoded, seed=seed)
+    check_lost("train", pair_lengths(encoded), train_stats, seq_len, unit="pairs")  # SFT data's warning and error
     train_stats["skipped"] = dict(train_skipped)
     stats, evals, eval_rows = {"train": train_stats}, [], None
     if eval_pairs:
-        eval_rows, stats["eval"] = pk(encode_pairs(eval_pairs, tokenizer), seed=0)
+        encoded = encode_pairs(eval_pairs, tokenizer)
+        eval_rows, stats["eval"] = pk(encoded, seed=0)
+        check_lost("eval", pair_lengths(encoded), stats["eval"], seq_len, unit="pairs")
     if extra_fields is not None:
         for name, (train_field, eval_field) in extra_fields(rows, eval_rows).items():
             rows[name] = train_field

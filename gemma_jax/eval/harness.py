@@ -32,6 +32,7 @@ import numpy as np
 
 from gemma_jax import sample, sharding, weights
 from gemma_jax.errors import UserError
+from gemma_jax.eval.task_files import check_limit, check_tasks, local_tasks  # noqa: F401  (check_limit: the CLI's)
 from gemma_jax.model import layers as M
 from gemma_jax.tokenizer import END_OF_TURN, Tokenizer
 
@@ -410,14 +411,17 @@ def _manager(include_path: str | None):
 
 
 def task_manager(tasks, include_path: str | None = None):
-    """(task names, lm_eval TaskManager); raises UserError naming any task it does not know."""
-    if isinstance(tasks, str):
-        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    """(task names, lm_eval TaskManager); raises UserError naming any task it does not know (and
+    the task files under include_path that could not be read), checks as check_tasks first."""
+    tasks = check_tasks(tasks, include_path)
     manager = _manager(None if include_path is None else str(include_path))
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
         where = f" or in {include_path}" if include_path else " (pass --include_path for local task YAMLs)"
-        raise UserError(f"unknown lm_eval task(s) {missing}: not built into lm_eval {lm_eval.__version__}{where}")
+        unread = local_tasks(str(include_path))[1] if include_path else []
+        also = ("; task files that could not be read: " + "; ".join(p for _, p in unread)) if unread else ""
+        raise UserError(f"unknown lm_eval task(s) {missing}: not built into lm_eval {lm_eval.__version__}{where}"
+                        f"{also}")
     return list(tasks), manager
 
 
@@ -426,6 +430,7 @@ def run_harness(lm: GemmaJaxLM, tasks, *, include_path: str | None = None, num_f
                 log_samples: bool = False, evaluation_tracker=None, model_args: dict | None = None,
                 bootstrap_iters: int = 100000) -> dict:
     """lm_eval.simple_evaluate of `tasks` (names, or a comma-separated string) on `lm`: its results dict."""
+    check_limit(limit)
     tasks, manager = task_manager(tasks, include_path)
     return lm_eval.simple_evaluate(
         model=lm, model_args=model_args or {"pretrained": lm.pretrained}, tasks=tasks, num_fewshot=num_fewshot,

@@ -68,7 +68,7 @@ def _run(cfg, workdir: str, stop_after: int | None) -> dict[str, Any]:
     r = setup(cfg, workdir)
     manager = checkpoints.TrainCheckpoints(workdir, every_steps=int(cfg.checkpoint.every_steps),
                                            keep=int(cfg.checkpoint.keep), async_save=bool(cfg.checkpoint.async_save))
-    status = "failed"
+    status, state, step, watch = "failed", None, 0, None
     try:
         state = restore_or_init(r, manager)
         start = step = int(jax.device_get(state["step"]))
@@ -123,11 +123,30 @@ def _run(cfg, workdir: str, stop_after: int | None) -> dict[str, Any]:
         status = "stopped" if final is None else "finished"
         metrics["step"] = step
         return metrics
+    except data_lib.CacheDamaged as e:  # a cache file damaged after the run opened it: keep the steps trained
+        raise _saved_first(e, r, manager, watch, state, step) from None
     finally:
         _record_end(r, status)
         if status == "failed":
             with contextlib.suppress(Exception):  # the error being raised is the one to show
                 manager.close()
+
+
+def _saved_first(e, r: "Run", manager, watch, state, step: int):
+    """Saves the last good state (the step boundary reached) before a damaged data cache ends the
+    run, so the re-run, which rebuilds the cache, resumes there; returns the error, saying so."""
+    note = ""
+    # One process's read failed: a save is collective, and the other processes are not saving.
+    if state is not None and watch is not None and jax.process_count() == 1:
+        try:
+            watch.settle()
+            if watch.healthy:
+                manager.maybe_save(step, state, r.data.train, force=True)
+                manager.close()
+                note = f"; step {step} was saved first"
+        except Exception as err:  # noqa: BLE001 (the damaged cache stays the error to show)
+            note = f"; saving step {step} failed too ({err})"
+    return type(e)(e.path, e.problem + note, e.hint)
 
 
 def final_step(r: "Run") -> int:

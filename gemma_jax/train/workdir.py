@@ -31,7 +31,7 @@ from typing import Any
 from absl import logging
 
 from gemma_jax import paths
-from gemma_jax.data import cache, pipeline, readers
+from gemma_jax.data import cache, fingerprint, pipeline, readers
 from gemma_jax.errors import WorkdirError
 
 MANIFEST = "manifest.json"
@@ -45,8 +45,8 @@ OPTIMISATION_PREFIXES = ("opt.", "dpo.", "orpo.", "simpo.", "data.", "train.batc
                          "train.steps", "train.seed", "lora.dropout", "lora.quantize", "lora.base_dtype",
                          "model.dtype", "model.param_dtype", "model.init_checkpoint")
 # ... except these, which only say where things are or what is evaluated.
-HARMLESS = ("data.eval", "data.tfds_data_dir", "data.cache_dir", "data.num_workers", "data.input_workers",
-            "data.tokenizer", "dpo.precompute_reference")
+HARMLESS = ("data.eval", "data.tfds_data_dir", "data.cache_dir", "data.verify_cache", "data.num_workers",
+            "data.input_workers", "data.tokenizer", "dpo.precompute_reference")
 
 
 # ----------------------------------------------------------------------------------------- paths
@@ -111,7 +111,7 @@ def data_fingerprint(spec: str) -> str:
         h.update(source.encode())
         if not source.startswith(("tfds:", "hf:")) and files < MAX_DIGESTED_FILES and not paths.Path(source).is_dir():
             files += 1
-            h.update(file_digest(source).encode())
+            h.update(fingerprint.quick_digest(source).encode())  # file_digest, as the data cache records it
     return h.hexdigest()[:16]
 
 
