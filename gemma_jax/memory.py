@@ -292,6 +292,7 @@ def variant_estimate_gib(spec: str, device: str = "tpu-v5e", devices: int | None
     """Estimated GiB per device of config `spec` in its own mode on one host of `device` (the
     figure the configs' docstrings quote; the mesh is built from the current jax devices)."""
     cfg = config_lib.load(spec)
+    config_lib.validate(cfg)
     n = devices or _HOST_CHIPS.get(device, 8)
     config = model_config_for(cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.devices()[:n])
@@ -357,6 +358,7 @@ def _main(fv, args) -> int:
                         "(jax was initialised before the planner could add more)")
 
     cfg = fv.config
+    config_lib.validate(cfg, argv=sys.argv)  # (also done as --config was parsed)
     config = model_config_for(cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices[:n])
     compile_ = not fv.no_compile and n <= COMPILE_MAX_DEVICES

@@ -36,6 +36,7 @@ def _tokenizer(cfg):
 
 def prepare(cfg, *, num_workers: int = 0, preview: int = 0, rebuild: bool = False) -> dict:
     """Builds or reuses the caches of cfg.data (or prints a preview); returns what it did."""
+    config_lib.validate(cfg)
     tok = _tokenizer(cfg)
     specs = [part for part, _ in pipeline.parse_mixture(cfg.data.train)] if cfg.data.train else []
     if not specs:

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from gemma_jax import data as data_lib, paths, sharding, weights
+from gemma_jax import config as config_lib, data as data_lib, paths, sharding, weights
 from gemma_jax.data import preference
 from gemma_jax.errors import UserError, WorkdirError
 from gemma_jax.eval import report as report_lib, tasks
@@ -50,14 +50,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
 
 
 def check_config(cfg, workdir: str) -> None:
-    """What can be checked before anything runs: the finishing stages' settings, the workdir."""
-    fmt = cfg.train.export_format
-    if fmt and fmt not in weights.SAVE_FORMATS:
-        raise UserError(f"train.export_format={fmt!r}; choose one of {', '.join(weights.SAVE_FORMATS)} "
-                        "(or '' for no export)")
-    tasks.validate(cfg.eval)
-    if int(cfg.train.max_nonfinite_steps) < 1:
-        raise UserError(f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps} must be >= 1")
+    """What can be checked before anything runs: every value against its rule, the workdir."""
+    config_lib.validate(cfg)
     init = cfg.model.init_checkpoint
     if init and paths.absolute(init).rstrip("/") == workdir.rstrip("/"):
         raise WorkdirError(f"--workdir and model.init_checkpoint are the same directory ({workdir}): the run "
@@ -196,6 +190,9 @@ class Run:
 def setup(cfg, workdir: str) -> Run:
     """Tokenizer, model config, mesh, data and trainer of a run; writes the workdir's run files."""
     resuming = checkpoints.has_train_checkpoint(workdir)
+    # What the config alone says about the model (preset, starting checkpoint, dims, objective):
+    # a change is refused here, before any weights are read or data downloaded.
+    workdir_lib.check_identity(workdir, workdir_lib.config_identity(cfg), resuming=resuming)
     # Before the tokenizer lookup: a missing checkpoint also means no tokenizer beside it, and
     # "weights not downloaded" is the error the user needs to see.
     if cfg.model.init_checkpoint and not resuming and not paths.exists(cfg.model.init_checkpoint):
