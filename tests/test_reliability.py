@@ -56,12 +56,27 @@ def trained(tmp_path_factory):
 # ----------------------------------------------------------------------------- 1. manifest
 
 
-@pytest.mark.parametrize("change", ["shape", "tokenizer", "lora", "objective"])
-def test_identity_change_is_refused_and_the_workdir_still_loads(trained, tmp_path, change):
+@pytest.mark.parametrize("change", ["shape", "tokenizer", "lora", "objective", "preset", "init_checkpoint",
+                                    "implied_by_preset"])
+def test_identity_change_is_refused_and_the_workdir_still_loads(trained, tmp_path, change, monkeypatch):
     before = _snapshot(trained)
     params_before = gemma_jax.load(str(trained))[1]
     cfg = _cfg(steps=4, batch_size=8, seq_len=64)
-    if change == "shape":
+    cfg.train.allow_changes = True  # identity is refused whatever this says
+    if change == "preset":  # the explicit dims stay: the preset alone names another model
+        cfg.model.preset = "gemma2_test"
+        key = "model.preset: gemma2_tiny -> gemma2_test"
+    elif change == "init_checkpoint":  # refused before the (missing) checkpoint is looked for
+        cfg.model.init_checkpoint = str(tmp_path / "other_weights")
+        key = f"model.init_checkpoint: '' -> {tmp_path / 'other_weights'}"
+    elif change == "implied_by_preset":  # a ModelConfig field no config key sets (Gemma 3's would be alike)
+        from gemma_jax.model.config import ModelConfig
+
+        real = ModelConfig.from_preset.__func__
+        monkeypatch.setattr(ModelConfig, "from_preset",
+                            classmethod(lambda cls, name, **kw: real(cls, name, **kw).replace(rope_base=1e6)))
+        key = "model.rope_base: 10000.0 -> 1000000.0"
+    elif change == "shape":
         cfg.model.num_layers = 3
         key = "model.num_layers"
     elif change == "tokenizer":
@@ -83,7 +98,7 @@ def test_identity_change_is_refused_and_the_workdir_still_loads(trained, tmp_pat
         key = "train.objective"
     with pytest.raises(WorkdirError) as e:
         train.run(cfg, str(trained))
-    assert key in str(e.value) and "new --workdir" in str(e.value)
+    assert key in str(e.value) and "new --workdir" in str(e.value), str(e.value)
     assert _snapshot(trained) == before, "a refused re-run wrote into the workdir"
     assert not (trained / "base").exists() and not (trained / "lora.json").exists()
     _, params = gemma_jax.load(str(trained))
@@ -442,6 +457,25 @@ def test_running_out_of_data_ends_the_run_cleanly(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 11. clean errors
+
+
+def test_a_bigger_model_on_a_tiny_workdir_is_named_and_refused_before_any_download(trained, capsys):
+    """configs/legal.py:2b on a tiny workdir: the model change is the error (not a list of changed
+    training settings, nor a TFDS download failing later), whatever train.allow_changes says."""
+    from gemma_jax.train import __main__ as train_main
+
+    before = _snapshot(trained)
+    for allow in ("False", "True"):
+        with pytest.raises(SystemExit) as e:
+            train_main.run([f"--config={REPO}/configs/legal.py:2b", f"--workdir={trained}",
+                            f"--config.train.allow_changes={allow}"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "another model" in lines[0], err
+        assert "  model.preset: gemma2_tiny -> gemma2_2b" in err.splitlines(), err
+        assert "tfds" not in err.lower() and "training settings" not in err
+    assert _snapshot(trained) == before
 
 
 def test_refused_rerun_on_the_command_line_is_one_error_line(trained):

@@ -17,6 +17,7 @@ steps, evaluated and exported from. Three things keep it usable:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -33,17 +34,21 @@ from absl import logging
 from gemma_jax import paths
 from gemma_jax.data import cache, pipeline, readers
 from gemma_jax.errors import WorkdirError
+from gemma_jax.model.config import ModelConfig
 
 MANIFEST = "manifest.json"
 FORMAT = 1
 
-# ModelConfig fields that decide what the checkpoint's arrays mean (model.json has them all).
-SHAPE_FIELDS = ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
-                "sliding_window", "query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_base", "norm_eps")
+# ModelConfig fields a run may change without changing what the checkpoint's arrays are or mean:
+# how the model computes (dtypes, remat, layer scan, attention kernel) and LoRA's run-time scale
+# and dropout (lora.alpha is identity on its own). Every other field, present or added later
+# (Gemma 3/4 layer patterns, QK-norm, RoPE variants, ...), is part of the run's identity.
+RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "lora_scale",
+                        "lora_dropout")
 # Config keys whose change alters the optimisation of a resumed run: allowed with train.allow_changes.
 OPTIMISATION_PREFIXES = ("opt.", "dpo.", "orpo.", "simpo.", "data.", "train.batch_size", "train.grad_accum",
                          "train.steps", "train.seed", "lora.dropout", "lora.quantize", "lora.base_dtype",
-                         "model.dtype", "model.param_dtype", "model.init_checkpoint")
+                         "model.dtype", "model.param_dtype")
 # ... except these, which only say where things are or what is evaluated.
 HARMLESS = ("data.eval", "data.tfds_data_dir", "data.cache_dir", "data.num_workers", "data.input_workers",
             "data.tokenizer", "dpo.precompute_reference")
@@ -129,18 +134,53 @@ def _flat(cfg) -> dict[str, Any]:
     return out
 
 
-def identity(cfg, config, tokenizer_path: str, *, lora: bool, uses_reference: bool) -> dict[str, Any]:
-    """What the checkpoints' arrays depend on: change any of it and they no longer fit or mean
-    the same. Keys are the config keys a user would change."""
-    ident: dict[str, Any] = {f"model.{k}": getattr(config, k) for k in SHAPE_FIELDS}
-    ident["tokenizer (sha256)"] = cache.tokenizer_sha256(paths.local_copy(tokenizer_path))[:16]
+def _plain(value):
+    """A value as manifest.json stores it (tuples become lists), so a recorded and a new identity compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def model_identity(model) -> dict[str, Any]:
+    """{model.FIELD: value} for every ModelConfig field but RUNTIME_MODEL_FIELDS (a ModelConfig,
+    or the dict of a model.json); derived from the dataclass, so new fields count automatically."""
+    fields = model.to_dict() if isinstance(model, ModelConfig) else dict(model)
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+    return {f"model.{k}": _plain(fields[k]) for k in names if k in fields and k not in RUNTIME_MODEL_FIELDS}
+
+
+def config_identity(cfg) -> dict[str, Any]:
+    """The identity keys the config alone decides, known before any file is read: the preset, the
+    starting checkpoint, the dims the config sets (or the preset implies, without a checkpoint),
+    the objective and LoRA's shape."""
+    m = cfg.model
+    ident: dict[str, Any] = {"model.preset": str(m.preset), "model.init_checkpoint": str(m.init_checkpoint)}
+    dims = {}
+    if m.preset and not m.init_checkpoint and m.preset in ModelConfig.presets():
+        preset = ModelConfig.from_preset(m.preset).to_dict()
+        dims = {k: v for k, v in preset.items() if k != "vocab_size"}  # vocab: from the tokenizer unless set
+    for key in m.keys():
+        if key in (f.name for f in dataclasses.fields(ModelConfig)) and m[key] is not None:
+            dims[key] = m[key]
+    ident.update({k: v for k, v in model_identity(dims).items()})
     ident["train.objective"] = str(cfg.train.objective)
     ident["lora.rank"] = int(cfg.lora.rank)
-    if lora:
+    if int(cfg.lora.rank) > 0:
         ident["lora.targets"] = str(cfg.lora.targets)
         ident["lora.alpha"] = float(cfg.lora.alpha)
-    if lora or uses_reference:  # the frozen base / the reference the adapters or policy are relative to
-        ident["model.init_checkpoint"] = str(cfg.model.init_checkpoint)
+    return ident
+
+
+def identity(cfg, config, tokenizer_path: str, *, lora: bool, uses_reference: bool) -> dict[str, Any]:
+    """What the checkpoints' arrays depend on: change any of it and they no longer fit or mean
+    the same. Keys are the config keys a user would change: model.preset and
+    model.init_checkpoint, every model dimension (model_identity: as the preset or the
+    checkpoint gave it, too), the tokenizer, the objective and LoRA's shape. `uses_reference`
+    is kept for callers; the starting checkpoint is identity for every run now."""
+    del uses_reference
+    ident = config_identity(cfg)
+    ident.update(model_identity(config))
+    ident["tokenizer (sha256)"] = cache.tokenizer_sha256(paths.local_copy(tokenizer_path))[:16]
+    if not lora:
+        ident.pop("lora.targets", None), ident.pop("lora.alpha", None)
     return ident
 
 
@@ -174,8 +214,7 @@ def _legacy_identity(workdir: str) -> dict[str, Any] | None:
     model_json = paths.Path(paths.join(workdir, "model.json"))
     if not model_json.exists():
         return None
-    m = json.loads(model_json.read_text())
-    ident = {f"model.{k}": m[k] for k in SHAPE_FIELDS if k in m}
+    ident = model_identity(json.loads(model_json.read_text()))
     tok = paths.join(workdir, "tokenizer.model")
     if paths.exists(tok):
         ident["tokenizer (sha256)"] = cache.tokenizer_sha256(paths.local_copy(tok))[:16]  # the data cache's key too
@@ -184,35 +223,68 @@ def _legacy_identity(workdir: str) -> dict[str, Any] | None:
     return ident
 
 
+def _recorded_identity(manifest: dict) -> dict[str, Any]:
+    """The manifest's identity; a manifest from before model.preset and model.init_checkpoint were
+    identity keys gets them from its latest run's recorded config."""
+    ident = dict(manifest.get("identity") or {})
+    last = ((manifest.get("runs") or [{}])[-1] or {}).get("config") or {}
+    for key in ("model.preset", "model.init_checkpoint"):
+        section, name = key.split(".")
+        if key not in ident and name in (last.get(section) or {}):
+            ident[key] = last[section][name]
+    return ident
+
+
 def _diff(old: dict, new: dict) -> dict[str, list]:
     return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
             if k in old and k in new and old[k] != new[k]}
 
 
+def _show(value) -> str:
+    """A value in a change line: plain names bare (gemma2_tiny), anything else as Python writes it."""
+    if isinstance(value, str) and value and not any(c.isspace() for c in value):
+        return value
+    return repr(value)
+
+
 def _lines(changes: dict[str, list]) -> str:
-    return "\n".join(f"  {k}: {old!r} (workdir) -> {new!r} (now)" for k, (old, new) in changes.items())
+    return "\n".join(f"  {k}: {_show(old)} -> {_show(new)}" for k, (old, new) in changes.items())
+
+
+def check_identity(workdir: str, ident: dict, *, resuming: bool) -> None:
+    """Raises WorkdirError if the workdir's checkpoints belong to another model, tokenizer or
+    objective than `ident` (whatever train.allow_changes says: the arrays would not fit, or
+    would mean something else). Compares the keys both have, so a partial identity
+    (config_identity, before anything is read) can be checked first."""
+    shape_bound = resuming or paths.exists(paths.join(workdir, "base"))
+    if not shape_bound:
+        return
+    manifest = read_manifest(workdir)
+    old_ident = _recorded_identity(manifest) if manifest else _legacy_identity(workdir)
+    changed = _diff(old_ident, ident) if old_ident is not None else {}
+    if changed:
+        kinds = {"model": "model", "tokenizer": "tokenizer", "train": "training objective", "lora": "LoRA shape"}
+        what = list(dict.fromkeys(kinds[k.split(".")[0].split(" ")[0]] for k in changed
+                                  if k.split(".")[0].split(" ")[0] in kinds)) or ["model"]
+        raise WorkdirError(
+            f"{workdir} holds a run of another {' and '.join(what)} (workdir -> this run):\n"
+            f"{_lines(changed)}\nIts checkpoints cannot continue under this config, and train.allow_changes does "
+            "not apply to these. Nothing in the workdir was changed. Use a new --workdir for this run (or delete "
+            "the old one to start over).")
 
 
 def check(workdir: str, cfg, ident: dict, *, resuming: bool) -> dict:
     """Compares this run with the workdir's record; raises WorkdirError before anything is
     written if the change is refused. Returns the manifest to `record` once the run starts."""
+    check_identity(workdir, ident, resuming=resuming)
     manifest = read_manifest(workdir)
     now_settings = settings(cfg)
-    shape_bound = resuming or paths.exists(paths.join(workdir, "base"))
-    old_ident = manifest["identity"] if manifest else _legacy_identity(workdir)
-    if old_ident is not None and shape_bound:
-        changed = _diff(old_ident, ident)
-        if changed:
-            raise WorkdirError(
-                f"{workdir} holds a run with a different model, tokenizer or training objective; its checkpoints "
-                f"cannot continue under this config:\n{_lines(changed)}\nNothing in the workdir was changed. "
-                "Use a new --workdir for this run (or delete the old one to start over).")
     changes = {}
     if manifest is not None:
         changes = _diff(manifest.get("settings", {}), now_settings)
         if changes and resuming and not bool(cfg.train.allow_changes):
             raise WorkdirError(
-                f"resuming {workdir} with changed training settings:\n{_lines(changes)}\n"
+                f"resuming {workdir} with changed training settings (workdir -> this run):\n{_lines(changes)}\n"
                 "Pass --config.train.allow_changes=True to continue with them (recorded in manifest.json), "
                 "or use a new --workdir. Nothing in the workdir was changed.")
         if changes and resuming:
