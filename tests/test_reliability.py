@@ -7,6 +7,7 @@ Each test reproduces a failure seen on earlier code (README, "What survives what
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from test_train import REPO, _cli_env, loss_records, small_config  # noqa: F401 
 
 import gemma_jax
 from gemma_jax import train
+from gemma_jax.data.schema import DataError
 from gemma_jax.errors import WorkdirError
 from gemma_jax.train import checkpoints, divergence, workdir as workdir_lib
 
@@ -219,6 +221,65 @@ def test_tilde_and_relative_workdir_resolve_to_one_place(tmp_path, monkeypatch):
     assert not (cwd / "~").exists()
     recorded = json.loads((wd / "config.json").read_text())
     assert os.path.isabs(recorded["data"]["train"]) and os.path.exists(recorded["data"]["train"])
+
+
+@contextlib.contextmanager
+def _unwritable(directory: Path):
+    """`directory` made unwritable: chmod for a normal user; root ignores modes, so chattr +i."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        try:
+            yield
+        finally:
+            directory.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+        pytest.skip("running as root where chattr +i is refused: no way to make a directory unwritable")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def _workdir_error(capsys, workdir: str) -> str:
+    from gemma_jax.train import __main__ as train_main
+
+    with pytest.raises(SystemExit) as e:
+        train_main.run([f"--config={REPO}/configs/legal.py:tiny", f"--workdir={workdir}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Errno" not in err and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: --workdir={workdir}: "), err
+    return lines[0]
+
+
+def test_unusable_workdirs_are_one_line_naming_the_flag(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    assert "is a file" in _workdir_error(capsys, str(a_file))
+    assert "a_file is a file" in _workdir_error(capsys, str(a_file / "wd"))
+    assert a_file.read_text() == "keep me"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with _unwritable(locked):
+        assert "cannot create it in" in _workdir_error(capsys, str(locked / "new" / "wd"))
+        assert "cannot write in it" in _workdir_error(capsys, str(locked))
+    assert list(locked.iterdir()) == []
+
+
+def test_a_failed_start_leaves_no_directory_behind(tmp_path):
+    """A start that fails (here: no training data) removes the directories it made, parents
+    included; an existing empty workdir gets no lone .lock."""
+    cfg = _cfg(steps=1, seq_len=64)
+    cfg.data.train = str(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="no such file"):
+        train.run(cfg, str(tmp_path / "new" / "runs" / "wd"))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no such file"):
+        train.run(cfg, str(tmp_path / "empty"))
+    assert list((tmp_path / "empty").iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- 4. non-finite

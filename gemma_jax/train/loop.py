@@ -44,9 +44,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
     workdir = workdir_lib.resolve(workdir)
     workdir_lib.resolve_config_paths(cfg)
     check_config(cfg, workdir)
-    lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock:
-        return _run(cfg, workdir, stop_after)
+    main = jax.process_index() == 0
+    created = workdir_lib.create(workdir) if main else None  # a file, an unwritable dir: one error line
+    started = []
+    try:
+        with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
+            return _run(cfg, workdir, stop_after, started)
+    except BaseException:
+        if main and not started:  # a start that failed leaves no directory or lone .lock of its own behind
+            workdir_lib.clean_failed_start(workdir, created)
+        raise
 
 
 def check_config(cfg, workdir: str) -> None:
@@ -58,13 +65,14 @@ def check_config(cfg, workdir: str) -> None:
                            "would write its files over the weights it starts from; use another --workdir")
 
 
-def _run(cfg, workdir: str, stop_after: int | None) -> dict[str, Any]:
+def _run(cfg, workdir: str, stop_after: int | None, started: list) -> dict[str, Any]:
     r = setup(cfg, workdir)
     manager = checkpoints.TrainCheckpoints(workdir, every_steps=int(cfg.checkpoint.every_steps),
                                            keep=int(cfg.checkpoint.keep), async_save=bool(cfg.checkpoint.async_save))
     status = "failed"
     try:
         state = restore_or_init(r, manager)
+        started.append(True)  # from here on the workdir holds a run worth keeping, even if it fails
         start = step = int(jax.device_get(state["step"]))
         last = final_step(r)
         end = last if stop_after is None else min(last, start + stop_after)

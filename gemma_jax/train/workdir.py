@@ -17,6 +17,7 @@ steps, evaluated and exported from. Three things keep it usable:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -80,6 +81,70 @@ def resolve_config_paths(cfg) -> None:
     for key in ("train", "eval"):
         if isinstance(cfg.data.get(key), str) and cfg.data[key].strip():
             cfg.data[key] = _resolve_spec(cfg.data[key])
+
+
+def _why(e: OSError) -> str:
+    """An OSError's reason in words ("permission denied"), without its [Errno N] and path."""
+    return (e.strerror or type(e).__name__).lower()
+
+
+def create(workdir: str) -> str | None:
+    """Makes `workdir` (a resolved path) usable before the run writes to it: creates it and any
+    missing parents, and checks that files can be created in it. Returns the topmost directory
+    it created (so a start that fails can remove it again), None if the workdir existed.
+    Raises WorkdirError naming --workdir for a file in the way, a parent that cannot be created,
+    or a directory that cannot be written (permissions, an immutable or read-only one)."""
+    flag = f"--workdir={workdir}"
+    if paths.is_remote(workdir):
+        paths.Path(workdir).mkdir(parents=True, exist_ok=True)
+        return None
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"{flag}: is a file, not a directory; name a directory (it is created when missing)")
+    created = None
+    if not os.path.isdir(workdir):
+        top = workdir
+        while not os.path.lexists(os.path.dirname(top)) and os.path.dirname(top) != top:
+            top = os.path.dirname(top)
+        parent = os.path.dirname(top)
+        if not os.path.isdir(parent):
+            raise WorkdirError(f"{flag}: cannot create it: {parent} is a file, not a directory")
+        try:
+            os.makedirs(workdir)
+        except OSError as e:
+            raise WorkdirError(f"{flag}: cannot create it in {parent}: {_why(e)}") from None
+        created = top
+    probe = os.path.join(workdir, f".write_test_{uuid.uuid4().hex}")
+    try:
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        if created:
+            remove_created(created)
+        raise WorkdirError(f"{flag}: cannot write in it: {_why(e)} (check its permissions, or use another "
+                           "--workdir)") from None
+    return created
+
+
+def remove_created(top: str) -> None:
+    """Removes a workdir (from `top`, the topmost directory `create` made) after a failed start,
+    so no directory holding only a .lock is left behind; a failure to remove is only logged."""
+    import shutil
+
+    try:
+        shutil.rmtree(top)
+    except OSError as e:
+        logging.warning("could not remove %s after the failed start: %s", top, _why(e))
+
+
+def clean_failed_start(workdir: str, created: str | None) -> None:
+    """After a start that failed before training: the directories `create` made are removed; a
+    workdir that existed keeps its files but loses a .lock that is all the start left in it."""
+    if created:
+        remove_created(created)
+    elif not paths.is_remote(workdir) and os.path.isdir(workdir) and os.listdir(workdir) == [".lock"]:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(workdir, ".lock"))
 
 
 # --------------------------------------------------------------------------------- fingerprints
@@ -330,7 +395,8 @@ class WorkdirLock:
                     argv=" ".join(sys.argv))
 
     def __enter__(self):
-        paths.Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        if not paths.exists(self.workdir):
+            create(self.workdir)
         if self.object_mode:
             self._acquire_object()
         else:
@@ -350,7 +416,10 @@ class WorkdirLock:
         import fcntl
 
         path = paths.join(self.workdir, ".lock")
-        f = open(path, "a+")  # noqa: SIM115 (held open for the run)
+        try:
+            f = open(path, "a+")  # noqa: SIM115 (held open for the run)
+        except OSError as e:
+            raise WorkdirError(f"--workdir={self.workdir}: cannot write its lock file: {_why(e)}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
