@@ -47,12 +47,21 @@ def _snapshot(workdir) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished 2-step full fine-tuning workdir (checkpoint at step 2)."""
+def trained_and_exported(tmp_path_factory):
+    """A finished 2-step full fine-tuning workdir (checkpoint at step 2) with its hf export, its
+    config and the bytes of each export file as first written."""
     wd = tmp_path_factory.mktemp("trained") / "wd"
     cfg = _cfg(steps=2, batch_size=8, seq_len=64)
+    cfg.train.export_format = "hf"
     assert train.run(cfg, str(wd))["step"] == 2
-    return wd
+    files = {str(p.relative_to(wd / "export")): p.read_bytes() for p in (wd / "export").rglob("*") if p.is_file()}
+    return wd, cfg, files
+
+
+@pytest.fixture(scope="module")
+def trained(trained_and_exported):
+    """The finished workdir of trained_and_exported (refused re-runs must leave it as it is)."""
+    return trained_and_exported[0]
 
 
 # ----------------------------------------------------------------------------- 1. manifest
@@ -503,6 +512,68 @@ def test_killed_export_is_completed_by_the_rerun(tmp_path, monkeypatch):
     manifest = json.loads((wd / "manifest.json").read_text())
     assert manifest["stages"]["2"]["export"] == "gemma_jax"
     assert [r["status"] for r in manifest["runs"]] == ["failed", "finished"]
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "deleted":
+        path.unlink()
+    elif how == "truncated":
+        with path.open("r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    elif how == "garbage_appended":
+        with path.open("ab") as f:
+            f.write(b"\x00garbage\xff" * 10)
+    else:  # same size and mtime: only a checksum can tell
+        st = path.stat()
+        data = bytearray(path.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 64] = bytes(255 - b for b in data[mid:mid + 64])
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_export_files_are_recorded_with_size_and_checksum(trained_and_exported):
+    wd, _, files = trained_and_exported
+    import hashlib
+
+    stage = json.loads((wd / "manifest.json").read_text())["stages"]["2"]
+    assert stage["export"] == "hf" and set(stage["export_files"]) == set(files)
+    for name, data in files.items():
+        assert stage["export_files"][name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("how,name", [("deleted", "tokenizer.model"), ("truncated", "model.safetensors"),
+                                      ("same_size_and_mtime", "model.safetensors"),
+                                      ("garbage_appended", "config.json")])
+def test_damaged_export_is_rebuilt_from_the_final_checkpoint(trained_and_exported, tmp_path, how, name, caplog):
+    import shutil
+
+    src, cfg, files = trained_and_exported
+    wd = tmp_path / "wd"
+    shutil.copytree(src, wd)
+    _damage(wd / "export" / name, how)
+    caplog.set_level("WARNING")
+    assert train.run(cfg, str(wd))["step"] == 2
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("export: ")]
+    assert len(said) == 1 and name in said[0] and said[0].endswith("rebuilding from step 2"), said
+    assert ("missing" if how == "deleted" else "size" if how != "same_size_and_mtime" else "checksum") in said[0]
+    rebuilt = {str(p.relative_to(wd / "export")): p.read_bytes() for p in (wd / "export").rglob("*") if p.is_file()}
+    assert rebuilt == files, "the rebuilt export differs from the one first written"
+    assert [r["step"] for r in loss_records(wd)] == [1, 2], "the re-run trained again"
+
+
+def test_a_clean_rerun_of_a_finished_workdir_rewrites_nothing(trained_and_exported, tmp_path, caplog):
+    import shutil
+
+    src, cfg, _ = trained_and_exported
+    wd = tmp_path / "wd"
+    shutil.copytree(src, wd)
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (wd / "export").rglob("*")}
+    caplog.set_level("WARNING")
+    assert train.run(cfg, str(wd))["step"] == 2
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (wd / "export").rglob("*")} == before
+    assert not [r for r in caplog.records if r.getMessage().startswith("export: ")]
 
 
 def test_running_out_of_data_ends_the_run_cleanly(tmp_path):

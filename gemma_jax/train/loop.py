@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from gemma_jax import config as config_lib, data as data_lib, paths, sharding, weights
@@ -144,27 +145,63 @@ def final_step(r: "Run") -> int:
 
 def finish(r: "Run", state, step: int, logger, *, trained: bool = True) -> dict[str, Any]:
     """The stages after the last step: final eval, then export. Each is recorded in the manifest
-    once done, so a re-run of a finished workdir does only what is missing (a kill during the
-    export, a failed eval) and returns the recorded eval metrics otherwise. Steps trained in this
+    once done, with the size and sha256 of every file it wrote, so a re-run of a finished
+    workdir does only what is missing or damaged: a kill during the export, a failed eval, an
+    export file deleted or changed since (rebuilt from the final checkpoint, said in one line).
+    Otherwise it returns the recorded eval metrics and rewrites nothing. Steps trained in this
     invocation (say, again after a damaged checkpoint) make a new final state: all stages rerun."""
     stages = r.manifest.setdefault("stages", {})
     if trained:
         stages.pop(str(step), None)
     done = stages.setdefault(str(step), {})
+    report_dir = paths.join(r.workdir, "eval", f"step_{step}")
+    if "eval" in done and not _outputs_intact(r, done, "eval_files", report_dir, f"evaluating step {step} again"):
+        del done["eval"]
     if "eval" not in done:
         metrics = evaluate(r, state, step)
         if metrics:
             logger.eval(step, metrics)
         done["eval"] = metrics
+        done.pop("eval_files", None)
+        if jax.process_index() == 0 and paths.exists(report_dir):  # eval.in_training's report files
+            done["eval_files"] = workdir_lib.record_files(report_dir)
         _write_manifest(r)
     fmt = r.cfg.train.export_format
+    if (fmt and done.get("export") == fmt
+            and not _outputs_intact(r, done, "export_files", _export_dir(r), f"rebuilding from step {step}")):
+        done["export"] = None
     if fmt and done.get("export") != fmt:
         done["export"] = None
         path = export(r, state)
         done["export"] = fmt
         done["export_path"] = path
+        if jax.process_index() == 0:
+            done["export_files"] = workdir_lib.record_files(path)
         _write_manifest(r)
     return dict(done["eval"])
+
+
+def _outputs_intact(r: "Run", done: dict, key: str, directory: str, action: str) -> bool:
+    """Whether the files a finished stage recorded under done[key] are still as written (sizes
+    first, then full checksums; process 0 reads, every process gets its answer). A damaged
+    one is named in one warning line; a record from before files were recorded is taken now."""
+    intact = True
+    if jax.process_index() == 0:
+        record = done.get(key)
+        if record is None:
+            if paths.exists(directory):
+                done[key] = workdir_lib.record_files(directory)
+        else:
+            problems = workdir_lib.changed_files(directory, record)
+            if problems:
+                intact = False
+                path, what = problems[0]
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                logging.warning("%s: %s %s%s; %s", key.split("_")[0], path, what, more, action)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        intact = bool(multihost_utils.broadcast_one_to_all(np.int32(intact)))
+    return intact
 
 
 def _write_manifest(r: "Run") -> None:
@@ -322,6 +359,11 @@ def task_eval(r: Run, state, step: int) -> dict[str, float]:
             if isinstance(v, (int, float)) and k not in ("loss", "perplexity", "accuracy")}
 
 
+def _export_dir(r: "Run") -> str:
+    """WORKDIR/export (found there again when the workdir was moved or copied)."""
+    return os.path.join(r.workdir, "export")
+
+
 def export(r: Run, state) -> str:
     """WORKDIR/export in train.export_format: the trained model (LoRA: merged into its base)."""
     if r.trainer.lora:  # merged into the base as read from disk (not the quantised copy)
@@ -329,7 +371,7 @@ def export(r: Run, state) -> str:
         export_config, params = weights.load(r.workdir, mesh=r.mesh, rules=r.rules)
     else:
         export_config, params = r.config, state["params"]
-    path = weights.save(os.path.join(r.workdir, "export"), export_config, params,
+    path = weights.save(_export_dir(r), export_config, params,
                         format=r.cfg.train.export_format, tokenizer=r.tokenizer.path, overwrite=True)
     logging.info("exported %s weights to %s", r.cfg.train.export_format, path)
     return path

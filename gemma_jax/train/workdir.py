@@ -185,6 +185,52 @@ def data_fingerprint(spec: str) -> str:
     return h.hexdigest()[:16]
 
 
+# ------------------------------------------------------------------------------- stage outputs
+
+def file_sha256(path: str, *, chunk: int = 1 << 20) -> str:
+    """sha256 of a whole file, read in chunks (an export of many GB never sits in memory)."""
+    h = hashlib.sha256()
+    with paths.Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_files(directory: str) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} of every file under `directory`, for manifest.json."""
+    root = paths.Path(directory)
+    out = {}
+
+    def walk(d):  # (epath's rglob refuses ** on object stores)
+        for p in sorted(d.iterdir(), key=str):
+            if p.is_dir():
+                walk(p)
+            else:
+                out[str(p.relative_to(root))] = dict(size=p.stat().length, sha256=file_sha256(str(p)))
+
+    walk(root)
+    return out
+
+
+def changed_files(directory: str, record: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """[(path, what changed)] of the recorded files under `directory`: missing, another size
+    (cheap: checked first for every file), else another sha256 (each file hashed in full)."""
+    root = paths.Path(directory)
+    problems, same_size = [], []
+    for rel, want in record.items():
+        p = root / rel
+        if not p.exists():
+            problems.append((str(p), "is missing (deleted since it was written)"))
+        elif p.stat().length != want["size"]:
+            problems.append((str(p), f"changed since it was written (size {want['size']} -> {p.stat().length} bytes)"))
+        else:
+            same_size.append((p, want))
+    if problems:
+        return problems
+    return [(str(p), "changed since it was written (checksum)") for p, want in same_size
+            if file_sha256(str(p)) != want["sha256"]]
+
+
 def _flat(cfg) -> dict[str, Any]:
     out = {}
 
