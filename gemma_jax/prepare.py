@@ -52,7 +52,7 @@ def prepare(cfg, *, num_workers: int = 0, preview: int = 0, rebuild: bool = Fals
         m = c.manifest
         out[spec] = dict(cache=c.dir, examples=m["examples"], tokens=m["tokens"], skipped=m["skipped"],
                          length_p95=m["length_p95"], length_p99=m["length_p99"], build_seconds=m["build_seconds"])
-    print(json.dumps(out, indent=1))
+    print(json.dumps(cli.rounded(out), indent=1))
     return out
 
 

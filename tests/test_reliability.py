@@ -452,7 +452,20 @@ def test_ctrl_c_saves_at_the_step_boundary(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "step", step)
     wd = tmp_path / "wd"
     before = signal.getsignal(signal.SIGINT)
-    assert train.run(_cfg(steps=20, batch_size=8, seq_len=64), str(wd))["step"] == 3
+    cfg = _cfg(steps=20, batch_size=8, seq_len=64)
+    cfg.train.log_every = 2  # the stop falls between log steps
+    cfg.train.eval_every = 1  # with no eval data: no eval records at all
+    out = train.run(cfg, str(wd))
+    assert out["step"] == 3
+    # The summary is step 3's own record (not step 2's values labelled step 3), and the last
+    # line of metrics.jsonl.
+    records = loss_records(wd)
+    assert [r["step"] for r in records] == [2, 3]
+    assert out["loss"] == records[-1]["loss"] and out["learning_rate"] == records[-1]["learning_rate"]
+    assert out["loss"] != records[0]["loss"]
+    from test_train import read_metrics
+
+    assert all(set(r) - {"step"} for r in read_metrics(wd)), "an empty {'step': N} eval record"
     assert _steps(wd) == [3]
     assert json.loads((wd / "manifest.json").read_text())["runs"][-1]["status"] == "stopped"
     assert signal.getsignal(signal.SIGINT) == before
@@ -589,6 +602,19 @@ def test_running_out_of_data_ends_the_run_cleanly(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 11. clean errors
+
+
+def test_loading_a_workdir_from_python_prints_no_library_chatter(trained, caplog):
+    """gemma_jax.load keeps Orbax's notes about read-only managers and metadata files off the
+    console (as the command lines do), and leaves the caller's logging as it was."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    gemma_jax.load(str(trained))
+    chatter = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert chatter == [], chatter
+    logging.getLogger("absl").warning("the caller's own warning")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == ["the caller's own warning"]
 
 
 def test_a_bigger_model_on_a_tiny_workdir_is_named_and_refused_before_any_download(trained, capsys):

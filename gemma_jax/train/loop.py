@@ -102,7 +102,7 @@ def _run(cfg, workdir: str, stop_after: int | None, started: list) -> dict[str, 
                 manager.check()
                 logger.step(step, step_metrics, log=(step % log_every == 0 or step == end))
                 stopping = stop.requested or manager.reached_preemption(step)
-                if eval_every and step % eval_every == 0 and step < last and not stopping:
+                if eval_every and step % eval_every == 0 and step < last and not stopping and r.data.eval:
                     watch.settle()
                     logger.eval(step, evaluate(r, state, step))
                 save_due = save_due or stopping or step == end or step % manager.every_steps == 0
@@ -114,6 +114,7 @@ def _run(cfg, workdir: str, stop_after: int | None, started: list) -> dict[str, 
                 if stopping:
                     break
             watch.settle()
+            logger.flush()  # a stop between log steps: the last step is logged with its own values
         if not watch.healthy:
             raise divergence.DivergedError(
                 f"the last {watch.in_row} steps up to step {step} were not finite: the state was not saved or exported")
