@@ -532,12 +532,15 @@ def describe(c, comments: dict[str, str] | None = None) -> str:
             value = value[part]
         rule = f"[{valid[key].text}]" if key in valid else ""
         rows.append((f"{key} = {value!r}", rule, comments.get(key, "")))
-    width = min(max(len(t) for t, _, _ in rows), 48)
-    rule_width = min(max(len(r) for _, r, _ in rows), 36)
+    def widths(section):  # per section, so one long value does not push every column right
+        mine = [row for key, row in zip(keys, rows) if key.split(".")[0] == section]
+        return min(max(len(t) for t, _, _ in mine), 48), min(max(len(r) for _, r, _ in mine), 36)
+
     out, section = [], None
     for key, (text, rule, comment) in zip(keys, rows):
         if key.split(".")[0] != section:
             section = key.split(".")[0]
+            width, rule_width = widths(section)
             out.append(f"[{section}]" if not out else f"\n[{section}]")
         line = f"{text:<{width}}  {rule:<{rule_width}}"
         out.append((f"{line}  # {comment}" if comment else line).rstrip())

@@ -25,7 +25,7 @@ from absl import logging
 
 from gemma_jax import config as config_lib, data as data_lib, paths, sharding, weights
 from gemma_jax.data import preference
-from gemma_jax.errors import UserError, WorkdirError
+from gemma_jax.errors import WorkdirError
 from gemma_jax.eval import report as report_lib, tasks
 from gemma_jax.model import lora as lora_lib
 from gemma_jax.model.config import ModelConfig
