@@ -289,6 +289,11 @@ def test_a_failed_start_leaves_no_directory_behind(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         train.run(cfg, str(tmp_path / "empty"))
     assert list((tmp_path / "empty").iterdir()) == []
+    # Refused because another trainer holds the workdir: its lock file stays.
+    with workdir_lib.WorkdirLock(str(tmp_path / "empty")):
+        with pytest.raises(WorkdirError, match="in use"):
+            train.run(cfg, str(tmp_path / "empty"))
+        assert [p.name for p in (tmp_path / "empty").iterdir()] == [".lock"]
 
 
 # ----------------------------------------------------------------------------- 4. non-finite

@@ -139,12 +139,26 @@ def remove_created(top: str) -> None:
 
 def clean_failed_start(workdir: str, created: str | None) -> None:
     """After a start that failed before training: the directories `create` made are removed; a
-    workdir that existed keeps its files but loses a .lock that is all the start left in it."""
-    if created:
-        remove_created(created)
-    elif not paths.is_remote(workdir) and os.path.isdir(workdir) and os.listdir(workdir) == [".lock"]:
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(workdir, ".lock"))
+    workdir that existed keeps its files but loses a .lock that is all the start left in it.
+    Nothing is touched while another process holds the lock (the failure was that it runs there)."""
+    import fcntl
+
+    if paths.is_remote(workdir) or not os.path.isdir(workdir):
+        return
+    try:
+        f = open(os.path.join(workdir, ".lock"), "a+")  # noqa: SIM115 (closed below)
+    except OSError:
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # another trainer holds it
+        if created:
+            remove_created(created)
+        elif os.listdir(workdir) == [".lock"]:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(workdir, ".lock"))
 
 
 # --------------------------------------------------------------------------------- fingerprints
