@@ -609,17 +609,28 @@ def test_running_out_of_data_ends_the_run_cleanly(tmp_path):
 # ----------------------------------------------------------------------------- 11. clean errors
 
 
-def test_loading_a_workdir_from_python_prints_no_library_chatter(trained, caplog):
+def test_loading_a_workdir_from_python_prints_no_library_chatter(trained):
     """gemma_jax.load keeps Orbax's notes about read-only managers and metadata files off the
-    console (as the command lines do), and leaves the caller's logging as it was."""
+    console (as the command lines do), and leaves the caller's logging as it was. (A handler of
+    the test's own: pytest's caplog handlers outlive tests and carry the filter an in-process
+    command line put on them.)"""
     import logging
 
-    caplog.set_level(logging.INFO)
-    gemma_jax.load(str(trained))
-    chatter = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert chatter == [], chatter
-    logging.getLogger("absl").warning("the caller's own warning")
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == ["the caller's own warning"]
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    keep = Keep(logging.WARNING)
+    logging.getLogger().addHandler(keep)
+    try:
+        gemma_jax.load(str(trained))
+        assert seen == [], seen
+        logging.getLogger("absl").warning("the caller's own warning")
+        assert seen == ["the caller's own warning"]
+    finally:
+        logging.getLogger().removeHandler(keep)
 
 
 def test_a_bigger_model_on_a_tiny_workdir_is_named_and_refused_before_any_download(trained, capsys):
