@@ -11,7 +11,7 @@ Its columns are text (the task), code and test_list.
 LoRA variants (rank 16, adapters only; `:27b_qlora` freezes the base in int8) are sized for one
 TPU v5e-8 host (8 chips x 16 GiB, batch 16 x 2048, splash attention). GiB per chip from
 `python -m gemma_jax.memory --config=configs/code.py:VARIANT --device=tpu-v5e --no_compile`:
-2b_lora 2.7, 9b_lora 4.6, 27b_lora 10.3, 27b_qlora 7.2; full fine-tuning `:2b` 11.5 fits, while
+2b_lora 8.1, 9b_lora 4.6, 27b_lora 10.3, 27b_qlora 7.2; full fine-tuning `:2b` 11.5 fits, while
 `:9b` (26.2) and `:27b` (61.9) need a larger slice (tests/test_cli.py checks these figures).
 """
 

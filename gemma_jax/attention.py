@@ -66,7 +66,9 @@ def _run_config(fv):
             logging.warning(note)
         return fv.config
     if paths.exists(paths.join(fv.tuned, config_lib.CONFIG_JSON)):
-        return config_lib.load_recorded(fv.tuned)
+        cfg = config_lib.load_recorded(fv.tuned)
+        config_lib.validate(cfg)
+        return cfg
     return None
 
 

@@ -106,6 +106,20 @@ def help_text(define_flags) -> str:
     return fv.get_help()
 
 
+def rounded(value, significant: int = 6):
+    """`value` with every float (in dicts, lists, tuples) cut to `significant` digits, for the
+    summaries commands print: 147.1, not 147.10000000000002; integers and strings unchanged."""
+    if isinstance(value, float):
+        return float(f"{value:.{significant}g}") if value == value and abs(value) != float("inf") else value
+    if isinstance(value, dict):
+        return {k: rounded(v, significant) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(rounded(v, significant) for v in value)
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalars
+        return rounded(value.item(), significant)
+    return value
+
+
 def no_positional(args: list[str]) -> None:
     """Raises UserError for stray positional arguments (a forgotten `--`, a quoted space)."""
     if args:

@@ -17,136 +17,273 @@ import ml_collections
 from absl import flags
 from ml_collections import config_dict, config_flags
 
-from gemma_jax import errors, paths, sharding
+from gemma_jax import config_rules as R, errors, paths, sharding
+from gemma_jax.data import cache, pipeline, schema
+from gemma_jax.model import kernels, lora as lora_lib
+from gemma_jax.model.config import REMAT_POLICIES, ModelConfig
+from gemma_jax.weights import SAVE_FORMATS
 
 
 # Attention q/kv/output and the MLP of every layer.
 DEFAULT_LORA_TARGETS = r"attn/(q_einsum|kv_einsum|attn_vec_einsum)|mlp/(gating_einsum|linear)"
 
 
+# ----------------------------------------------------------------------------- value sets and rules
+
+# Sets owned by modules above this one (train, eval); tests/test_config_values.py checks they agree.
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo")  # gemma_jax.train.objectives.OBJECTIVES
+DPO_LOSSES = ("sigmoid", "ipo")  # gemma_jax.train.objectives.DPO_LOSSES
+LOSS_METRICS = ("loss", "perplexity", "token_accuracy")  # gemma_jax.eval.tasks.LOSS_METRICS
+EVAL_TASK_METRICS = {  # gemma_jax.eval.metrics.TASK_METRICS
+    "lm": (), "summarization": ("rouge1", "rouge2", "rouge_l"), "translation": ("bleu", "chrf"),
+    "qa": ("exact_match", "token_f1"), "code": ("pass_rate",),
+}
+EVAL_METRICS = LOSS_METRICS + tuple(m for ms in EVAL_TASK_METRICS.values() for m in ms)
+DTYPES = ("float32", "bfloat16", "float16")  # ModelConfig's dtype / param_dtype
+
+
+def _data_spec_ok(spec: str) -> bool:
+    if not isinstance(spec, str):
+        return False
+    if spec.strip():
+        pipeline.parse_mixture(spec)  # a DataError (a ValueError) for a broken mixture
+    return True
+
+
+def _mesh_rules_ok(rules) -> bool:
+    for rule in rules:
+        name, axes = rule
+        if not isinstance(name, str):
+            return False
+        for axis in (tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)):
+            if axis is not None and axis not in sharding.MESH_AXES:
+                return False
+    return isinstance(rules, (tuple, list))
+
+
+_EVEN_INT = R.custom("an even integer >= 2 (RoPE rotates pairs)",
+                     lambda v: R.POSITIVE_INT.ok(v) and v % 2 == 0)
+_DATA_SPEC = R.custom("a data spec (files, globs, tfds:, hf:; PART:WEIGHT,... for a mixture), or ''", _data_spec_ok)
+_FIELD_MAP = R.custom("canonical=column,... or ''",
+                      lambda v: isinstance(v, str) and schema.parse_field_map(v, "data.field_map") is not None)
+_MESH_AXIS = R.custom("-1 (the remaining devices) or an integer >= 1",
+                      lambda v: R.POSITIVE_INT.ok(v) or (R.NON_NEGATIVE_INT.ok(v + 1) and v == -1))
+_MESH_RULES = R.custom(f"(logical axis, mesh axes) pairs; mesh axes None, one of {', '.join(sharding.MESH_AXES)} "
+                       "or a tuple of them", _mesh_rules_ok)
+_DIMS = ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim")
+
+
+def _divides(a: str, b: str):
+    def check(v):
+        if v[a] % v[b]:
+            return f"{a} must be a multiple of {b}"
+        return None
+    return check
+
+
+def _dims_given(v):
+    if v["model.preset"] or v["model.init_checkpoint"]:
+        return None
+    missing = [k for k in v if k.startswith("model.") and k not in ("model.preset", "model.init_checkpoint")
+               and v[k] is None]
+    if missing:
+        return (f"model.preset is empty and there is no model.init_checkpoint, so {', '.join(missing)} must be set",
+                ["model.preset", "model.init_checkpoint"])
+    return None
+
+
+def _heads_group(v):
+    n, k = v["model.num_heads"], v["model.num_kv_heads"]
+    if n is not None and k is not None and n % k:
+        return "model.num_heads must be a multiple of model.num_kv_heads"
+    return None
+
+
+def _metric_of_task(v):
+    task, metric = v["eval.task"], v["eval.metric"]
+    known = LOSS_METRICS + EVAL_TASK_METRICS.get(task, ())
+    if task in EVAL_TASK_METRICS and metric not in known:
+        return f"eval.metric is not reported for eval.task={task!r}; choose one of {', '.join(known)}"
+    return None
+
+
+def _one_fill_axis(v):
+    if list(v.values()).count(-1) > 1:
+        return "at most one mesh axis may be -1 (the one that takes the remaining devices)"
+    return None
+
+
+CROSS_RULES = (
+    R.Cross(("train.batch_size", "train.grad_accum"), _divides("train.batch_size", "train.grad_accum")),
+    R.Cross(("model.num_heads", "model.num_kv_heads"), _heads_group),
+    R.Cross(("model.preset", "model.init_checkpoint", *(f"model.{d}" for d in _DIMS)), _dims_given),
+    R.Cross(("eval.task", "eval.metric"), _metric_of_task),
+    R.Cross(("mesh.data", "mesh.fsdp", "mesh.tensor"), _one_fill_axis),
+    R.Cross(("dpo.loss", "dpo.label_smoothing"),
+            lambda v: "dpo.label_smoothing applies to dpo.loss='sigmoid' only (conservative DPO); set it to 0 "
+                      "for 'ipo'" if v["dpo.loss"] == "ipo" and v["dpo.label_smoothing"] else None),
+    R.Cross(("lora.rank", "lora.targets"),
+            lambda v: "lora.targets is empty: no weight would get adapters" if v["lora.rank"] and
+            not str(v["lora.targets"]).strip() else None),
+)
+
+
+class _Sections:
+    """Collects `sections.NAME = dict(key=(default, rule), ...)` in declaration order."""
+
+    def __init__(self):
+        object.__setattr__(self, "all", {})
+
+    def __setattr__(self, name, entries):
+        self.all[name] = entries
+
+
+def _declarations() -> dict[str, dict[str, tuple]]:
+    """Every key as (default, rule), its comment on the line: the one place a key is declared.
+    A rule (gemma_jax.config_rules) is what the key accepts; `validate` checks it before a
+    command does any work and `--show_config` prints it beside the key."""
+    # Listed here, not imported, where the owner sits above this layer (tests compare them).
+    c = _Sections()
+
+    c.model = dict(
+        preset=("gemma2_tiny", R.one_of("", *ModelConfig.presets())),  # a ModelConfig preset, or "" to give every dim explicitly
+        init_checkpoint=("", R.PATH),  # any format gemma_jax.load reads; "" trains from scratch
+        dtype=("bfloat16", R.one_of(*DTYPES)),  # compute
+        param_dtype=("float32", R.one_of(*DTYPES)),  # master weights
+        remat=("none", R.one_of(*REMAT_POLICIES)),  # none | full | dots | dots_no_batch
+        scan_layers=(True, R.BOOL),  # one scanned layer stack (fast compiles); False unrolls the layers
+        attention_impl=("auto", R.one_of(*kernels.IMPLS)),  # auto | xla | splash (TPU kernel) | flash_gpu (GPU kernel); auto picks the kernel of the backend when shapes allow
+        # Explicit dims: None takes the preset's (or the checkpoint's) value.
+        num_layers=(config_dict.placeholder(int), R.optional(R.POSITIVE_INT)),
+        embed_dim=(config_dict.placeholder(int), R.optional(R.POSITIVE_INT)),
+        hidden_dim=(config_dict.placeholder(int), R.optional(R.POSITIVE_INT)),
+        num_heads=(config_dict.placeholder(int), R.optional(R.POSITIVE_INT)),
+        num_kv_heads=(config_dict.placeholder(int), R.optional(R.POSITIVE_INT)),
+        head_dim=(config_dict.placeholder(int), R.optional(_EVEN_INT)),
+        vocab_size=(config_dict.placeholder(int), R.optional(R.POSITIVE_INT)),  # None: from the tokenizer (rounded up to 128)
+        sliding_window=(config_dict.placeholder(int), R.optional(R.POSITIVE_INT)),
+        query_pre_attn_scalar=(config_dict.placeholder(float), R.optional(R.POSITIVE)),
+        attn_softcap=(config_dict.placeholder(float), R.optional(R.NON_NEGATIVE)),
+        final_softcap=(config_dict.placeholder(float), R.optional(R.NON_NEGATIVE)),
+    )
+
+    c.data = dict(
+        train=("", _DATA_SPEC),  # files / globs, comma separated, tfds:name[/config]:split, hf:...; a mixture gives every part a :WEIGHT, e.g. "legal/*.jsonl:0.8,general.jsonl:0.2"
+        eval=("", _DATA_SPEC),  # eval files, as data.train; "" holds out data.eval_fraction of data.train instead
+        eval_fraction=(0.0, R.FRACTION),  # held out from train when data.eval is empty
+        tokenizer=("", R.PATH),  # tokenizer.model; "" looks beside model.init_checkpoint
+        seq_len=(512, R.number(2, integer=True)),  # tokens per training row
+        packing=(True, R.BOOL),  # several examples per row (segment ids keep them apart)
+        overlong=("truncate", R.one_of("truncate", "drop")),  # truncate | drop
+        train_on_prompt=(False, R.BOOL),  # also compute the loss on user turns (default: model turns only)
+        skip_invalid=(False, R.BOOL),  # skip malformed records (counted in the data stats) instead of failing
+        field_map=("", _FIELD_MAP),  # e.g. "input=text,output=summary"
+        default_instruction=("", R.TEXT),  # instruction for records that have only input/output
+        text_split=("line", R.one_of("line", "paragraph")),  # line | paragraph (plain-text files)
+        num_epochs=(0, R.NON_NEGATIVE_INT),  # 0 repeats until train.steps
+        tfds_data_dir=("", R.PATH),  # TFDS data_dir for tfds: specs ("" is TFDS's default)
+        cache_dir=("", R.PATH),  # tokenized cache, local or gs://, shared by runs; "" = $GEMMA_JAX_DATA_CACHE, else ~/.cache/gemma_jax/data
+        verify_cache=("sizes", R.one_of(*cache.VERIFY_LEVELS)),  # sizes checks the cache's file sizes, counts, lengths.npy and the source files' digests on every open (shards' sha256 too while under 64 MiB); full also hashes every cache and source file whole
+        num_workers=(0, R.NON_NEGATIVE_INT),  # tokenizer processes when the cache is built; 0 = all cores (at most 32)
+        input_workers=(0, R.NON_NEGATIVE_INT),  # grain worker processes reading train batches ahead; 0 = 2 threads of the trainer
+    )
+
+    c.train = dict(
+        steps=(1000, R.NON_NEGATIVE_INT),  # optimizer steps in total (a resumed run continues to this); 0 evaluates and exports the starting weights (a baseline)
+        batch_size=(8, R.POSITIVE_INT),  # global, in sequences, per optimizer step
+        grad_accum=(1, R.POSITIVE_INT),  # micro-batches per step; batch_size must divide by it
+        log_every=(10, R.POSITIVE_INT),  # steps between metric lines (metrics.jsonl, TensorBoard, stdout)
+        eval_every=(0, R.NON_NEGATIVE_INT),  # 0: only at the end
+        eval_batches=(0, R.NON_NEGATIVE_INT),  # 0: the whole eval set
+        seed=(0, R.NON_NEGATIVE_INT),  # init, data order, dropout and the data.eval_fraction hold-out
+        loss_chunk=(1024, R.POSITIVE_INT),  # tokens per logits chunk in the loss (bounds [chunk, vocab] f32 memory)
+        export_format=("", R.one_of("", *SAVE_FORMATS)),  # hf | official | gemma_jax | keras: written to workdir/export at the end
+        progress=(True, R.BOOL),  # progress bar on stdout
+        objective=("sft", R.one_of(*OBJECTIVES)),  # sft | dpo | orpo | simpo (preference pairs: README, Preference tuning)
+        allow_changes=(False, R.BOOL),  # resume a workdir although lr, schedule, batch, data, steps or seed changed (recorded in manifest.json)
+        max_nonfinite_steps=(5, R.POSITIVE_INT),  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run (exit 2)
+    )
+
+    # Preference objectives, with TRL's names and defaults (gemma_jax.train.objectives).
+    c.dpo = dict(
+        beta=(0.1, R.POSITIVE),  # how far the policy may move from the reference (higher: closer)
+        loss=("sigmoid", R.one_of(*DPO_LOSSES)),  # sigmoid (the DPO paper's) | ipo (squared, per-token averaged log-ratios)
+        label_smoothing=(0.0, R.number(0, 0.5, hi_open=True)),  # > 0: conservative DPO, the assumed share of flipped labels (sigmoid only)
+        precompute_reference=(False, R.BOOL),  # reference log-probs from one pass before training (stored in the workdir): no reference forward per step, no frozen copy
+    )
+    c.orpo = {
+        "lambda": (0.1, R.POSITIVE),  # weight of the odds-ratio term next to the chosen NLL (TRL's ORPOConfig.beta)
+    }
+    c.simpo = dict(
+        beta=(2.0, R.POSITIVE),  # scale of the length-normalised reward difference (the SimPO paper's 2.0-2.5)
+        gamma=(0.5, R.NON_NEGATIVE),  # target reward margin (TRL's CPOConfig.simpo_gamma)
+    )
+
+    c.opt = dict(
+        lr=(2e-5, R.POSITIVE),  # peak learning rate
+        schedule=("cosine", R.one_of("cosine", "linear", "constant")),  # cosine | linear | constant (all after warmup)
+        warmup_steps=(100, R.NON_NEGATIVE_INT),  # linear warmup from 0 to opt.lr
+        min_lr_ratio=(0.1, R.number(0, 1)),  # final lr as a fraction of opt.lr (cosine, linear)
+        weight_decay=(0.01, R.NON_NEGATIVE),  # AdamW decoupled weight decay
+        b1=(0.9, R.FRACTION),  # Adam first-moment decay
+        b2=(0.999, R.FRACTION),  # Adam second-moment decay
+        eps=(1e-8, R.POSITIVE),  # Adam epsilon
+        grad_clip=(1.0, R.NON_NEGATIVE),  # global norm; 0 disables
+        decay_embeddings=(False, R.BOOL),  # apply weight decay to the embedding table too
+        decay_norms=(False, R.BOOL),  # apply weight decay to norm scales too
+    )
+
+    c.mesh = dict(
+        data=(1, _MESH_AXIS), fsdp=(-1, _MESH_AXIS), tensor=(1, _MESH_AXIS),  # -1 fills with the remaining devices
+        rules=(tuple((name, axes) for name, axes in sharding.DEFAULT_RULES), _MESH_RULES),  # logical axis -> mesh axes
+    )
+
+    c.lora = dict(
+        rank=(0, R.NON_NEGATIVE_INT),  # > 0 trains low-rank adapters on a frozen base instead of every weight
+        alpha=(16.0, R.POSITIVE),  # adapter output scaled by alpha / rank
+        dropout=(0.0, R.FRACTION),  # on the adapter input, training only
+        targets=(DEFAULT_LORA_TARGETS, R.REGEX),  # regex over parameter paths such as layers/local/attn/q_einsum/w
+        quantize=("none", R.one_of("none", *lora_lib.QUANT_DTYPES)),  # none | int8 | int4: the frozen base held quantized (QLoRA-style)
+        base_dtype=("bfloat16", R.one_of(*DTYPES)),  # dtype of the frozen base when not quantized
+    )
+
+    c.eval = dict(
+        task=("lm", R.one_of(*EVAL_TASK_METRICS)),  # lm | summarization | translation | qa | code
+        metric=("loss", R.one_of(*EVAL_METRICS)),  # the headline metric of the task (rouge_l, chrf, exact_match, pass_rate, loss)
+        general=("data/general/eval.txt", R.PATH),  # general text for the forgetting check; "" skips it
+        forgetting_threshold=(0.10, R.NON_NEGATIVE),  # warn when general-text loss rises by more than this fraction
+        max_examples=(64, R.NON_NEGATIVE_INT),  # examples generated from per evaluation (0: all)
+        max_new_tokens=(128, R.POSITIVE_INT),  # generated tokens per example
+        temperature=(0.0, R.NON_NEGATIVE),  # 0: greedy
+        in_training=(False, R.BOOL),  # also run generation metrics at train.eval_every and at the end
+    )
+
+    c.checkpoint = dict(
+        every_steps=(500, R.POSITIVE_INT),  # steps between checkpoints (also saved at the end and on SIGTERM)
+        keep=(2, R.POSITIVE_INT),  # newest checkpoints kept
+        async_save=(True, R.BOOL),  # save in the background while training goes on
+    )
+    return c.all
+
+
 def base_config() -> ml_collections.ConfigDict:
     """All keys with their defaults."""
     c = ml_collections.ConfigDict()
-
-    c.model = ml_collections.ConfigDict(dict(
-        preset="gemma2_tiny",  # a ModelConfig preset, or "" to give every dim explicitly
-        init_checkpoint="",  # any format gemma_jax.load reads; "" trains from scratch
-        dtype="bfloat16",  # compute
-        param_dtype="float32",  # master weights
-        remat="none",  # none | full | dots | dots_no_batch
-        scan_layers=True,  # one scanned layer stack (fast compiles); False unrolls the layers
-        attention_impl="auto",  # auto | xla | splash (TPU kernel) | flash_gpu (GPU kernel); auto picks the kernel of the backend when shapes allow
-        # Explicit dims: None takes the preset's (or the checkpoint's) value.
-        num_layers=config_dict.placeholder(int),
-        embed_dim=config_dict.placeholder(int),
-        hidden_dim=config_dict.placeholder(int),
-        num_heads=config_dict.placeholder(int),
-        num_kv_heads=config_dict.placeholder(int),
-        head_dim=config_dict.placeholder(int),
-        vocab_size=config_dict.placeholder(int),  # None: from the tokenizer (rounded up to 128)
-        sliding_window=config_dict.placeholder(int),
-        query_pre_attn_scalar=config_dict.placeholder(float),
-        attn_softcap=config_dict.placeholder(float),
-        final_softcap=config_dict.placeholder(float),
-    ))
-
-    c.data = ml_collections.ConfigDict(dict(
-        train="",  # files / globs, comma separated, tfds:name[/config]:split, hf:...; a mixture gives every part a :WEIGHT, e.g. "legal/*.jsonl:0.8,general.jsonl:0.2"
-        eval="",  # eval files, as data.train; "" holds out data.eval_fraction of data.train instead
-        eval_fraction=0.0,  # held out from train when data.eval is empty
-        tokenizer="",  # tokenizer.model; "" looks beside model.init_checkpoint
-        seq_len=512,  # tokens per training row
-        packing=True,  # several examples per row (segment ids keep them apart)
-        overlong="truncate",  # truncate | drop
-        train_on_prompt=False,  # also compute the loss on user turns (default: model turns only)
-        skip_invalid=False,  # skip malformed records (counted in the data stats) instead of failing
-        field_map="",  # e.g. "input=text,output=summary"
-        default_instruction="",  # instruction for records that have only input/output
-        text_split="line",  # line | paragraph (plain-text files)
-        num_epochs=0,  # 0 repeats until train.steps
-        tfds_data_dir="",  # TFDS data_dir for tfds: specs ("" is TFDS's default)
-        cache_dir="",  # tokenized cache, local or gs://, shared by runs; "" = $GEMMA_JAX_DATA_CACHE, else ~/.cache/gemma_jax/data
-        verify_cache="sizes",  # one of sizes | full: sizes checks the cache's file sizes, counts, lengths.npy and the source files' digests on every open (shards' sha256 too while under 64 MiB); full also hashes every cache and source file whole
-        num_workers=0,  # tokenizer processes when the cache is built; 0 = all cores (at most 32)
-        input_workers=0,  # grain worker processes reading train batches ahead; 0 = 2 threads of the trainer
-    ))
-
-    c.train = ml_collections.ConfigDict(dict(
-        steps=1000,  # optimizer steps in total (a resumed run continues to this)
-        batch_size=8,  # global, in sequences, per optimizer step
-        grad_accum=1,  # micro-batches per step; batch_size must divide by it
-        log_every=10,  # steps between metric lines (metrics.jsonl, TensorBoard, stdout)
-        eval_every=0,  # 0: only at the end
-        eval_batches=0,  # 0: the whole eval set
-        seed=0,  # init, data order, dropout and the data.eval_fraction hold-out
-        loss_chunk=1024,  # tokens per logits chunk in the loss (bounds [chunk, vocab] f32 memory)
-        export_format="",  # hf | official | gemma_jax: written to workdir/export at the end
-        progress=True,  # progress bar on stdout
-        objective="sft",  # sft | dpo | orpo | simpo (preference pairs: README, Preference tuning)
-        allow_changes=False,  # resume a workdir although lr, schedule, batch, data, steps or seed changed (recorded in manifest.json)
-        max_nonfinite_steps=5,  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run (exit 2)
-    ))
-
-    # Preference objectives, with TRL's names and defaults (gemma_jax.train.objectives).
-    c.dpo = ml_collections.ConfigDict(dict(
-        beta=0.1,  # how far the policy may move from the reference (higher: closer)
-        loss="sigmoid",  # sigmoid (the DPO paper's) | ipo (squared, per-token averaged log-ratios)
-        label_smoothing=0.0,  # > 0: conservative DPO, the assumed share of flipped labels (sigmoid only)
-        precompute_reference=False,  # reference log-probs from one pass before training (stored in the workdir): no reference forward per step, no frozen copy
-    ))
-    c.orpo = ml_collections.ConfigDict({
-        "lambda": 0.1,  # weight of the odds-ratio term next to the chosen NLL (TRL's ORPOConfig.beta)
-    })
-    c.simpo = ml_collections.ConfigDict(dict(
-        beta=2.0,  # scale of the length-normalised reward difference (the SimPO paper's 2.0-2.5)
-        gamma=0.5,  # target reward margin (TRL's CPOConfig.simpo_gamma)
-    ))
-
-    c.opt = ml_collections.ConfigDict(dict(
-        lr=2e-5,  # peak learning rate
-        schedule="cosine",  # cosine | linear | constant (all after warmup)
-        warmup_steps=100,  # linear warmup from 0 to opt.lr
-        min_lr_ratio=0.1,  # final lr as a fraction of opt.lr (cosine, linear)
-        weight_decay=0.01,  # AdamW decoupled weight decay
-        b1=0.9,  # Adam first-moment decay
-        b2=0.999,  # Adam second-moment decay
-        eps=1e-8,  # Adam epsilon
-        grad_clip=1.0,  # global norm; 0 disables
-        decay_embeddings=False,  # apply weight decay to the embedding table too
-        decay_norms=False,  # apply weight decay to norm scales too
-    ))
-
-    c.mesh = ml_collections.ConfigDict(dict(
-        data=1, fsdp=-1, tensor=1,  # -1 fills with the remaining devices
-        rules=tuple((name, axes) for name, axes in sharding.DEFAULT_RULES),  # logical axis -> mesh axes
-    ))
-
-    c.lora = ml_collections.ConfigDict(dict(
-        rank=0,  # > 0 trains low-rank adapters on a frozen base instead of every weight
-        alpha=16.0,  # adapter output scaled by alpha / rank
-        dropout=0.0,  # on the adapter input, training only
-        targets=DEFAULT_LORA_TARGETS,  # regex over parameter paths such as layers/local/attn/q_einsum/w
-        quantize="none",  # none | int8 | int4: the frozen base held quantized (QLoRA-style)
-        base_dtype="bfloat16",  # dtype of the frozen base when not quantized
-    ))
-
-    c.eval = ml_collections.ConfigDict(dict(
-        task="lm",  # lm | summarization | translation | qa | code
-        metric="loss",  # the headline metric of the task (rouge_l, chrf, exact_match, pass_rate, loss)
-        general="data/general/eval.txt",  # general text for the forgetting check; "" skips it
-        forgetting_threshold=0.10,  # warn when general-text loss rises by more than this fraction
-        max_examples=64,  # examples generated from per evaluation (0: all)
-        max_new_tokens=128,  # generated tokens per example
-        temperature=0.0,  # 0: greedy
-        in_training=False,  # also run generation metrics at train.eval_every and at the end
-    ))
-
-    c.checkpoint = ml_collections.ConfigDict(dict(
-        every_steps=500,  # steps between checkpoints (also saved at the end and on SIGTERM)
-        keep=2,  # newest checkpoints kept
-        async_save=True,  # save in the background while training goes on
-    ))
+    for section, entries in _declarations().items():
+        values = {}
+        for key, entry in entries.items():
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], R.Rule)):
+                raise TypeError(f"config key {section}.{key} has no value rule: declare it in gemma_jax/config.py as "
+                                f"{key}=(default, rule) (gemma_jax.config_rules: number, one_of, BOOL, PATH, TEXT, ...)")
+            values[key] = entry[0]
+        c[section] = ml_collections.ConfigDict(values)
     return c
+
+
+def rules() -> dict[str, R.Rule]:
+    """{section.key: its value rule}, for every key of base_config()."""
+    return {f"{section}.{key}": entry[1] for section, entries in _declarations().items()
+            for key, entry in entries.items()}
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -173,9 +310,10 @@ def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 # Full fine-tuning hyperparameters per model size (AdamW, f32 master weights, bf16 compute).
 # Memory at ~16 bytes/param (weights + Adam) needs: 2B ~39 GiB, 9B ~138 GiB, 27B ~406 GiB
-# across the mesh, hence fsdp over every device and full remat for the larger two.
+# across the mesh, hence fsdp over every device. Full remat for all three: with dots_no_batch
+# the 2B step keeps every layer's weight products, 16.9 GiB per v5e chip (11.5 with full remat).
 _SIZES = {
-    "2b": dict(preset="gemma2_2b", lr=2e-5, batch_size=16, seq_len=2048, remat="dots_no_batch"),
+    "2b": dict(preset="gemma2_2b", lr=2e-5, batch_size=16, seq_len=2048, remat="full"),
     "9b": dict(preset="gemma2_9b", lr=1e-5, batch_size=16, seq_len=2048, remat="full"),
     "27b": dict(preset="gemma2_27b", lr=1e-5, batch_size=16, seq_len=2048, remat="full"),
 }
@@ -335,7 +473,7 @@ def adjust_eval_for_train_override(c, overridden) -> str | None:
 # ----------------------------------------------------------------------------- describing the keys
 
 def key_comments() -> dict[str, str]:
-    """{section.key: its comment in base_config()}: the comment on the key's line, else the
+    """{section.key: its comment in _declarations()}: the comment on the key's line, else the
     comment line(s) just above it in the same section (one that introduces a group of keys)."""
     import ast
     import io
@@ -349,16 +487,15 @@ def key_comments() -> dict[str, str]:
             text = tok.string.lstrip("#").strip()
             (standalone if tok.line.strip().startswith("#") else trailing)[tok.start[0]] = text
     lines = source.splitlines()
-    fn = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "base_config")
+    fn = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "_declarations")
     out = {}
     for node in ast.walk(fn):
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Attribute)
-                and isinstance(node.value, ast.Call) and node.value.args):
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Attribute)):
             continue
-        section, arg = node.targets[0].attr, node.value.args[0]
-        if isinstance(arg, ast.Call):  # ConfigDict(dict(k=v, ...))
+        section, arg = node.targets[0].attr, node.value
+        if isinstance(arg, ast.Call) and arg.keywords:  # dict(k=(default, rule), ...)
             entries = [(kw.arg, kw.value) for kw in arg.keywords]
-        elif isinstance(arg, ast.Dict):  # ConfigDict({"k": v, ...})
+        elif isinstance(arg, ast.Dict):  # {"k": (default, rule), ...}
             entries = [(k.value, v) for k, v in zip(arg.keys, arg.values) if isinstance(k, ast.Constant)]
         else:
             continue
@@ -375,24 +512,39 @@ def key_comments() -> dict[str, str]:
     return out
 
 
+def validate(cfg, argv=None) -> None:
+    """Checks every value of `cfg` against its key's rule (declared beside its default above) and
+    the cross-key rules, before a command does any work. Raises config_rules.ConfigValueError
+    (a UserError: one `error:` line, exit 2) naming the key, the value and the rule; `argv` (the
+    command line) lets it quote a --config.KEY=VALUE override as typed."""
+    R.check(cfg, rules(), CROSS_RULES, argv=argv)
+
+
 def describe(c, comments: dict[str, str] | None = None) -> str:
-    """Every key of `c` as `section.key = value  # comment`, sections in order (for --show_config)."""
+    """Every key of `c` as `section.key = value  [rule]  # comment`, sections in order (for
+    --show_config); the rule is what the key accepts (checked before a command runs)."""
     comments = key_comments() if comments is None else comments
+    valid = rules()
     keys = flat_keys(c)
     rows = []
     for key in keys:
         value = c
         for part in key.split("."):
             value = value[part]
-        rows.append((key, repr(value), comments.get(key, "")))
-    width = min(max(len(k) + len(v) + 3 for k, v, _ in rows), 60)
+        rule = f"[{valid[key].text}]" if key in valid else ""
+        rows.append((f"{key} = {value!r}", rule, comments.get(key, "")))
+    def widths(section):  # per section, so one long value does not push every column right
+        mine = [row for key, row in zip(keys, rows) if key.split(".")[0] == section]
+        return min(max(len(t) for t, _, _ in mine), 48), min(max(len(r) for _, r, _ in mine), 36)
+
     out, section = [], None
-    for key, value, comment in rows:
+    for key, (text, rule, comment) in zip(keys, rows):
         if key.split(".")[0] != section:
             section = key.split(".")[0]
+            width, rule_width = widths(section)
             out.append(f"[{section}]" if not out else f"\n[{section}]")
-        text = f"{key} = {value}"
-        out.append(f"{text:<{width}}  # {comment}" if comment else text)
+        line = f"{text:<{width}}  {rule:<{rule_width}}"
+        out.append((f"{line}  # {comment}" if comment else line).rstrip())
     return "\n".join(out)
 
 
@@ -449,6 +601,15 @@ def define_config_flag(name: str = "config", default: str | None = None, help_st
     type checks) that also takes a training workdir or a config.json."""
     holder = config_flags.DEFINE_config_file(name, default, help_string, flag_values=flag_values, lock_config=True)
     flag_values[name].parser = _ExperimentParser(name)
+
+    def values_in_range(cfg) -> bool:
+        # absl runs validators once every flag is parsed: the config has its --NAME.KEY overrides
+        # by then. A bad value raises ConfigValueError, which the command prints as one line.
+        if isinstance(cfg, ml_collections.ConfigDict):
+            validate(cfg, argv=sys.argv if name == "config" else None)
+        return True
+
+    flags.register_validator(name, values_in_range, flag_values=flag_values)
     return holder
 
 

@@ -92,6 +92,7 @@ def _eval_settings(fv):
         eval_cfg.metric = (metrics_lib.TASK_METRICS.get(fv.task) or ("loss",))[-1]  # rouge_l, chrf, ...
     if fv.seq_len is not None:
         data_cfg.seq_len = fv.seq_len
+    config_lib.validate(cfg, argv=sys.argv)  # a recorded config and the flags laid over it, too
     return cfg, eval_cfg, data_cfg
 
 

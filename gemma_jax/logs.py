@@ -10,6 +10,7 @@ in colour when stderr is a terminal.
 
 from __future__ import annotations
 
+import contextlib
 import logging as logging_std
 import os
 import sys
@@ -102,6 +103,27 @@ def setup(*, python_warnings: bool = True) -> None:
         # Python warnings from libraries (deprecations, "unclosed file"): ours still show.
         warnings.filterwarnings("ignore")
         warnings.filterwarnings("default", module=r"gemma_jax(\.|$)")
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Within the block, third-party log records below ERROR stay off every handler (as `setup`
+    does for the command lines); for library entry points such as gemma_jax.load called from a
+    user's own program, whose logging is otherwise left as it was before and after."""
+    quiet = QuietLibraries()
+    # The absl and root loggers themselves (a handler a library adds meanwhile, such as the one
+    # logging.basicConfig makes on a first module-level warning, is covered too), and the
+    # handlers records of other loggers propagate to.
+    targets = {logging_std.getLogger("absl"), logging_std.getLogger(), logging.get_absl_handler(),
+               logging_std.lastResort, *logging_std.getLogger().handlers}
+    targets = [t for t in targets if t is not None]
+    for t in targets:
+        t.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for t in targets:
+            t.removeFilter(quiet)
 
 
 def warning(text: str, *args) -> None:

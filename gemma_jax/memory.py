@@ -100,8 +100,11 @@ def activation_bytes(config, rows: int, seq_len: int, *, loss_chunk: int, table_
     in the compute dtype), and per row and head ~4 float32 arrays over the key ranges the query
     blocks see (model.causal_blocks): the soft-capped logits that model.dense_attention keeps
     for its backward, and the logits, masked logits and probabilities XLA holds alongside.
-    Remat "full" and "dots_no_batch" keep only each layer's input and rebuild one layer at a
-    time; "dots" also keeps every matmul output. The backward pass of a layer adds ~3 float32
+    Remat "full" keeps only each layer's input and rebuilds one layer at a time; "dots_no_batch"
+    also keeps the outputs of the weight products (q, k, v, the attention and MLP outputs, gate
+    and up: the model folds batch and length into one axis, so these have no batch axis), and
+    "dots" every matmul output. A LoRA layer keeps the same (its adapter products are recomputed,
+    see model.layers.Einsum._lora). The backward pass of a layer adds ~3 float32
     score arrays (probabilities, their gradient, the logits' gradient) plus a forward's worth
     of transient ones. The loss adds three [chunk, vocab] float32 blocks (and the logits'
     gradient in the compute dtype when that is narrower, which the two gradient products
@@ -129,6 +132,9 @@ def activation_bytes(config, rows: int, seq_len: int, *, loss_chunk: int, table_
     elif c.remat == "dots":
         dots = tok * (2 * nh + 2 * kh + 2 * d + 2 * f) * a
         layers = c.num_layers * (saved_input + dots) + layer
+    elif c.remat == "dots_no_batch":
+        products = tok * (nh + 2 * kh + 2 * d + 2 * f) * a
+        layers = c.num_layers * (saved_input + products) + layer
     else:
         layers = c.num_layers * saved_input + layer
     chunk = min(loss_chunk, tok)
@@ -292,6 +298,7 @@ def variant_estimate_gib(spec: str, device: str = "tpu-v5e", devices: int | None
     """Estimated GiB per device of config `spec` in its own mode on one host of `device` (the
     figure the configs' docstrings quote; the mesh is built from the current jax devices)."""
     cfg = config_lib.load(spec)
+    config_lib.validate(cfg)
     n = devices or _HOST_CHIPS.get(device, 8)
     config = model_config_for(cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.devices()[:n])
@@ -357,6 +364,7 @@ def _main(fv, args) -> int:
                         "(jax was initialised before the planner could add more)")
 
     cfg = fv.config
+    config_lib.validate(cfg, argv=sys.argv)  # (also done as --config was parsed)
     config = model_config_for(cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices[:n])
     compile_ = not fv.no_compile and n <= COMPILE_MAX_DEVICES

@@ -40,7 +40,7 @@ def _tokenizer(cfg):
 
 def prepare(cfg, *, num_workers: int = 0, preview: int = 0, rebuild: bool = False) -> dict:
     """Builds or reuses the caches of cfg.data (or prints a preview); returns what it did."""
-    cache_lib.verify_level(cfg.data)  # a bad data.verify_cache is an error here too
+    config_lib.validate(cfg)
     tok = _tokenizer(cfg)
     specs = [part for part, _ in pipeline.parse_mixture(cfg.data.train)] if cfg.data.train else []
     if not specs:
@@ -56,7 +56,7 @@ def prepare(cfg, *, num_workers: int = 0, preview: int = 0, rebuild: bool = Fals
         m = c.manifest
         out[spec] = dict(cache=c.dir, examples=m["examples"], tokens=m["tokens"], skipped=m["skipped"],
                          length_p95=m["length_p95"], length_p99=m["length_p99"], build_seconds=m["build_seconds"])
-    print(json.dumps(out, indent=1))
+    print(json.dumps(cli.rounded(out), indent=1))
     return out
 
 

@@ -434,3 +434,43 @@ def test_quiet_filter_hides_library_chatter_and_marks_our_warnings():
     plain = logs.OwnWarnings(None, stream=io.StringIO())
     assert plain.format(_record(ours, logging_std.WARNING, "x")) == "WARNING gemma_jax: x"
     assert plain.format(_record(ours, logging_std.INFO, "x")) == "INFO absl: x"  # INFO keeps its format
+
+
+# ----------------------------------------------------------------------------- messages that tell the truth
+
+
+def test_malformed_json_line_names_file_line_column_the_whole_reason_and_the_text(tmp_path):
+    from gemma_jax.data import readers
+    from gemma_jax.data.schema import DataError
+
+    good = json.dumps({"instruction": "Summarise", "input": "", "output": "fine"})
+    broken = '{"instruction": "Summarise", "input": "", "output": "the court held that the party was not notified'
+    path = tmp_path / "train.jsonl"
+    path.write_text(good + "\n" + broken + "\n" + good + "\n")
+    column = broken.index('"the court') + 1
+    with pytest.raises(DataError) as e:
+        readers.read_examples(str(path))
+    message = str(e.value)
+    assert message.startswith(f"{path}:2:{column}: ")
+    # Python's own message, whole: the string that never ends starts at that column.
+    assert f"Unterminated string starting at: line 1 column {column} (char {column - 1})" in message
+    assert '"output": >>>"the court held' in message and "\n" not in message
+
+
+def test_prepare_prints_rounded_figures(capsys):
+    from gemma_jax import prepare
+
+    assert prepare.run([f"--config={LEGAL}:tiny"]) == 0
+    out = capsys.readouterr().out
+    floats = [float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", out)]
+    assert floats, out
+    assert all(float(f"{x:.6g}") == x for x in floats), out
+    assert not re.search(r"\.\d*(0000|9999)\d", out), out
+
+
+def test_rounded_cuts_floats_everywhere_and_keeps_the_rest():
+    value = {"a": 147.10000000000002, "b": [127.44999999999997, 3], "c": "x", "d": (0.1 + 0.2,), "e": float("nan")}
+    out = cli.rounded(value)
+    assert out["a"] == 147.1 and out["b"] == [127.45, 3] and out["c"] == "x" and out["d"] == (0.3,)
+    assert out["e"] != out["e"]
+

@@ -208,7 +208,7 @@ def test_bad_input_names_file_line_field(tmp_path, name, content, where, field, 
 
 def test_file_level_errors_always_raise(tmp_path):
     p = write(tmp_path, "broken.json", '[{"prompt": "a",\n "completion": ]')
-    with pytest.raises(data.DataError, match=r"broken\.json:2: malformed JSON"):
+    with pytest.raises(data.DataError, match=r"broken\.json:2:16: malformed JSON"):
         data.read_examples(p, skip_invalid=True)
     p = write(tmp_path, "obj.json", '{"rows": []}')
     with pytest.raises(data.DataError, match="expected a JSON array"):

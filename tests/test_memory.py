@@ -13,7 +13,7 @@ def tiny_cfg(remat: str, *, seq_len: int = 256, batch: int = 8):
     return cfg
 
 
-@pytest.mark.parametrize("remat,mode,fsdp", [("full", "full", 1), ("none", "lora", 2)])
+@pytest.mark.parametrize("remat,mode,fsdp", [("full", "full", 1), ("none", "lora", 2), ("dots_no_batch", "lora", 2)])
 def test_estimate_within_20_percent_of_compiled_step(remat, mode, fsdp):
     cfg = tiny_cfg(remat, batch=8 * fsdp)
     config = memory.model_config_for(cfg)

@@ -7,6 +7,7 @@ Each test reproduces a failure seen on earlier code (README, "What survives what
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from test_train import REPO, _cli_env, loss_records, small_config  # noqa: F401 
 
 import gemma_jax
 from gemma_jax import train
+from gemma_jax.data.schema import DataError
 from gemma_jax.errors import WorkdirError
 from gemma_jax.train import checkpoints, divergence, workdir as workdir_lib
 
@@ -45,23 +47,47 @@ def _snapshot(workdir) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished 2-step full fine-tuning workdir (checkpoint at step 2)."""
+def trained_and_exported(tmp_path_factory):
+    """A finished 2-step full fine-tuning workdir (checkpoint at step 2) with its hf export, its
+    config and the bytes of each export file as first written."""
     wd = tmp_path_factory.mktemp("trained") / "wd"
     cfg = _cfg(steps=2, batch_size=8, seq_len=64)
+    cfg.train.export_format = "hf"
     assert train.run(cfg, str(wd))["step"] == 2
-    return wd
+    files = {str(p.relative_to(wd / "export")): p.read_bytes() for p in (wd / "export").rglob("*") if p.is_file()}
+    return wd, cfg, files
+
+
+@pytest.fixture(scope="module")
+def trained(trained_and_exported):
+    """The finished workdir of trained_and_exported (refused re-runs must leave it as it is)."""
+    return trained_and_exported[0]
 
 
 # ----------------------------------------------------------------------------- 1. manifest
 
 
-@pytest.mark.parametrize("change", ["shape", "tokenizer", "lora", "objective"])
-def test_identity_change_is_refused_and_the_workdir_still_loads(trained, tmp_path, change):
+@pytest.mark.parametrize("change", ["shape", "tokenizer", "lora", "objective", "preset", "init_checkpoint",
+                                    "implied_by_preset"])
+def test_identity_change_is_refused_and_the_workdir_still_loads(trained, tmp_path, change, monkeypatch):
     before = _snapshot(trained)
     params_before = gemma_jax.load(str(trained))[1]
     cfg = _cfg(steps=4, batch_size=8, seq_len=64)
-    if change == "shape":
+    cfg.train.allow_changes = True  # identity is refused whatever this says
+    if change == "preset":  # the explicit dims stay: the preset alone names another model
+        cfg.model.preset = "gemma2_test"
+        key = "model.preset: gemma2_tiny -> gemma2_test"
+    elif change == "init_checkpoint":  # refused before the (missing) checkpoint is looked for
+        cfg.model.init_checkpoint = str(tmp_path / "other_weights")
+        key = f"model.init_checkpoint: '' -> {tmp_path / 'other_weights'}"
+    elif change == "implied_by_preset":  # a ModelConfig field no config key sets (Gemma 3's would be alike)
+        from gemma_jax.model.config import ModelConfig
+
+        real = ModelConfig.from_preset.__func__
+        monkeypatch.setattr(ModelConfig, "from_preset",
+                            classmethod(lambda cls, name, **kw: real(cls, name, **kw).replace(rope_base=1e6)))
+        key = "model.rope_base: 10000.0 -> 1000000.0"
+    elif change == "shape":
         cfg.model.num_layers = 3
         key = "model.num_layers"
     elif change == "tokenizer":
@@ -83,7 +109,7 @@ def test_identity_change_is_refused_and_the_workdir_still_loads(trained, tmp_pat
         key = "train.objective"
     with pytest.raises(WorkdirError) as e:
         train.run(cfg, str(trained))
-    assert key in str(e.value) and "new --workdir" in str(e.value)
+    assert key in str(e.value) and "new --workdir" in str(e.value), str(e.value)
     assert _snapshot(trained) == before, "a refused re-run wrote into the workdir"
     assert not (trained / "base").exists() and not (trained / "lora.json").exists()
     _, params = gemma_jax.load(str(trained))
@@ -204,6 +230,70 @@ def test_tilde_and_relative_workdir_resolve_to_one_place(tmp_path, monkeypatch):
     assert not (cwd / "~").exists()
     recorded = json.loads((wd / "config.json").read_text())
     assert os.path.isabs(recorded["data"]["train"]) and os.path.exists(recorded["data"]["train"])
+
+
+@contextlib.contextmanager
+def _unwritable(directory: Path):
+    """`directory` made unwritable: chmod for a normal user; root ignores modes, so chattr +i."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        try:
+            yield
+        finally:
+            directory.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+        pytest.skip("running as root where chattr +i is refused: no way to make a directory unwritable")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def _workdir_error(capsys, workdir: str) -> str:
+    from gemma_jax.train import __main__ as train_main
+
+    with pytest.raises(SystemExit) as e:
+        train_main.run([f"--config={REPO}/configs/legal.py:tiny", f"--workdir={workdir}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Errno" not in err and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: --workdir={workdir}: "), err
+    return lines[0]
+
+
+def test_unusable_workdirs_are_one_line_naming_the_flag(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    assert "is a file" in _workdir_error(capsys, str(a_file))
+    assert "a_file is a file" in _workdir_error(capsys, str(a_file / "wd"))
+    assert a_file.read_text() == "keep me"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with _unwritable(locked):
+        assert "cannot create it in" in _workdir_error(capsys, str(locked / "new" / "wd"))
+        assert "cannot write in it" in _workdir_error(capsys, str(locked))
+    assert list(locked.iterdir()) == []
+
+
+def test_a_failed_start_leaves_no_directory_behind(tmp_path):
+    """A start that fails (here: no training data) removes the directories it made, parents
+    included; an existing empty workdir gets no lone .lock."""
+    cfg = _cfg(steps=1, seq_len=64)
+    cfg.data.train = str(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="no such file"):
+        train.run(cfg, str(tmp_path / "new" / "runs" / "wd"))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no such file"):
+        train.run(cfg, str(tmp_path / "empty"))
+    assert list((tmp_path / "empty").iterdir()) == []
+    # Refused because another trainer holds the workdir: its lock file stays.
+    with workdir_lib.WorkdirLock(str(tmp_path / "empty")):
+        with pytest.raises(WorkdirError, match="in use"):
+            train.run(cfg, str(tmp_path / "empty"))
+        assert [p.name for p in (tmp_path / "empty").iterdir()] == [".lock"]
 
 
 # ----------------------------------------------------------------------------- 4. non-finite
@@ -367,7 +457,20 @@ def test_ctrl_c_saves_at_the_step_boundary(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "step", step)
     wd = tmp_path / "wd"
     before = signal.getsignal(signal.SIGINT)
-    assert train.run(_cfg(steps=20, batch_size=8, seq_len=64), str(wd))["step"] == 3
+    cfg = _cfg(steps=20, batch_size=8, seq_len=64)
+    cfg.train.log_every = 2  # the stop falls between log steps
+    cfg.train.eval_every = 1  # with no eval data: no eval records at all
+    out = train.run(cfg, str(wd))
+    assert out["step"] == 3
+    # The summary is step 3's own record (not step 2's values labelled step 3), and the last
+    # line of metrics.jsonl.
+    records = loss_records(wd)
+    assert [r["step"] for r in records] == [2, 3]
+    assert out["loss"] == records[-1]["loss"] and out["learning_rate"] == records[-1]["learning_rate"]
+    assert out["loss"] != records[0]["loss"]
+    from test_train import read_metrics
+
+    assert all(set(r) - {"step"} for r in read_metrics(wd)), "an empty {'step': N} eval record"
     assert _steps(wd) == [3]
     assert json.loads((wd / "manifest.json").read_text())["runs"][-1]["status"] == "stopped"
     assert signal.getsignal(signal.SIGINT) == before
@@ -429,6 +532,68 @@ def test_killed_export_is_completed_by_the_rerun(tmp_path, monkeypatch):
     assert [r["status"] for r in manifest["runs"]] == ["failed", "finished"]
 
 
+def _damage(path: Path, how: str) -> None:
+    if how == "deleted":
+        path.unlink()
+    elif how == "truncated":
+        with path.open("r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    elif how == "garbage_appended":
+        with path.open("ab") as f:
+            f.write(b"\x00garbage\xff" * 10)
+    else:  # same size and mtime: only a checksum can tell
+        st = path.stat()
+        data = bytearray(path.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 64] = bytes(255 - b for b in data[mid:mid + 64])
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_export_files_are_recorded_with_size_and_checksum(trained_and_exported):
+    wd, _, files = trained_and_exported
+    import hashlib
+
+    stage = json.loads((wd / "manifest.json").read_text())["stages"]["2"]
+    assert stage["export"] == "hf" and set(stage["export_files"]) == set(files)
+    for name, data in files.items():
+        assert stage["export_files"][name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("how,name", [("deleted", "tokenizer.model"), ("truncated", "model.safetensors"),
+                                      ("same_size_and_mtime", "model.safetensors"),
+                                      ("garbage_appended", "config.json")])
+def test_damaged_export_is_rebuilt_from_the_final_checkpoint(trained_and_exported, tmp_path, how, name, caplog):
+    import shutil
+
+    src, cfg, files = trained_and_exported
+    wd = tmp_path / "wd"
+    shutil.copytree(src, wd)
+    _damage(wd / "export" / name, how)
+    caplog.set_level("WARNING")
+    assert train.run(cfg, str(wd))["step"] == 2
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("export: ")]
+    assert len(said) == 1 and name in said[0] and said[0].endswith("rebuilding from step 2"), said
+    assert ("missing" if how == "deleted" else "size" if how != "same_size_and_mtime" else "checksum") in said[0]
+    rebuilt = {str(p.relative_to(wd / "export")): p.read_bytes() for p in (wd / "export").rglob("*") if p.is_file()}
+    assert rebuilt == files, "the rebuilt export differs from the one first written"
+    assert [r["step"] for r in loss_records(wd)] == [1, 2], "the re-run trained again"
+
+
+def test_a_clean_rerun_of_a_finished_workdir_rewrites_nothing(trained_and_exported, tmp_path, caplog):
+    import shutil
+
+    src, cfg, _ = trained_and_exported
+    wd = tmp_path / "wd"
+    shutil.copytree(src, wd)
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (wd / "export").rglob("*")}
+    caplog.set_level("WARNING")
+    assert train.run(cfg, str(wd))["step"] == 2
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (wd / "export").rglob("*")} == before
+    assert not [r for r in caplog.records if r.getMessage().startswith("export: ")]
+
+
 def test_running_out_of_data_ends_the_run_cleanly(tmp_path):
     wd = tmp_path / "wd"
     cfg = _cfg(steps=1000, batch_size=8, seq_len=512)
@@ -442,6 +607,49 @@ def test_running_out_of_data_ends_the_run_cleanly(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 11. clean errors
+
+
+def test_loading_a_workdir_from_python_prints_no_library_chatter(trained):
+    """gemma_jax.load keeps Orbax's notes about read-only managers and metadata files off the
+    console (as the command lines do), and leaves the caller's logging as it was. (A handler of
+    the test's own: pytest's caplog handlers outlive tests and carry the filter an in-process
+    command line put on them.)"""
+    import logging
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    keep = Keep(logging.WARNING)
+    logging.getLogger().addHandler(keep)
+    try:
+        gemma_jax.load(str(trained))
+        assert seen == [], seen
+        logging.getLogger("absl").warning("the caller's own warning")
+        assert seen == ["the caller's own warning"]
+    finally:
+        logging.getLogger().removeHandler(keep)
+
+
+def test_a_bigger_model_on_a_tiny_workdir_is_named_and_refused_before_any_download(trained, capsys):
+    """configs/legal.py:2b on a tiny workdir: the model change is the error (not a list of changed
+    training settings, nor a TFDS download failing later), whatever train.allow_changes says."""
+    from gemma_jax.train import __main__ as train_main
+
+    before = _snapshot(trained)
+    for allow in ("False", "True"):
+        with pytest.raises(SystemExit) as e:
+            train_main.run([f"--config={REPO}/configs/legal.py:2b", f"--workdir={trained}",
+                            f"--config.train.allow_changes={allow}"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "another model" in lines[0], err
+        assert "  model.preset: gemma2_tiny -> gemma2_2b" in err.splitlines(), err
+        assert "tfds" not in err.lower() and "training settings" not in err
+    assert _snapshot(trained) == before
 
 
 def test_refused_rerun_on_the_command_line_is_one_error_line(trained):

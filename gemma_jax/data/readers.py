@@ -59,6 +59,20 @@ def _open(path):
     return f
 
 
+def _around(line: str, colno: int, width: int = 40) -> str:
+    """The text of `line` around 1-based column `colno`, the column marked with >>> and control
+    characters escaped, so the error stays one line: '...", "output": >>>"the court'."""
+    i = max(colno - 1, 0)
+    before, after = line[max(i - width, 0):i], line[i:i + width]
+    esc = lambda t: "".join(ch if ch >= " " else repr(ch)[1:-1] for ch in t)  # noqa: E731
+    return f"{'...' if i > width else ''}{esc(before)}>>>{esc(after)}{'...' if i + width < len(line) else ''}"
+
+
+def _json_error(where: str, e: json.JSONDecodeError, line: str, lineno: int) -> str:
+    """file:line:column, Python's whole message, and the text around the column."""
+    return f"{where}:{lineno}:{e.colno}: malformed JSON: {e}; the line around column {e.colno}: {_around(line, e.colno)}"
+
+
 def _read_jsonl(path):
     with _open(path) as f:
         for i, raw in enumerate(f, 1):
@@ -68,11 +82,13 @@ def _read_jsonl(path):
             if not line.strip():
                 continue
             where = f"{path}:{i}"
+            # Without its line ending: a string cut short then reads as unterminated where it
+            # starts, not as a "control character" (the newline) at the end of the line.
+            line = line.rstrip("\r\n")
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                yield where, DataError(f"{where}: malformed JSON line (column {e.colno}): {e.msg}",
-                                       "malformed")
+                yield where, DataError(_json_error(str(path), e, line, i), "malformed")
 
 
 def _read_json(path):
@@ -81,8 +97,8 @@ def _read_json(path):
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON (column {e.colno}): {e.msg}",
-                        "malformed") from None
+        line = text.splitlines()[e.lineno - 1] if text.splitlines() else ""
+        raise DataError(_json_error(str(path), e, line, e.lineno), "malformed") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):

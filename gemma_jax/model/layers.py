@@ -170,7 +170,14 @@ class Einsum(nn.Module):
             x = jnp.where(keep, x / (1.0 - c.lora_dropout), 0).astype(x.dtype)
         to_rank, from_rank, _ = lora_equations(eqn)
         h = self._project(to_rank, x, a)
-        return self._project(from_rank, h, b) * jnp.asarray(c.lora_scale, x.dtype)
+        if self.cached:  # no backward pass to save anything for
+            return self._project(from_rank, h, b) * jnp.asarray(c.lora_scale, x.dtype)
+        # The adapter's full-width product is recomputed in the backward pass instead of kept:
+        # with a (size-1) batch axis it is not "saveable" under remat dots_no_batch, so a LoRA
+        # layer keeps one product per projection, the base's, as full fine-tuning does (kept
+        # apart, the two products doubled that memory). Redoing it from the rank-R input is cheap.
+        y = jax.vmap(functools.partial(self._project, from_rank))(h[None], b[None])[0]
+        return y * jnp.asarray(c.lora_scale, x.dtype)
 
     @staticmethod
     def _project(eqn, x, w):

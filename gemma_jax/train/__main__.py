@@ -45,7 +45,7 @@ def main(fv: flags.FlagValues, args: list[str]) -> int:
     _maybe_init_distributed(fv)
     metrics = loop.run(cfg, fv.workdir)
     if jax.process_index() == 0:
-        print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}))
+        print(json.dumps(cli.rounded(metrics)))
     return 0
 
 

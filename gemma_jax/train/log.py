@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from gemma_jax import paths
+from gemma_jax import cli, paths
 
 # Dense bf16 peak FLOP/s per chip, by the start of jax's device_kind.
 _PEAK_FLOPS = {
@@ -155,7 +155,7 @@ class Logger:
         if not self.main or self.done:
             return
         if stats:
-            logging.info("data: %s", json.dumps(stats, default=str))
+            logging.info("data: %s", json.dumps(cli.rounded(stats), default=str))
             self._write({"step": start_step, "data_stats": stats})
         if progress and _isatty(self.stream):
             try:
@@ -217,8 +217,21 @@ class Logger:
             self._advance_bar(step, log)
         elif self.plain and self.main and not log and time.perf_counter() - self.t_plain >= PLAIN_EVERY_S:
             self._plain_progress(step)
-        if not log:
-            return
+        if log:
+            self._log(step)
+
+    def flush(self):
+        """Logs the last step taken if it was not a log step (a run stopped by Ctrl-C, a
+        preemption or data running out between log steps), so metrics.jsonl and the summary
+        end at the step the run stopped at, with that step's own values."""
+        if self.pending:
+            step = self.pending[-1][0]
+            if self.bar is not None:
+                self._advance_bar(step, True)
+            self._log(step)
+
+    def _log(self, step: int):
+        """Syncs with the device and writes the pending steps' metrics as the record of `step`."""
         fetched = jax.device_get([m for _, m in self.pending])
         now = time.perf_counter()
         steps = max(step - self.step_last, 1)
@@ -286,8 +299,8 @@ class Logger:
         return self.flops_per_token * self.positions_per_step / step_time / self.peak
 
     def eval(self, step: int, metrics: dict[str, float]):
-        """Writes eval metrics."""
-        if not self.main:
+        """Writes eval metrics (nothing when there are none: a run without eval data)."""
+        if not self.main or not metrics:
             return
         record = dict(step=step, **{k: float(v) for k, v in metrics.items()})
         self._write(record)

@@ -20,11 +20,12 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
-from gemma_jax import data as data_lib, paths, sharding, weights
+from gemma_jax import config as config_lib, data as data_lib, paths, sharding, weights
 from gemma_jax.data import preference
-from gemma_jax.errors import UserError, WorkdirError
+from gemma_jax.errors import WorkdirError
 from gemma_jax.eval import report as report_lib, tasks
 from gemma_jax.model import lora as lora_lib
 from gemma_jax.model.config import ModelConfig
@@ -44,33 +45,35 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
     workdir = workdir_lib.resolve(workdir)
     workdir_lib.resolve_config_paths(cfg)
     check_config(cfg, workdir)
-    lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock:
-        return _run(cfg, workdir, stop_after)
+    main = jax.process_index() == 0
+    created = workdir_lib.create(workdir) if main else None  # a file, an unwritable dir: one error line
+    started = []
+    try:
+        with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
+            return _run(cfg, workdir, stop_after, started)
+    except BaseException:
+        if main and not started:  # a start that failed leaves no directory or lone .lock of its own behind
+            workdir_lib.clean_failed_start(workdir, created)
+        raise
 
 
 def check_config(cfg, workdir: str) -> None:
-    """What can be checked before anything runs: the finishing stages' settings, the workdir."""
-    fmt = cfg.train.export_format
-    if fmt and fmt not in weights.SAVE_FORMATS:
-        raise UserError(f"train.export_format={fmt!r}; choose one of {', '.join(weights.SAVE_FORMATS)} "
-                        "(or '' for no export)")
-    tasks.validate(cfg.eval)
-    if int(cfg.train.max_nonfinite_steps) < 1:
-        raise UserError(f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps} must be >= 1")
+    """What can be checked before anything runs: every value against its rule, the workdir."""
+    config_lib.validate(cfg)
     init = cfg.model.init_checkpoint
     if init and paths.absolute(init).rstrip("/") == workdir.rstrip("/"):
         raise WorkdirError(f"--workdir and model.init_checkpoint are the same directory ({workdir}): the run "
                            "would write its files over the weights it starts from; use another --workdir")
 
 
-def _run(cfg, workdir: str, stop_after: int | None) -> dict[str, Any]:
+def _run(cfg, workdir: str, stop_after: int | None, started: list) -> dict[str, Any]:
     r = setup(cfg, workdir)
     manager = checkpoints.TrainCheckpoints(workdir, every_steps=int(cfg.checkpoint.every_steps),
                                            keep=int(cfg.checkpoint.keep), async_save=bool(cfg.checkpoint.async_save))
     status, state, step, watch = "failed", None, 0, None
     try:
         state = restore_or_init(r, manager)
+        started.append(True)  # from here on the workdir holds a run worth keeping, even if it fails
         start = step = int(jax.device_get(state["step"]))
         last = final_step(r)
         end = last if stop_after is None else min(last, start + stop_after)
@@ -101,7 +104,7 @@ def _run(cfg, workdir: str, stop_after: int | None) -> dict[str, Any]:
                 manager.check()
                 logger.step(step, step_metrics, log=(step % log_every == 0 or step == end))
                 stopping = stop.requested or manager.reached_preemption(step)
-                if eval_every and step % eval_every == 0 and step < last and not stopping:
+                if eval_every and step % eval_every == 0 and step < last and not stopping and r.data.eval:
                     watch.settle()
                     logger.eval(step, evaluate(r, state, step))
                 save_due = save_due or stopping or step == end or step % manager.every_steps == 0
@@ -113,6 +116,7 @@ def _run(cfg, workdir: str, stop_after: int | None) -> dict[str, Any]:
                 if stopping:
                     break
             watch.settle()
+            logger.flush()  # a stop between log steps: the last step is logged with its own values
         if not watch.healthy:
             raise divergence.DivergedError(
                 f"the last {watch.in_row} steps up to step {step} were not finite: the state was not saved or exported")
@@ -163,27 +167,63 @@ def final_step(r: "Run") -> int:
 
 def finish(r: "Run", state, step: int, logger, *, trained: bool = True) -> dict[str, Any]:
     """The stages after the last step: final eval, then export. Each is recorded in the manifest
-    once done, so a re-run of a finished workdir does only what is missing (a kill during the
-    export, a failed eval) and returns the recorded eval metrics otherwise. Steps trained in this
+    once done, with the size and sha256 of every file it wrote, so a re-run of a finished
+    workdir does only what is missing or damaged: a kill during the export, a failed eval, an
+    export file deleted or changed since (rebuilt from the final checkpoint, said in one line).
+    Otherwise it returns the recorded eval metrics and rewrites nothing. Steps trained in this
     invocation (say, again after a damaged checkpoint) make a new final state: all stages rerun."""
     stages = r.manifest.setdefault("stages", {})
     if trained:
         stages.pop(str(step), None)
     done = stages.setdefault(str(step), {})
+    report_dir = paths.join(r.workdir, "eval", f"step_{step}")
+    if "eval" in done and not _outputs_intact(r, done, "eval_files", report_dir, f"evaluating step {step} again"):
+        del done["eval"]
     if "eval" not in done:
         metrics = evaluate(r, state, step)
         if metrics:
             logger.eval(step, metrics)
         done["eval"] = metrics
+        done.pop("eval_files", None)
+        if jax.process_index() == 0 and paths.exists(report_dir):  # eval.in_training's report files
+            done["eval_files"] = workdir_lib.record_files(report_dir)
         _write_manifest(r)
     fmt = r.cfg.train.export_format
+    if (fmt and done.get("export") == fmt
+            and not _outputs_intact(r, done, "export_files", _export_dir(r), f"rebuilding from step {step}")):
+        done["export"] = None
     if fmt and done.get("export") != fmt:
         done["export"] = None
         path = export(r, state)
         done["export"] = fmt
         done["export_path"] = path
+        if jax.process_index() == 0:
+            done["export_files"] = workdir_lib.record_files(path)
         _write_manifest(r)
     return dict(done["eval"])
+
+
+def _outputs_intact(r: "Run", done: dict, key: str, directory: str, action: str) -> bool:
+    """Whether the files a finished stage recorded under done[key] are still as written (sizes
+    first, then full checksums; process 0 reads, every process gets its answer). A damaged
+    one is named in one warning line; a record from before files were recorded is taken now."""
+    intact = True
+    if jax.process_index() == 0:
+        record = done.get(key)
+        if record is None:
+            if paths.exists(directory):
+                done[key] = workdir_lib.record_files(directory)
+        else:
+            problems = workdir_lib.changed_files(directory, record)
+            if problems:
+                intact = False
+                path, what = problems[0]
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                logging.warning("%s: %s %s%s; %s", key.split("_")[0], path, what, more, action)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        intact = bool(multihost_utils.broadcast_one_to_all(np.int32(intact)))
+    return intact
 
 
 def _write_manifest(r: "Run") -> None:
@@ -217,6 +257,9 @@ class Run:
 def setup(cfg, workdir: str) -> Run:
     """Tokenizer, model config, mesh, data and trainer of a run; writes the workdir's run files."""
     resuming = checkpoints.has_train_checkpoint(workdir)
+    # What the config alone says about the model (preset, starting checkpoint, dims, objective):
+    # a change is refused here, before any weights are read or data downloaded.
+    workdir_lib.check_identity(workdir, workdir_lib.config_identity(cfg), resuming=resuming)
     # Before the tokenizer lookup: a missing checkpoint also means no tokenizer beside it, and
     # "weights not downloaded" is the error the user needs to see.
     if cfg.model.init_checkpoint and not resuming and not paths.exists(cfg.model.init_checkpoint):
@@ -338,6 +381,11 @@ def task_eval(r: Run, state, step: int) -> dict[str, float]:
             if isinstance(v, (int, float)) and k not in ("loss", "perplexity", "accuracy")}
 
 
+def _export_dir(r: "Run") -> str:
+    """WORKDIR/export (found there again when the workdir was moved or copied)."""
+    return os.path.join(r.workdir, "export")
+
+
 def export(r: Run, state) -> str:
     """WORKDIR/export in train.export_format: the trained model (LoRA: merged into its base)."""
     if r.trainer.lora:  # merged into the base as read from disk (not the quantised copy)
@@ -345,7 +393,7 @@ def export(r: Run, state) -> str:
         export_config, params = weights.load(r.workdir, mesh=r.mesh, rules=r.rules)
     else:
         export_config, params = r.config, state["params"]
-    path = weights.save(os.path.join(r.workdir, "export"), export_config, params,
+    path = weights.save(_export_dir(r), export_config, params,
                         format=r.cfg.train.export_format, tokenizer=r.tokenizer.path, overwrite=True)
     logging.info("exported %s weights to %s", r.cfg.train.export_format, path)
     return path

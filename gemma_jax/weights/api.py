@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from gemma_jax import paths, sharding
+from gemma_jax import logs, paths, sharding
 from gemma_jax.errors import UserError
 from gemma_jax.model import layers as model, lora
 from gemma_jax.model.config import ModelConfig
@@ -160,7 +160,14 @@ def load(path, *, dtype=None, mesh=None, rules=None, lora_base=None, config=None
     the base checkpoint named in its lora.json (e.g. after moving the weights). `config` gives
     the hyperparameters of an official checkpoint whose shapes match no published size (a
     ModelConfig, a dict of its fields, or a JSON file of them); other formats store their own.
+    Orbax's and absl's notes about their internals (read-only managers, metadata files) are
+    kept off the console while it loads, as the command lines do.
     """
+    with logs.quiet_libraries():
+        return _load(path, dtype=dtype, mesh=mesh, rules=rules, lora_base=lora_base, config=config)
+
+
+def _load(path, *, dtype, mesh, rules, lora_base, config):
     fmt, directory, extras = _resolve(path)
     if config is not None and fmt != "official":
         raise ValueError(f"load(config=...) is only for official checkpoints (which store no "
