@@ -1,12 +1,14 @@
-"""Gemma 2 weights in and out of every format users bring or want back.
+"""Gemma 2 / Gemma 3 weights in and out of every format users bring or want back.
 
   api.py       load / save / detect_format / find_tokenizer: format detection and dispatch,
                LoRA workdirs merged into their base
   layout.py    the unrolled intermediate all formats share, built straight into shardings
-  hf.py        Hugging Face safetensors + config.json (transformers' Gemma2ForCausalLM), with the
-               tokenizer files, chat template and generation config transformers reads
-  official.py  the official Flax/Orbax checkpoints: the flat Kaggle layout (google/gemma-2/flax)
-               and the gemma library's nested trees (gm.ckpts.save_params)
+  hf.py        Hugging Face safetensors (transformers' Gemma2ForCausalLM, Gemma3ForCausalLM, the text
+               model of Gemma3ForConditionalGeneration), with the tokenizer files, chat template and
+               generation config transformers reads
+  hf_config.py their config.json files, read and written
+  official.py  the official Flax/Orbax checkpoints: the flat Kaggle layout (google/gemma-2/flax,
+               gemma-3) and the gemma library's nested trees (gm.ckpts.save_params)
   keras.py     KerasHub presets (optional extra)
   native.py    gemma_jax checkpoints and training workdirs (model.json, lora.json)
 """
