@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
         train="",  # files / globs, comma separated, tfds:name[/config]:split, hf:...; a mixture gives every part a :WEIGHT, e.g. "legal/*.jsonl:0.8,general.jsonl:0.2"
         eval="",  # eval files, as data.train; "" holds out data.eval_fraction of data.train instead
         eval_fraction=0.0,  # held out from train when data.eval is empty
-        tokenizer="",  # tokenizer.model; "" looks beside model.init_checkpoint
+        tokenizer="",  # tokenizer.model or a .gguf; "" looks beside model.init_checkpoint (a .gguf checkpoint: its own)
         seq_len=512,  # tokens per training row
         packing=True,  # several examples per row (segment ids keep them apart)
         overlong="truncate",  # truncate | drop
@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
         eval_batches=0,  # 0: the whole eval set
         seed=0,  # init, data order, dropout and the data.eval_fraction hold-out
         loss_chunk=1024,  # tokens per logits chunk in the loss (bounds [chunk, vocab] f32 memory)
-        export_format="",  # hf | official | gemma_jax: written to workdir/export at the end
+        export_format="",  # hf | official | gemma_jax | keras | gguf (WORKDIR/export/model.gguf, float32 or the param dtype): written to workdir/export at the end
         progress=True,  # progress bar on stdout
         objective="sft",  # sft | dpo | orpo | simpo (preference pairs: README, Preference tuning)
         allow_changes=False,  # resume a workdir although lr, schedule, batch, data, steps or seed changed (recorded in manifest.json)
