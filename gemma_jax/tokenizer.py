@@ -209,6 +209,7 @@ class Tokenizer:
 GGUF_SUFFIX = ".gguf"
 # llama.cpp's token types use SentencePiece's numbering (sentencepiece_model.proto).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_REBUILD_VERSION = 2  # part of the cache key: a change to sentencepiece_from_gguf must not reuse old files
 
 
 def gguf_in(path) -> str | None:
@@ -230,11 +231,13 @@ def sentencepiece_from_gguf(path) -> bytes:
     """The serialized SentencePiece ModelProto described by a GGUF's `tokenizer.ggml.*` metadata.
 
     Encodes as transformers' tokenizer of the same file (its Gemma GGUF converter): pieces that
-    are whitespace only are stored with real spaces and written back with "\u2581"; CONTROL pieces
-    other than <bos>/<eos>/<pad> (the turn markers, <mask>, <unusedN>, ...) become USER_DEFINED so
-    they stay whole in text, as transformers' added tokens do. SentencePiece needs <bos>, <eos>
-    and <pad> as CONTROL and <unk> as UNKNOWN, so those four are spelled out when they occur as
-    text (transformers reads them as the special ids), as with any tokenizer.model.
+    are spaces only are stored with real spaces and written back with "\u2581", and are ordinary
+    BPE pieces there (a run of 33 spaces is 16 + 17, not the longest piece first); merges rank by
+    position in the file, not by the stored scores. CONTROL pieces other than <bos>/<eos>/<pad>
+    (the turn markers, <mask>, <unusedN>, ...) become USER_DEFINED so they stay whole in text, as
+    transformers' added tokens do. SentencePiece needs <bos>, <eos> and <pad> as CONTROL and <unk>
+    as UNKNOWN, so those four are spelled out when they occur as text (transformers reads them as
+    the special ids), as with any tokenizer.model.
     """
     from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -251,7 +254,7 @@ def sentencepiece_from_gguf(path) -> bytes:
         raise UserError(f"{path}: tokenizer.ggml.model={kind!r}; only SentencePiece vocabularies ('llama', "
                         "as in every Gemma GGUF) can be rebuilt")
     n = len(tokens)
-    scores = get("scores") or [-float(i) for i in range(n)]  # llama.cpp's merge order is the file order
+    scores = get("scores") or [0.0] * n
     types = get("token_type") or [_NORMAL] * n
     if len(scores) != n or len(types) != n:
         raise UserError(f"{path}: {n} tokens but {len(scores)} scores and {len(types)} token types")
@@ -278,8 +281,12 @@ def sentencepiece_from_gguf(path) -> bytes:
             token = token.replace(" ", "\u2581")
         if kind == _CONTROL and i not in control:
             kind = _USER_DEFINED
+        if kind == _USER_DEFINED and token and not token.strip("\u2581"):
+            kind = _NORMAL
         if i == ids["unk"]:
             kind = _UNKNOWN
+        if kind == _NORMAL:
+            score = -float(i)
         piece = m.pieces.add()
         piece.piece, piece.score, piece.type = token, float(score), int(kind)
     data = m.SerializeToString()
@@ -295,10 +302,11 @@ def _cache_dir() -> str:
 
 
 def rebuilt_model(path) -> str:
-    """A tokenizer.model rebuilt from the GGUF `path`, cached by the file's path, size and mtime."""
+    """A tokenizer.model rebuilt from the GGUF `path`, cached by the file's path, size and mtime
+    (~/.cache/gemma_jax/tokenizers, or under $XDG_CACHE_HOME)."""
     real = os.path.realpath(path)
     st = os.stat(real)
-    key = hashlib.sha256(f"{real}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{_REBUILD_VERSION}\0{real}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
     name = f"{os.path.splitext(os.path.basename(real))[0]}-{key}.model"
     directories = (_cache_dir(), os.path.join(tempfile.gettempdir(), "gemma_jax_tokenizers"))
     for directory in directories:
