@@ -103,8 +103,8 @@ def find_tokenizer(path) -> str | None:
     """A tokenizer.model stored in or beside a checkpoint (Kaggle: in the parent), a GGUF's own
     (the .gguf path, which gemma_jax.Tokenizer reads), else None."""
     p = paths.Path(path)
-    if not paths.is_remote(path) and Path(path).is_file() and gguf_in(path):
-        return str(path)  # the file's own vocabulary, not a tokenizer.model that happens to lie beside it
+    if os.fspath(path).endswith(GGUF_SUFFIX) or (not paths.is_remote(path) and Path(path).is_file() and gguf_in(path)):
+        return os.fspath(path)  # the file's own vocabulary, not a tokenizer.model that happens to lie beside it
     if not paths.is_remote(path) and Path(path).is_dir() and not (Path(path) / "tokenizer.model").is_file():
         found = sorted(Path(path).glob("*.gguf"))
         if len(found) == 1:
