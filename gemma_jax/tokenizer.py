@@ -92,6 +92,21 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# Gemma 3 exports: the same turns; a message's content may also be a list of typed parts
+# (transformers' multimodal message format), whose text parts are joined. Image parts are refused:
+# the export is the text model.
+_CONTENT_PARTS = (
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set joined = namespace(text='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{%- set joined.text = joined.text + part['text'] -%}"
+    "{%- else -%}{{- raise_exception('a content part of type ' + part['type'] + ': this text model reads "
+    "text parts only') -}}{%- endif -%}"
+    "{%- endfor -%}{%- set text = joined.text -%}{%- endif -%}"
+)
+CHAT_TEMPLATE_GEMMA3 = CHAT_TEMPLATE.replace("message['content']", "text").replace(
+    "{%- for message in messages -%}", "{%- for message in messages -%}" + _CONTENT_PARTS)
+
 
 def _resolve(path: str) -> str:
     if os.path.isfile(path):

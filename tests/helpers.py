@@ -1,4 +1,4 @@
-"""Shared test utilities: random small Hugging Face Gemma 2 models as references.
+"""Shared test utilities: random small Hugging Face Gemma 2 and Gemma 3 models as references.
 
 The references are built straight from `transformers` (not through gemma_jax's own converters),
 so a mapping bug in gemma_jax cannot cancel out in a comparison.
@@ -64,16 +64,89 @@ def make_hf_model(config, path=None, *, scale: float = 1.0, seed: int = 0, dtype
 
 
 def hf_logits(model, tokens, attention_mask=None) -> np.ndarray:
-    """float32 numpy logits of a Gemma2ForCausalLM (or a directory holding one) on `tokens`."""
+    """float32 numpy logits of a Gemma2/Gemma3ForCausalLM (or a directory holding one, loaded by
+    AutoModelForCausalLM) on `tokens`."""
     import torch
     import transformers
 
     if isinstance(model, (str, os.PathLike)):
-        model = transformers.Gemma2ForCausalLM.from_pretrained(str(model), attn_implementation="eager").eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model), attn_implementation="eager").eval()
     with torch.no_grad():
         mask = None if attention_mask is None else torch.tensor(np.asarray(attention_mask), dtype=torch.long)
         out = model(torch.tensor(np.asarray(tokens), dtype=torch.long), attention_mask=mask)
     return out.logits.float().numpy()
+
+
+def hf_gemma3_config(config, **overrides):
+    """transformers.Gemma3TextConfig with the dims, layer pattern and RoPE of a gemma_jax Gemma 3
+    ModelConfig (eager attention)."""
+    import transformers
+
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": config.rope_base},
+            "sliding_attention": {"rope_type": "default", "rope_theta": config.local_rope_base}}
+    if config.rope_scale != 1.0:
+        rope["full_attention"] = {"rope_type": "linear", "factor": config.rope_scale, "rope_theta": config.rope_base}
+    kwargs = dict(
+        vocab_size=config.vocab_size, hidden_size=config.embed_dim, intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+        query_pre_attn_scalar=config.query_pre_attn_scalar, sliding_window=config.sliding_window,
+        layer_types=["sliding_attention" if t == "local" else "full_attention" for t in config.layer_types],
+        attn_logit_softcapping=config.attn_softcap or None,
+        final_logit_softcapping=config.final_softcap or None,
+        rms_norm_eps=config.norm_eps, max_position_embeddings=config.max_seq_len,
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, rope_parameters=rope,
+        attn_implementation="eager")
+    kwargs.update(overrides)
+    return transformers.Gemma3TextConfig(**kwargs)
+
+
+def randomize(model, *, scale: float = 1.0, seed: int = 0):
+    """Every weight of a torch model random (norm scales too, so swapped norms show): matrices
+    std scale/sqrt(fan_in), the embedding std scale, vectors N(0, 0.3)."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.normal_(0.0, 0.3)
+            elif "embed_tokens" in name:
+                p.normal_(0.0, scale)
+            else:
+                p.normal_(0.0, scale / np.sqrt(p.shape[1]))
+    return model
+
+
+def make_hf_gemma3(config, path=None, *, scale: float = 1.0, seed: int = 0):
+    """A random float32 `Gemma3ForCausalLM` with the dims of a Gemma 3 `config` (see `randomize`),
+    saved to `path` if given."""
+    import transformers
+
+    model = randomize(transformers.Gemma3ForCausalLM(hf_gemma3_config(config)).eval(), scale=scale, seed=seed)
+    if path is not None:
+        model.save_pretrained(str(path))
+    return model
+
+
+def hf_gemma3_multimodal(text_model, config):
+    """A `Gemma3ForConditionalGeneration` (what Google ships for 4B-27B) around the weights of a
+    Gemma3ForCausalLM, with a tiny random SigLIP tower and projector."""
+    import torch
+    import transformers
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=16, patch_size=4, model_type="siglip_vision_model")
+    mm_config = transformers.Gemma3Config(
+        text_config=hf_gemma3_config(config).to_dict(), vision_config=vision, mm_tokens_per_image=4,
+        image_token_index=config.vocab_size - 1, boi_token_index=config.vocab_size - 3,
+        eoi_token_index=config.vocab_size - 2)
+    mm = transformers.Gemma3ForConditionalGeneration(mm_config).eval()
+    with torch.no_grad():
+        own = dict(text_model.model.named_parameters())
+        for name, p in mm.model.language_model.named_parameters():
+            p.copy_(own[name])
+    return mm
 
 
 def hf_raw_final_logits(model, tokens) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""Gemma 2 in Flax: no I/O, no mesh names, only logical axis names.
+"""Gemma 2 and 3 in Flax: no I/O, no mesh names, only logical axis names.
 
-  config.py     ModelConfig, presets (gemma2_2b/9b/27b and small test shapes), remat policies
+  config.py     ModelConfig, presets (gemma2_*, gemma3_* and small test shapes), remat policies
   attention.py  the exact xla attention path: RoPE, masks, soft-capped softmax, its VJP
   kernels.py    fused attention kernels chosen by ModelConfig.attention_impl (splash on TPU)
   layers.py     the modules (Einsum, RMSNorm, Attention, MLP, Block, Transformer) and the
@@ -16,15 +16,15 @@ from gemma_jax.model.attention import (apply_rope, attention_logits, attention_m
                                        causal_blocks, dense_attention, masked_softmax, segment_positions,
                                        softcap)
 from gemma_jax.model.config import REMAT_POLICIES, ModelConfig
-from gemma_jax.model.layers import (EINSUMS, FEW_TOKENS, Attention, Block, Einsum, Embedder, LayerPair, MLP,
-                                    Params, RMSNorm, Transformer, dequantize, final_logits,
+from gemma_jax.model.layers import (EINSUMS, FEW_TOKENS, Attention, Block, Einsum, Embedder, LayerPair,
+                                    LayerPeriod, MLP, Params, RMSNorm, Transformer, dequantize, final_logits,
                                     final_logits_by_vocab, init_params, logits, lora_equations, param_axes,
                                     param_shapes, stack_layers, unstack_layers)
 
 __all__ = [
     "apply_rope", "attention_logits", "attention_masks", "causal_attention", "causal_blocks",
     "dense_attention", "masked_softmax", "segment_positions", "softcap", "REMAT_POLICIES",
-    "ModelConfig", "EINSUMS", "FEW_TOKENS", "Attention", "Block", "Einsum", "Embedder", "LayerPair",
+    "ModelConfig", "EINSUMS", "FEW_TOKENS", "Attention", "Block", "Einsum", "Embedder", "LayerPair", "LayerPeriod",
     "MLP", "Params", "RMSNorm", "Transformer", "dequantize", "final_logits", "final_logits_by_vocab",
     "init_params", "logits", "lora_equations", "param_axes", "param_shapes", "stack_layers",
     "unstack_layers",

@@ -21,10 +21,13 @@ def softcap(x, cap: float):
     return jnp.tanh(x / cap) * cap if cap else x
 
 
-def apply_rope(x_BTNH, positions_BT, base: float):
-    """Rotary embedding, half-split convention, angles in float32."""
+def apply_rope(x_BTNH, positions_BT, base: float, scale: float = 1.0):
+    """Rotary embedding, half-split convention, angles in float32; positions divided by `scale`
+    (linear scaling, Gemma 3's global layers)."""
     h = x_BTNH.shape[-1]
     inv_freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    if scale != 1.0:  # on the frequencies, as the reference does (1 leaves Gemma 2 bit-identical)
+        inv_freq = inv_freq / scale
     angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
     sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)

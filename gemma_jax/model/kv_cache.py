@@ -1,12 +1,13 @@
 """The decoding KV cache: layout, slot bookkeeping and masks (the attention itself is in layers.py).
 
-A cache mirrors the parameter tree: layers/{local,global} hold k and v [L/2, B, K, S, H] (the
-pair axis first, so they scan with the layers), layer_{i} [B, K, S, H] for layers outside the
-scan, and positions/{local,global} [B, S] the absolute position held by each slot (-1 = empty),
-once per layer kind since every layer of a kind writes the same slots. Local (sliding-window)
-layers keep a ring buffer of min(sliding_window, length) slots, slot = position % slots, so
-memory for long generations grows only in the global layers. K before S: XLA:CPU multiplies
-that layout in place when one token attends to the cache.
+A cache mirrors the parameter tree: layers/<block name> hold k and v [P, B, K, S, H] (the period
+axis first, so they scan with the layers; see ModelConfig.block_names), layer_{i} [B, K, S, H] for
+layers outside the scan, and positions/<type> [B, S] the absolute position held by each slot
+(-1 = empty), once per layer type ("local", "global") present in the model, since every layer of
+a type writes the same slots. Local (sliding-window) layers keep a ring buffer of
+min(sliding_window, length) slots, slot = position % slots, so memory for long generations grows
+only in the global layers. K before S: XLA:CPU multiplies that layout in place when one token
+attends to the cache.
 """
 
 from __future__ import annotations
@@ -19,26 +20,24 @@ import jax.numpy as jnp
 def init_cache(config, batch: int, length: int, dtype=None) -> dict[str, Any]:
     """Empty cache for `batch` rows of up to `length` tokens of a model.ModelConfig."""
     dtype = dtype or config.compute_dtype
-    local = min(config.sliding_window, length)
+    slots = {"local": min(config.sliding_window, length), "global": length}
 
-    def kv(slots, *lead):
-        shape = (*lead, batch, config.num_kv_heads, slots, config.head_dim)
+    def kv(kind, *lead):
+        shape = (*lead, batch, config.num_kv_heads, slots[kind], config.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-    cache = {"positions": {"local": jnp.full((batch, local), -1, jnp.int32),
-                           "global": jnp.full((batch, length), -1, jnp.int32)}}
-    tail = range(config.num_layers)
+    cache = {"positions": {kind: jnp.full((batch, slots[kind]), -1, jnp.int32)
+                           for kind in sorted(set(config.attention_pattern))}}
     if config.scan_layers:
-        pairs = config.num_layers // 2
-        cache["layers"] = {"local": kv(local, pairs), "global": kv(length, pairs)}
-        tail = [config.num_layers - 1] if config.num_layers % 2 else []
-    for i in tail:
-        cache[f"layer_{i}"] = kv(local if config.is_local(i) else length)
+        cache["layers"] = {name: kv(kind, config.num_periods)
+                           for name, kind in zip(config.block_names, config.attention_pattern)}
+    for i in config.unscanned_layers():
+        cache[f"layer_{i}"] = kv(config.layer_types[i])
     return cache
 
 
 def cache_update(slot_positions_BS, positions_BT, sliding_window: int | None = None):
-    """One layer kind's view of a step: (mask [B, T, keys], slots [B, T], new slot positions).
+    """One layer type's view of a step: (mask [B, T, keys], slots [B, T], new slot positions).
 
     A single token per row (decoding) is written first and attends to the S updated slots. A
     chunk (T > 1) is a prefill into an empty cache: it attends to its own T tokens, then fills

@@ -1,4 +1,4 @@
-"""Gemma 2 decoder in Flax linen: the modules, the functional API, layer stacking.
+"""Gemma 2 / Gemma 3 decoder in Flax linen: the modules, the functional API, layer stacking.
 
 Dimension letters used in names and einsums:
   B batch, T query length, S key length, N query heads, K kv heads, G = N/K query heads per
@@ -6,18 +6,22 @@ Dimension letters used in names and einsums:
   (k/v, gate/up).
 
 Parameters carry logical axis names (embed, vocab, heads, kv_heads, head_dim, mlp, layers);
-`gemma_jax.sharding` maps them onto mesh axes. Layers run as `nn.scan` over (local, global)
-pairs, so a 46-layer model compiles like a 2-layer one. Parameter tree (scan_layers=True):
+`gemma_jax.sharding` maps them onto mesh axes. Layers run as `nn.scan` over one period of
+config.attention_pattern (Gemma 2: a local and a global layer; Gemma 3: five local then one
+global), so a 46-layer model compiles like its period. Parameter tree (scan_layers=True):
 
   embedder/input_embedding          (V, D)
-  layers/{local,global}/<block>     every leaf with a leading axis of num_layers // 2
-  layer_{L-1}/<block>               only when num_layers is odd (a trailing local layer)
+  layers/<name>/<block>             every leaf with a leading axis of num_layers // period, one
+                                    <name> per position in the period (config.block_names: Gemma 2
+                                    local, global; Gemma 3 local_0 .. local_4, global)
+  layer_{i}/<block>                 the num_layers % period layers after the last whole period
   final_norm/scale                  (D,)
 
 with <block> = pre_attention_norm/scale, attn/{q_einsum (N,D,H), kv_einsum (2,K,D,H),
-attn_vec_einsum (N,H,D)}/w, post_attention_norm/scale, pre_ffw_norm/scale,
-mlp/{gating_einsum (2,F,D), linear (F,D)}/w, post_ffw_norm/scale. With scan_layers=False the
-blocks are `layer_{i}` for every i, the official checkpoint's own naming.
+attn_vec_einsum (N,H,D)}/w, [attn/{query_norm,key_norm}/scale (H,) with qk_norm],
+post_attention_norm/scale, pre_ffw_norm/scale, mlp/{gating_einsum (2,F,D), linear (F,D)}/w,
+post_ffw_norm/scale. With scan_layers=False the blocks are `layer_{i}` for every i, the official
+checkpoint's own naming.
 
 Decoding passes an explicit KV cache (`kv_cache.init_cache`) through `Transformer(...,
 cache=cache)`, laid out like the layers; local layers keep a ring buffer of sliding_window slots.
@@ -208,13 +212,14 @@ class Einsum(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32."""
+    """x * rsqrt(mean(x^2) + eps) * (1 + scale) over the last axis, computed in float32."""
 
     config: ModelConfig
+    axis: str = "embed"  # logical name of the normalised axis (QK-norm: head_dim)
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axis,)),
                            (x.shape[-1],), self.config.weight_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)
@@ -222,7 +227,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE and the attention-logit soft-cap.
+    """Grouped-query attention with RoPE (base and scale of the layer's type), optional QK-norm
+    and the attention-logit soft-cap.
 
     Without a cache, config.attention_impl may route the product to a fused kernel, which needs
     the segment ids and `local` (the sliding window) instead of the dense mask. Asking for the
@@ -242,8 +248,12 @@ class Attention(nn.Module):
                         name="q_einsum")("BTD,NDH->BTNH", x_BTD)
         k_BSKH, v_BSKH = Einsum((2, k, d, h), (None, "kv_heads", "embed", "head_dim"), c,
                                 cached=cached, name="kv_einsum")("BSD,CKDH->CBSKH", x_BTD)
-        q_BTNH = apply_rope(q_BTNH, positions_BT, c.rope_base)
-        k_BSKH = apply_rope(k_BSKH, positions_BT, c.rope_base)
+        if c.qk_norm:  # per head, before RoPE (Gemma 3)
+            q_BTNH = RMSNorm(c, axis="head_dim", name="query_norm")(q_BTNH)
+            k_BSKH = RMSNorm(c, axis="head_dim", name="key_norm")(k_BSKH)
+        base, scale = c.rope(self.local)
+        q_BTNH = apply_rope(q_BTNH, positions_BT, base, scale)
+        k_BSKH = apply_rope(k_BSKH, positions_BT, base, scale)
         q_BTNH = q_BTNH * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q_BTNH.dtype)
         b, t = x_BTD.shape[:2]
         q_BTKGH = q_BTNH.reshape(b, t, k, g, h)
@@ -320,7 +330,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer with Gemma 2's sandwich norms."""
+    """One decoder layer with Gemma's sandwich norms."""
 
     config: ModelConfig
     local: bool = False  # sliding-window attention; the mask says so too, a fused kernel needs it here
@@ -336,20 +346,28 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), cache
 
 
-class LayerPair(nn.Module):
-    """A local (sliding-window) layer followed by a global one: the unit that is scanned."""
+class LayerPeriod(nn.Module):
+    """One period of config.attention_pattern, a Block per position (named by
+    config.block_names): the unit that is scanned.
+
+    masks_BTS and slots_BT map a layer type ("local"/"global") to its mask and cache slots;
+    `cache` maps block names to their caches (decoding) or is None.
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, local_mask_BTS, global_mask_BTS, local_slots_BT=None,
-                 global_slots_BT=None, cache=None, segment_ids_BT=None):
-        cache = cache or {"local": None, "global": None}
-        x_BTD, local = Block(self.config, local=True, name="local")(
-            x_BTD, positions_BT, local_mask_BTS, cache["local"], local_slots_BT, segment_ids_BT)
-        x_BTD, global_ = Block(self.config, local=False, name="global")(
-            x_BTD, positions_BT, global_mask_BTS, cache["global"], global_slots_BT, segment_ids_BT)
-        return x_BTD, (None if local is None else {"local": local, "global": global_})
+    def __call__(self, x_BTD, positions_BT, masks_BTS, slots_BT=None, cache=None, segment_ids_BT=None):
+        c = self.config
+        new_cache = {}
+        for name, kind in zip(c.block_names, c.attention_pattern):
+            x_BTD, new_cache[name] = Block(c, local=kind == "local", name=name)(
+                x_BTD, positions_BT, masks_BTS[kind], None if cache is None else cache[name],
+                None if slots_BT is None else slots_BT[kind], segment_ids_BT)
+        return x_BTD, (None if cache is None else new_cache)
+
+
+LayerPair = LayerPeriod  # the name of the scanned unit when it was always a local/global pair
 
 
 class Embedder(nn.Module):
@@ -373,7 +391,7 @@ class Embedder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Gemma 2: tokens [B, T] -> float32 logits [B, T, V] (or final hidden states).
+    """Gemma: tokens [B, T] -> float32 logits [B, T, V] (or final hidden states).
 
     With `cache` (from `kv_cache.init_cache`), returns (logits or hidden, updated cache):
     `positions_BT` are then required, absolute, -1 marking padding (neither attended to nor
@@ -398,50 +416,47 @@ class Transformer(nn.Module):
             if positions_BT is None:
                 positions_BT = segment_positions(segment_ids_BT)
             local_BTS, global_BTS = attention_masks(segment_ids_BT, c.sliding_window, positions_BT, branch_BT)
-            local_slots = global_slots = None
+            masks_BTS, slots_BT = {"local": local_BTS, "global": global_BTS}, None
             if branch_BT is not None:  # fused kernels and key-block skipping know segments, not branches
                 segment_ids_BT = None
         else:
             if positions_BT is None or segment_ids_BT is not None:
                 raise ValueError("with a cache, pass absolute positions (-1 = padding) and no segment_ids")
-            local_BTS, local_slots, local_pos = cache_update(cache["positions"]["local"], positions_BT,
-                                                             c.sliding_window)
-            global_BTS, global_slots, global_pos = cache_update(cache["positions"]["global"], positions_BT)
-            new_cache = {"positions": {"local": local_pos, "global": global_pos}}
+            # One view per layer type in the cache (each type's layers write the same slots).
+            masks_BTS, slots_BT, new_cache = {}, {}, {"positions": {}}
+            for kind, slot_positions_BS in cache["positions"].items():
+                masks_BTS[kind], slots_BT[kind], new_cache["positions"][kind] = cache_update(
+                    slot_positions_BS, positions_BT, c.sliding_window if kind == "local" else None)
         embedder = Embedder(c, name="embedder")
         x_BTD = nn.with_logical_constraint(embedder.encode(tokens_BT), ("batch", "length", "embed"))
 
         policy = REMAT_POLICIES[c.remat]
         if c.scan_layers:
             if cache is None:
-                pair = LayerPair if c.remat == "none" else nn.remat(LayerPair, policy=policy, prevent_cse=False)
-                in_axes = (nn.broadcast,) * 7
-                args = (positions_BT, local_BTS, global_BTS, None, None, None, segment_ids_BT)
-            else:  # decoding: no remat, and the per-pair caches are scanned in and out
-                pair = LayerPair
-                in_axes = (nn.broadcast,) * 5 + (0,)
-                args = (positions_BT, local_BTS, global_BTS, local_slots, global_slots, cache["layers"])
+                period = LayerPeriod if c.remat == "none" else nn.remat(LayerPeriod, policy=policy, prevent_cse=False)
+                in_axes = (nn.broadcast,) * 5
+                args = (positions_BT, masks_BTS, None, None, segment_ids_BT)
+            else:  # decoding: no remat, and the per-period caches are scanned in and out
+                period = LayerPeriod
+                in_axes = (nn.broadcast,) * 3 + (0,)
+                args = (positions_BT, masks_BTS, slots_BT, cache["layers"])
             scanned = nn.scan(
-                pair, variable_axes={"params": 0, "lora": 0, "quant": 0, "intermediates": 0},
+                period, variable_axes={"params": 0, "lora": 0, "quant": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=in_axes, length=c.num_layers // 2,
+                in_axes=in_axes, length=c.num_periods,
                 metadata_params={nn.PARTITION_NAME: "layers"})
             x_BTD, layer_cache = scanned(c, name="layers")(x_BTD, *args)
             if cache is not None:
                 new_cache["layers"] = layer_cache
-            tail = [c.num_layers - 1] if c.num_layers % 2 else []
-        else:
-            tail = range(c.num_layers)
         block = Block if c.remat == "none" or cache is not None else nn.remat(Block, policy=policy)
-        for i in tail:
-            local = c.is_local(i)
-            mask_BTS = local_BTS if local else global_BTS
+        for i in c.unscanned_layers():
+            kind = c.layer_types[i]
             if cache is None:
-                x_BTD, _ = block(c, local=local, name=f"layer_{i}")(
-                    x_BTD, positions_BT, mask_BTS, None, None, segment_ids_BT)
+                x_BTD, _ = block(c, local=kind == "local", name=f"layer_{i}")(
+                    x_BTD, positions_BT, masks_BTS[kind], None, None, segment_ids_BT)
             else:
-                x_BTD, new_cache[f"layer_{i}"] = block(c, local=local, name=f"layer_{i}")(
-                    x_BTD, positions_BT, mask_BTS, cache[f"layer_{i}"], local_slots if local else global_slots)
+                x_BTD, new_cache[f"layer_{i}"] = block(c, local=kind == "local", name=f"layer_{i}")(
+                    x_BTD, positions_BT, masks_BTS[kind], cache[f"layer_{i}"], slots_BT[kind])
 
         x_BTD = RMSNorm(c, name="final_norm")(x_BTD)
         out = x_BTD if return_hidden else embedder.decode(x_BTD)
@@ -486,28 +501,30 @@ def logits(config: ModelConfig, params: Params, tokens, *, segment_ids=None, pos
 
 # ----------------------------------------------------------------------------- layer tree surgery
 # Checkpoints on disk (official, HF) name every layer separately, while the scanned model wants
-# one array per leaf with a leading layer axis: even layers go to `local`, odd to `global`, and
-# an odd-numbered final layer stays outside the scan because a pair would be incomplete.
+# one array per leaf with a leading layer axis: layer j * period + p goes to slot j of block
+# config.block_names[p], and the layers after the last whole period stay outside the scan.
 
 
 def stack_layers(config: ModelConfig, params: Params, stack=None) -> Params:
-    """Unrolled tree (layer_0, layer_1, ...) -> scanned tree (layers/local, layers/global)."""
+    """Unrolled tree (layer_0, layer_1, ...) -> scanned tree (layers/<block name>, layer_{i} tail)."""
     stack = stack or (lambda xs: jnp.stack(xs))
+    scanned = config.replace(scan_layers=True)
     out = {k: v for k, v in params.items() if not k.startswith("layer_")}
-    pairs = config.num_layers // 2
+    template = params["layer_0"]
     out["layers"] = {
-        "local": jax.tree.map(lambda *xs: stack(xs), *[params[f"layer_{2 * i}"] for i in range(pairs)]),
-        "global": jax.tree.map(lambda *xs: stack(xs), *[params[f"layer_{2 * i + 1}"] for i in range(pairs)]),
-    }
-    if config.num_layers % 2:
-        out[f"layer_{config.num_layers - 1}"] = params[f"layer_{config.num_layers - 1}"]
+        # A model shorter than one period scans over nothing: empty stacks shaped like a layer.
+        name: (jax.tree.map(lambda *xs: stack(xs), *[params[f"layer_{i}"] for i in layers]) if layers else
+               jax.tree.map(lambda x: jnp.zeros((0, *x.shape), x.dtype), template))
+        for name, layers in scanned.scanned_layers().items()}
+    for i in scanned.unscanned_layers():
+        out[f"layer_{i}"] = params[f"layer_{i}"]
     return out
 
 
 def unstack_layers(config: ModelConfig, params: Params) -> Params:
     """Scanned tree -> unrolled tree with one `layer_{i}` entry per layer."""
     out = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(config.num_layers // 2):
-        out[f"layer_{2 * i}"] = jax.tree.map(lambda x: x[i], params["layers"]["local"])
-        out[f"layer_{2 * i + 1}"] = jax.tree.map(lambda x: x[i], params["layers"]["global"])
+    for name, layers in config.replace(scan_layers=True).scanned_layers().items():
+        for j, i in enumerate(layers):
+            out[f"layer_{i}"] = jax.tree.map(lambda x, j=j: x[j], params["layers"][name])
     return out

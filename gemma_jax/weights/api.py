@@ -1,4 +1,4 @@
-"""Load and save Gemma 2 weights in any supported format: detection, dispatch, LoRA merging.
+"""Load and save Gemma 2 / Gemma 3 weights in any supported format: detection, dispatch, LoRA merging.
 
 Formats: `hf` (hf.py), `official` (official.py: the Kaggle / Google Flax-Orbax layout), `keras`
 (keras.py, optional extra), `gguf` (gguf.py: llama.cpp's single-file format, optional extra),
@@ -42,7 +42,7 @@ def _resolve(path) -> tuple[str, Path, dict]:
     """(format, directory to read, extras such as the workdir step)."""
     p = paths.Path(path) if paths.is_remote(path) else Path(path).expanduser()
     looked_for = (
-        "a Hugging Face dir (config.json with model_type gemma2 + model.safetensors or "
+        "a Hugging Face dir (config.json with model_type gemma2, gemma3_text or gemma3 + model.safetensors or "
         "model.safetensors.index.json), a KerasHub preset (config.json + model.weights.h5), a "
         "gemma_jax checkpoint (model.json + params/), a training workdir (model.json + "
         "checkpoints/), an official Flax/Orbax checkpoint dir (_METADATA / checkpoint / "
@@ -65,10 +65,10 @@ def _resolve(path) -> tuple[str, Path, dict]:
     if (p / "config.json").is_file():
         model_type = json.loads((p / "config.json").read_text()).get("model_type")
         has_weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
-        if model_type != "gemma2" and (has_weights or any(p.glob("*.safetensors"))):
-            raise ValueError(f"{p}: config.json has model_type={model_type!r}; only 'gemma2' "
-                             "Hugging Face checkpoints are supported")
-        if model_type == "gemma2":
+        if model_type not in hf.MODEL_TYPES and (has_weights or any(p.glob("*.safetensors"))):
+            raise ValueError(f"{p}: config.json has model_type={model_type!r}; the Hugging Face checkpoints read "
+                             f"are {', '.join(hf.MODEL_TYPES)} (Gemma 2, Gemma 3 text, Gemma 3 multimodal)")
+        if model_type in hf.MODEL_TYPES:
             if not has_weights:
                 raise ValueError(f"{p}: Hugging Face config.json but no model.safetensors or "
                                  "model.safetensors.index.json (only safetensors weights are read; "
@@ -351,11 +351,13 @@ def save(path, config: ModelConfig, params, *, format: str, tokenizer=None, over
     moment leaves the old model or the new one, never a truncated file under the final name.
     `tokenizer`: a tokenizer.model (or a .gguf, whose vocabulary is rebuilt as one) to include (hf:
     with the transformers tokenizer files; gguf: inside the file, with the chat template).
-    gguf writes DIR/model.gguf; its `dtype` is float32, float16, bfloat16 or q8_0.
+    Options: hf max_shard_bytes, dtype; official gating_layout, dtype, tree ("flat" Kaggle layout,
+    or "nested" as the gemma library saves); keras dtype; gguf dtype (float32, float16, bfloat16
+    or q8_0; it writes DIR/model.gguf).
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"unknown save format {format!r}; choose one of {SAVE_FORMATS}")
-    allowed = {"hf": {"max_shard_bytes", "dtype"}, "official": {"gating_layout", "dtype"},
+    allowed = {"hf": {"max_shard_bytes", "dtype"}, "official": {"gating_layout", "dtype", "tree"},
                "keras": {"dtype"}, "gemma_jax": set(), "gguf": {"dtype"}}[format]
     if set(kwargs) - allowed:
         raise ValueError(f"save(format={format!r}) got unknown arguments {sorted(set(kwargs) - allowed)}"

@@ -33,7 +33,7 @@ from absl import logging
 from gemma_jax import gguf_file
 from gemma_jax.errors import UserError
 from gemma_jax.model.config import ModelConfig
-from gemma_jax.tokenizer import CHAT_TEMPLATE, END_OF_TURN, Tokenizer, gguf_in
+from gemma_jax.tokenizer import CHAT_TEMPLATE, CHAT_TEMPLATE_GEMMA3, END_OF_TURN, Tokenizer, gguf_in
 from gemma_jax.weights import layout
 
 ARCHITECTURES = ("gemma2", "gemma3")
@@ -396,7 +396,7 @@ def _add_metadata(w, gguf, config: ModelConfig, arch: str, vocab_rows: int, file
     w.add_add_bos_token(True)  # as gemma_jax.Tokenizer.encode and Gemma's training data
     w.add_add_eos_token(False)
     w.add_add_space_prefix(tok["add_space_prefix"])
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(CHAT_TEMPLATE_GEMMA3 if arch == "gemma3" else CHAT_TEMPLATE)  # as the HF export
 
 
 def write(path, config: ModelConfig, params, *, dtype=None, tokenizer=None) -> None:

@@ -1,4 +1,9 @@
-"""Hugging Face `Gemma2ForCausalLM` safetensors directories, read and written without torch.
+"""Hugging Face Gemma 2 / Gemma 3 safetensors directories, read and written without torch.
+
+Read: `Gemma2ForCausalLM` (model_type gemma2), `Gemma3ForCausalLM` (gemma3_text) and the text
+model of `Gemma3ForConditionalGeneration` (gemma3: text_config, weights under
+model.language_model.* or language_model.model.*; the vision tower is skipped). Written:
+Gemma2ForCausalLM, or Gemma3ForCausalLM for a config of family gemma3.
 
 Safetensors is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
 data_offsets}} and the raw row-major tensor bytes. Reading parses the header and memory-maps
@@ -29,8 +34,9 @@ import numpy as np
 from absl import logging
 
 from gemma_jax import paths
-from gemma_jax.model.config import ModelConfig
-from gemma_jax.tokenizer import CHAT_TEMPLATE, END_OF_TURN, START_OF_TURN
+from gemma_jax.model.config import FAMILY_DEFAULTS, ModelConfig
+from gemma_jax.errors import UserError
+from gemma_jax.tokenizer import CHAT_TEMPLATE, CHAT_TEMPLATE_GEMMA3, END_OF_TURN, START_OF_TURN
 from gemma_jax.weights import layout
 
 DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -43,6 +49,7 @@ SINGLE = "model.safetensors"
 HF_VOCAB, OFFICIAL_VOCAB = 256000, 256128
 NORMS = {"pre_attention_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
          "pre_ffw_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+QK_NORMS = {"query_norm": "q_norm", "key_norm": "k_norm"}  # Gemma 3, under attn/ and self_attn.
 
 
 class SafetensorsFile:
@@ -147,31 +154,114 @@ def _get(hf: dict, key: str, default):
     return default if value is None else value
 
 
-def config_from_hf(hf: dict, ck: HFCheckpoint, prefix: str) -> ModelConfig:
-    """ModelConfig of a Gemma2 config.json, checked against the shapes of the stored weights."""
-    where = f"{ck.dir / 'config.json'}"
-    if hf.get("model_type") != "gemma2":
-        raise ValueError(f"{where}: model_type={hf.get('model_type')!r}, expected 'gemma2'")
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ValueError(f"{where}: hidden_activation={act!r}; Gemma 2 uses gelu_pytorch_tanh")
-    if hf.get("tie_word_embeddings") is False:
-        raise ValueError(f"{where}: tie_word_embeddings=false; untied output embeddings are not supported")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"{where}: rope scaling {rope} is not supported (only default RoPE)")
-    layer_types = hf.get("layer_types")
-    n_layers = _get(hf, "num_hidden_layers", 26)
-    if layer_types is not None and list(layer_types) != [
-            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(len(layer_types))]:
-        raise ValueError(f"{where}: layer_types {layer_types} is not Gemma 2's alternating "
-                         "sliding/full pattern starting with sliding")
-    if hf.get("use_bidirectional_attention"):
-        raise ValueError(f"{where}: use_bidirectional_attention is not supported")
+# Where a checkpoint keeps the text model: Gemma*ForCausalLM under model.*, transformers 5's
+# Gemma3ForConditionalGeneration under model.language_model.*, transformers 4's under
+# language_model.model.*; a bare Gemma*Model without prefix.
+TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")
+# Top-level modules of a multimodal checkpoint that the text model does not use.
+_VISION_PARTS = ("vision_tower", "multi_modal_projector")
+# transformers' Gemma3TextConfig defaults: Google's multimodal config.json files leave most text
+# fields out (4B: only hidden_size, intermediate_size, num_hidden_layers, sliding_window, rope_scaling).
+_GEMMA3_DEFAULTS = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                        num_key_value_heads=4, head_dim=256, vocab_size=262208, query_pre_attn_scalar=256,
+                        sliding_window=4096, max_position_embeddings=131072, rope_theta=1_000_000.0,
+                        rope_local_base_freq=10_000.0, sliding_window_pattern=6)
+_GEMMA2_DEFAULTS = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                        num_key_value_heads=4, head_dim=256, vocab_size=HF_VOCAB, query_pre_attn_scalar=256,
+                        sliding_window=4096, max_position_embeddings=8192, rope_theta=10_000.0)
+MODEL_TYPES = ("gemma2", "gemma3_text", "gemma3")
 
-    d, n, k, h = (_get(hf, "hidden_size", 2304), _get(hf, "num_attention_heads", 8),
-                  _get(hf, "num_key_value_heads", 4), _get(hf, "head_dim", 256))
-    f, v = _get(hf, "intermediate_size", 9216), _get(hf, "vocab_size", HF_VOCAB)
+
+def text_config(hf: dict, where: str) -> tuple[dict, str]:
+    """(the text model's config dict, family 'gemma2' | 'gemma3') of a config.json: a
+    Gemma3ForConditionalGeneration's text_config, or the whole file."""
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{where}: model_type={model_type!r}; expected one of {list(MODEL_TYPES)}")
+    if model_type == "gemma3":
+        text = dict(hf.get("text_config") or {})
+        if text.get("model_type", "gemma3_text") != "gemma3_text":
+            raise ValueError(f"{where}: text_config.model_type={text.get('model_type')!r}, expected 'gemma3_text'")
+        return text, "gemma3"
+    return dict(hf), "gemma2" if model_type == "gemma2" else "gemma3"
+
+
+def _layer_pattern(types: list[str], family: str, where: str) -> tuple[str, ...]:
+    """The family's own cycle if it repeats (cut off at the depth) into the per-layer types, else
+    the shortest cycle that does."""
+    names = {"sliding_attention": "local", "full_attention": "global"}
+    unknown = sorted(set(types) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: layer_types has {unknown}; only sliding_attention and full_attention exist "
+                         "in Gemma 2 / 3")
+    kinds = [names[t] for t in types]
+    own = FAMILY_DEFAULTS[family].get("attention_pattern", ModelConfig.attention_pattern)
+    if all(kinds[i] == own[i % len(own)] for i in range(len(kinds))):
+        return tuple(own)
+    for p in range(1, len(kinds) + 1):
+        if all(kinds[i] == kinds[i % p] for i in range(len(kinds))):
+            return tuple(kinds[:p])
+    return ("local", "global")  # no layers
+
+
+def _rope(text: dict, family: str, where: str) -> dict:
+    """rope_base, local_rope_base, rope_scale of a config: transformers 5's rope_parameters (per
+    layer type for Gemma 3) or transformers 4's rope_theta / rope_local_base_freq / rope_scaling."""
+    params = text.get("rope_parameters") or {}
+    if family == "gemma2":
+        rope = params or text.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{where}: rope scaling {rope} is not supported for Gemma 2 (only default RoPE)")
+        base = float(text.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        return dict(rope_base=base, local_rope_base=base, rope_scale=1.0)
+    per_type = params if any(k in params for k in ("full_attention", "sliding_attention")) else {}
+    full = dict(per_type.get("full_attention") or {})
+    if not per_type:  # transformers 4: one rope_scaling for the global layers
+        full = dict(text.get("rope_scaling") or params or {})
+    local = dict(per_type.get("sliding_attention") or {})
+    out = dict(rope_base=float(full.get("rope_theta") or text.get("rope_theta") or _GEMMA3_DEFAULTS["rope_theta"]),
+               local_rope_base=float(local.get("rope_theta") or text.get("rope_local_base_freq")
+                                     or _GEMMA3_DEFAULTS["rope_local_base_freq"]),
+               rope_scale=1.0)
+    kind = full.get("rope_type", full.get("type", "default"))
+    if kind == "linear":
+        out["rope_scale"] = float(full["factor"])
+    elif kind != "default":
+        raise ValueError(f"{where}: global-layer rope_type={kind!r} is not supported (default or linear)")
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise ValueError(f"{where}: local-layer rope scaling {local} is not supported (only default RoPE)")
+    return out
+
+
+def config_from_hf(hf: dict, ck: HFCheckpoint, prefix: str) -> ModelConfig:
+    """ModelConfig of a Gemma 2 / Gemma 3 config.json (text_config of a multimodal one), checked
+    against the shapes of the stored weights."""
+    where = f"{ck.dir / 'config.json'}"
+    text, family = text_config(hf, where)
+    defaults = _GEMMA3_DEFAULTS if family == "gemma3" else _GEMMA2_DEFAULTS
+    act = text.get("hidden_activation") or text.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"{where}: hidden_activation={act!r}; Gemma uses gelu_pytorch_tanh")
+    if text.get("tie_word_embeddings", hf.get("tie_word_embeddings")) is False:
+        raise ValueError(f"{where}: tie_word_embeddings=false; untied output embeddings are not supported")
+    if text.get("use_bidirectional_attention"):
+        raise ValueError(f"{where}: use_bidirectional_attention is not supported (an embedding model, not "
+                         "a causal language model)")
+    n_layers = _get(text, "num_hidden_layers", defaults["num_hidden_layers"])
+    layer_types = text.get("layer_types")
+    if layer_types is None:  # transformers 4: every sliding_window_pattern-th layer is global
+        every = 2 if family == "gemma2" else int(_get(text, "sliding_window_pattern", 6))
+        layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)]
+    if len(layer_types) != n_layers:
+        raise ValueError(f"{where}: layer_types has {len(layer_types)} entries for num_hidden_layers={n_layers}")
+    pattern = _layer_pattern(list(layer_types), family, where)
+
+    d, n, k, h = (_get(text, "hidden_size", defaults["hidden_size"]),
+                  _get(text, "num_attention_heads", defaults["num_attention_heads"]),
+                  _get(text, "num_key_value_heads", defaults["num_key_value_heads"]),
+                  _get(text, "head_dim", defaults["head_dim"]))
+    f = _get(text, "intermediate_size", defaults["intermediate_size"])
+    v = _get(text, "vocab_size", defaults["vocab_size"])
     emb_key = f"{prefix}embed_tokens.weight"
     rows, cols = ck.shape(emb_key)
     found_layers = sorted({int(m.group(1)) for key in ck.where
@@ -193,23 +283,55 @@ def config_from_hf(hf: dict, ck: HFCheckpoint, prefix: str) -> ModelConfig:
             shown = f"{value[0]}*{value[1]} = {value[0] * value[1]}" if value[1] != 1 else f"{value[0]}"
             raise ValueError(f"config/weights disagree: {dims} = {shown} in {where} but {key} has "
                              f"{ck.shape(key)[0]} rows (shape {ck.shape(key)})")
+    qk_norm = family == "gemma3"
+    if qk_norm and n_layers:
+        for key in (f"{p0}self_attn.q_norm.weight", f"{p0}self_attn.k_norm.weight"):
+            if ck.shape(key) != (h,):
+                raise ValueError(f"config/weights disagree: head_dim={h} in {where} but {key} has shape "
+                                 f"{ck.shape(key)}")
+    # Absent means the class's default: Gemma 2 caps at 50 / 30, Gemma 3 has no caps; an
+    # explicit null disables a cap.
+    caps = (50.0, 30.0) if family == "gemma2" else (None, None)
+    attn_cap = float(text.get("attn_logit_softcapping", caps[0]) or 0.0)
+    if family == "gemma3" and attn_cap:
+        # Gemma3Attention never hands the cap to its attention functions, so transformers computes
+        # these checkpoints without it; so do we.
+        logging.warning("%s: attn_logit_softcapping=%s is ignored, as transformers' Gemma 3 ignores it",
+                        where, attn_cap)
+        attn_cap = 0.0
     return ModelConfig(
         num_layers=n_layers, embed_dim=d, hidden_dim=f, num_heads=n, num_kv_heads=k, head_dim=h,
-        vocab_size=rows, sliding_window=_get(hf, "sliding_window", 4096),
-        query_pre_attn_scalar=float(_get(hf, "query_pre_attn_scalar", 256)),
-        # Absent means HF's default cap; an explicit null disables the cap.
-        attn_softcap=float(hf.get("attn_logit_softcapping", 50.0) or 0.0),
-        final_softcap=float(hf.get("final_logit_softcapping", 30.0) or 0.0),
-        rope_base=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-        norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
-        max_seq_len=_get(hf, "max_position_embeddings", 8192),
+        vocab_size=rows, sliding_window=_get(text, "sliding_window", defaults["sliding_window"]),
+        query_pre_attn_scalar=float(_get(text, "query_pre_attn_scalar", defaults["query_pre_attn_scalar"])),
+        attn_softcap=attn_cap,
+        final_softcap=float(text.get("final_logit_softcapping", caps[1]) or 0.0),
+        **_rope(text, family, where), family=family, attention_pattern=pattern, qk_norm=qk_norm,
+        norm_eps=float(_get(text, "rms_norm_eps", 1e-6)),
+        max_seq_len=_get(text, "max_position_embeddings", defaults["max_position_embeddings"]),
         param_dtype=layout.dtype_name(ck.dtype(emb_key)))
 
 
+def text_prefix(ck: HFCheckpoint) -> str:
+    """The key prefix of the text model's weights (see TEXT_PREFIXES); logs once that the
+    vision tower of a multimodal checkpoint is skipped."""
+    prefix = next((p for p in TEXT_PREFIXES if f"{p}embed_tokens.weight" in ck), None)
+    if prefix is None:
+        tried = ", ".join(f"{p}embed_tokens.weight" for p in TEXT_PREFIXES)
+        raise ValueError(f"{ck.dir}: no text embedding found (looked for {tried})")
+    vision = sorted({part for key in ck.where for part in key.split(".")[:3] if part in _VISION_PARTS})
+    if vision:
+        skipped = sum(not key.startswith(prefix) for key in ck.where)
+        logging.info("%s: loading the text model under %s*; skipping %s (%d tensors: the image side)",
+                     ck.dir, prefix or "(no prefix)", " and ".join(vision), skipped)
+    return prefix
+
+
+
+
 def read(directory) -> tuple[ModelConfig, dict]:
-    """(config, unrolled tree of lazy memory-mapped views) of a HF Gemma2 directory."""
+    """(config, unrolled tree of lazy memory-mapped views) of a HF Gemma 2 / Gemma 3 directory."""
     ck = HFCheckpoint(directory)
-    prefix = "model." if "model.embed_tokens.weight" in ck or "embed_tokens.weight" not in ck else ""
+    prefix = text_prefix(ck)
     c = config_from_hf(ck.config, ck, prefix)
     d, f, n, k, h = c.embed_dim, c.hidden_dim, c.num_heads, c.num_kv_heads, c.head_dim
     unrolled = {"embedder": {"input_embedding": ck.tensor(f"{prefix}embed_tokens.weight", (c.vocab_size, d))},
@@ -234,25 +356,32 @@ def read(directory) -> tuple[ModelConfig, dict]:
         }
         for ours, theirs in NORMS.items():
             layer[ours] = {"scale": t(f"{theirs}.weight", (d,))}
+        if c.qk_norm:
+            for ours, theirs in QK_NORMS.items():
+                layer["attn"][ours] = {"scale": t(f"self_attn.{theirs}.weight", (h,))}
         unrolled[f"layer_{i}"] = layer
     return c, unrolled
 
 
 def hf_config(config: ModelConfig, vocab_size: int, special: dict | None = None) -> dict:
-    """config.json contents for Gemma2ForCausalLM (token ids from `special`, else Gemma's)."""
-    ids = {k: (special or GEMMA_SPECIAL).get(k, (None,))[0] for k in ("pad", "eos", "bos")}
+    """config.json contents for Gemma2ForCausalLM or (family gemma3) Gemma3ForCausalLM, token ids
+    from `special`, else Gemma's."""
+    check_exportable(config)
+    table = special or default_special(config)
+    ids = {k: table.get(k, (None,))[0] for k in ("pad", "eos", "bos")}
     scalar = config.query_pre_attn_scalar
     dtype = config.param_dtype
-    return {
-        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+    gemma3 = config.family == "gemma3"
+    out = {
+        "architectures": ["Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"],
+        "model_type": "gemma3_text" if gemma3 else "gemma2",
         "vocab_size": vocab_size, "hidden_size": config.embed_dim,
         "intermediate_size": config.hidden_dim, "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
         "head_dim": config.head_dim,
         "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,
         "sliding_window": config.sliding_window,
-        "layer_types": ["sliding_attention" if config.is_local(i) else "full_attention"
-                        for i in range(config.num_layers)],
+        "layer_types": ["sliding_attention" if t == "local" else "full_attention" for t in config.layer_types],
         "attn_logit_softcapping": config.attn_softcap or None,
         "final_logit_softcapping": config.final_softcap or None,
         "rope_theta": config.rope_base,
@@ -263,6 +392,39 @@ def hf_config(config: ModelConfig, vocab_size: int, special: dict | None = None)
         "pad_token_id": ids["pad"], "eos_token_id": ids["eos"], "bos_token_id": ids["bos"], "use_cache": True,
         "torch_dtype": dtype, "dtype": dtype,
     }
+    if gemma3:
+        # transformers 5 reads rope_parameters per layer type; transformers 4 reads rope_theta,
+        # rope_local_base_freq and rope_scaling (the global layers'), which 5 also accepts.
+        full = {"rope_type": "default", "rope_theta": config.rope_base}
+        scaling = None
+        if config.rope_scale != 1.0:
+            scaling = {"rope_type": "linear", "factor": config.rope_scale}
+            full = {**scaling, "rope_theta": config.rope_base}
+        local = {"rope_type": "default", "rope_theta": config.local_rope_base}
+        out.update(rope_parameters={"full_attention": full, "sliding_attention": local},
+                   rope_local_base_freq=config.local_rope_base, rope_scaling=scaling,
+                   use_bidirectional_attention=False)
+    return out
+
+
+def check_exportable(config: ModelConfig) -> None:
+    """Raises UserError for a config the Hugging Face class of its family cannot express."""
+    if config.family == "gemma3":
+        if not config.qk_norm:
+            raise UserError("the Hugging Face export of a family=gemma3 model needs qk_norm=True "
+                            "(Gemma3ForCausalLM always normalises queries and keys)")
+        if config.attn_softcap:
+            raise UserError(f"the Hugging Face export of a family=gemma3 model cannot hold attn_softcap="
+                            f"{config.attn_softcap}: Gemma3ForCausalLM ignores attn_logit_softcapping (it "
+                            "would compute another model); save it as format='official' or 'gemma_jax'")
+        return
+    unsupported = [f"{name}={value}" for name, value, ok in (
+        ("qk_norm", config.qk_norm, not config.qk_norm),
+        ("local_rope_base", config.local_rope_base, config.local_rope_base == config.rope_base),
+        ("rope_scale", config.rope_scale, config.rope_scale == 1.0)) if not ok]
+    if unsupported:
+        raise UserError(f"the Hugging Face export of a family=gemma2 model cannot hold {', '.join(unsupported)} "
+                        "(Gemma2ForCausalLM has one RoPE and no QK-norm); set family='gemma3' for a Gemma 3 model")
 
 
 def write_safetensors(path, entries, metadata=None) -> None:
@@ -286,11 +448,13 @@ def write_safetensors(path, entries, metadata=None) -> None:
 def write(path, config: ModelConfig, params, *, max_shard_bytes: int = 5 * 10**9, dtype=None,
           tokenizer=None) -> None:
     """Writes config.json, generation_config.json and model.safetensors (or shards + index) for
-    Gemma2ForCausalLM; with `tokenizer` (a tokenizer.model) also the transformers tokenizer files."""
+    Gemma2ForCausalLM (Gemma3ForCausalLM for family gemma3); with `tokenizer` (a tokenizer.model)
+    also the transformers tokenizer files."""
     import jax
 
     dtype = np.dtype(layout.dtype_name(dtype) or config.param_dtype)
     config = config.replace(param_dtype=dtype.name)
+    check_exportable(config)
     src = layout.unrolled_view(config, params, dtype=dtype, host=True)
     d, f, n, k, h, v = (config.embed_dim, config.hidden_dim, config.num_heads, config.num_kv_heads,
                         config.head_dim, config.vocab_size)
@@ -316,6 +480,9 @@ def write(path, config: ModelConfig, params, *, max_shard_bytes: int = 5 * 10**9
         ]
         entries += [(f"{p}{theirs}.weight", (d,), lambda L=L, o=ours: L[o]["scale"]())
                     for ours, theirs in NORMS.items()]
+        if config.qk_norm:
+            entries += [(f"{p}self_attn.{theirs}.weight", (h,), lambda L=L, o=ours: L["attn"][o]["scale"]())
+                        for ours, theirs in QK_NORMS.items()]
     entries.append(("model.norm.weight", (d,), lambda: src["final_norm"]["scale"]()))
     entries = [(name, shape, dtype, fn) for name, shape, fn in entries]
 
@@ -331,7 +498,7 @@ def write(path, config: ModelConfig, params, *, max_shard_bytes: int = 5 * 10**9
     out = Path(path)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-        special = write_tokenizer_files(out, tokenizer, config.max_seq_len) if tokenizer else None
+        special = write_tokenizer_files(out, tokenizer, config.max_seq_len, config.family) if tokenizer else None
         (out / "config.json").write_text(json.dumps(hf_config(config, rows, special), indent=2))
         (out / GENERATION_CONFIG).write_text(json.dumps(generation_config(config, special), indent=2))
     names = ([SINGLE] if len(shards) == 1 else
@@ -358,6 +525,14 @@ TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG = (
 # Gemma's special pieces and ids (the released tokenizer.model), used when none is exported.
 GEMMA_SPECIAL = {"pad": (0, "<pad>"), "eos": (1, "<eos>"), "bos": (2, "<bos>"), "unk": (3, "<unk>"),
                  "start_of_turn": (106, START_OF_TURN), "end_of_turn": (107, END_OF_TURN)}
+# Gemma 3's 262144-piece tokenizer moved the turn markers one id down.
+GEMMA3_SPECIAL = {**GEMMA_SPECIAL, "start_of_turn": (105, START_OF_TURN), "end_of_turn": (106, END_OF_TURN)}
+GEMMA3_VOCABS = (262144, 262208)  # the tokenizer; the multimodal checkpoints' embedding rows
+
+
+def default_special(config: ModelConfig) -> dict:
+    """Gemma's special ids for a model of this family, used when no tokenizer is exported."""
+    return GEMMA3_SPECIAL if config.family == "gemma3" else GEMMA_SPECIAL
 
 
 def _piece_types(sp, model_file) -> dict[int, str]:
@@ -400,7 +575,7 @@ def special_tokens(model_file, name=None) -> dict:
     return found
 
 
-def write_tokenizer_files(out: Path, tokenizer, max_length: int) -> dict | None:
+def write_tokenizer_files(out: Path, tokenizer, max_length: int, family: str = "gemma2") -> dict | None:
     """Copies `tokenizer` (a tokenizer.model) into `out` and writes tokenizer_config.json and
     special_tokens_map.json beside it; returns special_tokens() of it (None, with a warning,
     if it is not a SentencePiece model)."""
@@ -424,7 +599,7 @@ def write_tokenizer_files(out: Path, tokenizer, max_length: int) -> dict | None:
         # Decoding must give back the text exactly (no " ." -> "." clean-up, no spaces inserted).
         "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False,
         "model_max_length": max_length, "padding_side": "left",
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": CHAT_TEMPLATE_GEMMA3 if family == "gemma3" else CHAT_TEMPLATE,
     }
     (out / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
     tokens_map = {f"{k}_token": v for k, v in token.items() if v is not None}
@@ -437,8 +612,8 @@ def generation_config(config: ModelConfig, special: dict | None) -> dict:
     """generation_config.json: generation stops at EOS or <end_of_turn>, as gemma_jax.generate."""
     if special is None:
         # No tokenizer exported: Gemma's ids if the vocabulary is Gemma's, else only EOS/BOS/PAD.
-        gemma = config.vocab_size in (HF_VOCAB, OFFICIAL_VOCAB)
-        special = {k: v for k, v in GEMMA_SPECIAL.items() if gemma or v[0] < 4}
+        gemma = config.vocab_size in (HF_VOCAB, OFFICIAL_VOCAB, *GEMMA3_VOCABS)
+        special = {k: v for k, v in default_special(config).items() if gemma or v[0] < 4}
     stop = [special[k][0] for k in ("eos", "end_of_turn") if k in special]
     return {"bos_token_id": special.get("bos", (None,))[0], "eos_token_id": stop,
             "pad_token_id": special.get("pad", (None,))[0]}

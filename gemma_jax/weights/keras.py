@@ -22,6 +22,7 @@ import jax
 import ml_dtypes  # a jax dependency; h5py has no bfloat16 type
 import numpy as np
 
+from gemma_jax.errors import UserError
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.weights import layout
 
@@ -224,6 +225,13 @@ def _keras_leaf(view, name: str) -> np.ndarray:
 
 def save(path, config: ModelConfig, params, *, dtype=None) -> str:
     """Writes a KerasHub preset (config.json, metadata.json, model.weights.h5) that keras-hub loads."""
+    if (config.family, config.qk_norm, config.attention_pattern, config.local_rope_base, config.rope_scale) != (
+            "gemma2", False, ("local", "global"), config.rope_base, 1.0):
+        # keras-hub's Gemma3Backbone has other variable names and its own preset format, not written here.
+        raise UserError(f"the keras format writes Gemma 2 GemmaBackbone presets only; this model is "
+                        f"family={config.family} (qk_norm={config.qk_norm}, attention_pattern="
+                        f"{'/'.join(config.attention_pattern)}, rope_scale={config.rope_scale}): save it as "
+                        "format='hf', 'official' or 'gemma_jax' instead")
     h5py = _h5py()
     d, n, h = config.embed_dim, config.num_heads, config.head_dim
     # keras-hub can only express these two query scales and a fixed RoPE base.

@@ -1,9 +1,9 @@
 """The one intermediate every checkpoint format goes through, and the tree surgery around it.
 
 Formats disagree on layout: the official checkpoint and Hugging Face name each layer
-separately, while the scanned model holds one array per leaf with a leading layer axis (even
-layers in `layers/local`, odd in `layers/global`). Rather than each format converting into the
-scanned tree on its own, every reader produces an *unrolled* host-side tree
+separately, while the scanned model holds one array per leaf with a leading layer axis (one
+stack per position in the attention pattern's period: Gemma 2 `layers/local`, `layers/global`).
+Rather than each format converting into the scanned tree on its own, every reader produces an *unrolled* host-side tree
 {embedder, layer_0 .. layer_{L-1}, final_norm} in the model's own leaf layout, whose leaves are
 arrays or zero-arg callables returning lazy views (memory maps). `from_unrolled` then builds
 each scanned leaf straight into its target sharding from only the slices each device needs,
@@ -56,9 +56,13 @@ def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
 def layer_sources(config: ModelConfig, path: tuple[str, ...]) -> tuple[list[tuple[str, ...]], bool]:
     """Unrolled paths feeding one scanned leaf, and whether they are stacked on a layer axis."""
     if path[0] == "layers":
-        # Scanned pairs: even layers form `local`, odd layers `global` (see model.stack_layers).
-        first = 0 if path[1] == "local" else 1
-        return [(f"layer_{2 * i + first}",) + path[2:] for i in range(config.num_layers // 2)], True
+        # Scanned periods: block `name` stacks the layers at its position of every period (see
+        # ModelConfig.scanned_layers and model.stack_layers).
+        layers = config.replace(scan_layers=True).scanned_layers()
+        if path[1] not in layers:
+            raise ValueError(f"parameter {'/'.join(path)}: no block {path[1]!r} in the scanned layers of this "
+                             f"config (blocks {list(layers)})")
+        return [(f"layer_{i}",) + path[2:] for i in layers[path[1]]], True
     return [path], False
 
 
@@ -122,7 +126,7 @@ def from_unrolled(config: ModelConfig, unrolled, *, dtype=None, mesh=None, rules
             if tuple(a.shape) != tuple(expected):
                 raise ValueError(f"parameter {'/'.join(p)}: expected shape {tuple(expected)}, "
                                  f"found {tuple(a.shape)}")
-        if stacked and not arrays:  # a 1-layer model: its scan over layer pairs is empty
+        if stacked and not arrays:  # a model shorter than one period: its scan is empty
             source = np.zeros(sds.shape, np_dtype)
         else:
             source = Stacked(arrays) if stacked else arrays[0]

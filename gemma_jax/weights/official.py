@@ -1,4 +1,4 @@
-"""Official Gemma 2 Flax checkpoints: the Kaggle / GCS release and the `gemma` library's own saves.
+"""Official Gemma 2 / Gemma 3 Flax checkpoints: the Kaggle / GCS release and the `gemma` library's own saves.
 
 Two tree layouts hold the same leaves (an Orbax PyTree either way):
   FLAT (Kaggle `google/gemma-2/flax`): top-level keys are slash-joined module paths,
@@ -6,7 +6,10 @@ Two tree layouts hold the same leaves (an Orbax PyTree either way):
   NESTED (`gm.ckpts.save_params`, the tree of the library's `model.init()`):
     {"embedder": {"input_embedding"}, "layer_3": {"attn": {"q_einsum": {"w"}}, "mlp": {"gating_einsum", "linear"}},
     ...}, its MLP weights bare arrays (no "w"), sometimes under a "transformer" or (Kauldron) "params" key.
-Both are read through one canonical name per leaf ("layer_3/mlp/linear/w"). The per-layer leaves
+Gemma 3 adds per-head QK-norms, stored as `attn/_query_norm` and `attn/_key_norm` {"scale": (H,)}
+(the model's attn/query_norm, attn/key_norm); its multimodal releases add a vision tower
+(`SigLiPFromPatches_0/...`, nested `vision_encoder`) and `embedder/mm_*` projections, which the
+text model skips. Both are read through one canonical name per leaf ("layer_3/mlp/linear/w"). The per-layer leaves
 already have the model's einsum layouts, so the only surgery is (a) stacking layers for the
 scanned model, (b) the MLP gating weight, which the 2B release stores as (2, D, F) while 9B/27B
 (and the model) use (2, F, D), and (c) the embedding, which has 256128 rows (the 256000
@@ -16,6 +19,7 @@ The files carry no hyperparameters. Shapes give the dimensions; the query scale,
 come from the matching published size, or from the gemma_jax_config.json beside the arrays
 (`write` leaves one), or from the caller (`load(config=...)`). A shape of no published size with
 neither is refused rather than guessed: a wrong query scale or window still runs, just wrongly.
+The family is told by the weights themselves: QK-norm scales mean Gemma 3.
 """
 
 from __future__ import annotations
@@ -29,18 +33,26 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from gemma_jax.errors import UserError
 from gemma_jax.model import layers as model
-from gemma_jax.model.config import ModelConfig
+from gemma_jax.model.config import FAMILY_DEFAULTS, ModelConfig
 from gemma_jax.weights import layout
 
 SIDECAR = "gemma_jax_config.json"
 HF_VOCAB, OFFICIAL_VOCAB = 256000, 256128
 _SHAPE_FIELDS = ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim")
 # What the shapes cannot tell and a custom-shaped checkpoint must be given (the rest of
-# ModelConfig's numerics, rope_base, norm_eps and max_seq_len, are the same for every Gemma 2).
+# ModelConfig's numerics, rope_base, norm_eps and max_seq_len, are the same for every Gemma 2;
+# for Gemma 3 the caps (none), RoPE bases and the 5:1 layer pattern are the family's).
 REQUIRED_HPARAMS = ("query_pre_attn_scalar", "sliding_window", "attn_softcap", "final_softcap")
+REQUIRED_HPARAMS_GEMMA3 = ("query_pre_attn_scalar", "sliding_window", "rope_scale")
+PRESETS = {"gemma2": ("gemma2_2b", "gemma2_9b", "gemma2_27b"),
+           "gemma3": ("gemma3_270m", "gemma3_1b", "gemma3_4b", "gemma3_12b", "gemma3_27b")}
+# The official names of the QK-norm modules, and the image side of multimodal checkpoints.
+_QK_NORMS = {"_query_norm": "query_norm", "_key_norm": "key_norm"}
+_IMAGE_SIDE = re.compile(r"^(SigLiPFromPatches_0|vision_encoder)/|^embedder/mm_")
 # Keys above the model's own tree: the library's "transformer" scope, a Kauldron state's "params".
 _WRAPPERS = ("params", "transformer")
 _BARE_MLP = re.compile(r"^layer_\d+/mlp/(gating_einsum|linear)$")
@@ -75,6 +87,9 @@ def _canonical(path: tuple[str, ...]) -> tuple[str, str]:
             prefix, name = prefix + wrapper + "/", name[len(wrapper) + 1:]
     if _BARE_MLP.match(name):
         name += "/w"
+    parts = name.split("/")
+    if len(parts) > 3 and parts[1] == "attn" and parts[2] in _QK_NORMS:
+        name = "/".join(parts[:2] + [_QK_NORMS[parts[2]]] + parts[3:])
     return prefix, name
 
 
@@ -106,8 +121,8 @@ def _name(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
 
-def _matching_preset(dims: dict) -> ModelConfig | None:
-    for name in ("gemma2_2b", "gemma2_9b", "gemma2_27b"):
+def _matching_preset(dims: dict, family: str = "gemma2") -> ModelConfig | None:
+    for name in PRESETS[family]:
         preset = ModelConfig.from_preset(name)
         if all(getattr(preset, k) == dims[k] for k in _SHAPE_FIELDS):
             return preset
@@ -133,14 +148,20 @@ def _given_hparams(config, what: str) -> dict:
     return d
 
 
-def _missing_hparams_error(directory: Path, dims: dict, missing: list[str]) -> UserError:
-    example = json.dumps({"query_pre_attn_scalar": dims["head_dim"], "sliding_window": 4096,
-                          "attn_softcap": 50.0, "final_softcap": 30.0})
+def _missing_hparams_error(directory: Path, dims: dict, missing: list[str], family: str = "gemma2") -> UserError:
     shape = ", ".join(f"{k}={v}" for k, v in dims.items())
+    if family == "gemma3":
+        example = json.dumps({"query_pre_attn_scalar": dims["head_dim"], "sliding_window": 1024, "rope_scale": 8.0})
+        what = "Gemma 3 size (270m, 1b, 4b, 12b, 27b)"
+    else:
+        example = json.dumps({"query_pre_attn_scalar": dims["head_dim"], "sliding_window": 4096,
+                              "attn_softcap": 50.0, "final_softcap": 30.0})
+        what = "Gemma 2 size (2b, 9b, 27b)"
+    name = "Gemma 3" if family == "gemma3" else "Gemma 2"
     return UserError(
-        f"official checkpoint {directory}: its shapes ({shape}) match no published Gemma 2 size "
-        f"(2b, 9b, 27b) and official checkpoints store no hyperparameters, so {', '.join(missing)} "
-        f"must be given (rope_base, norm_eps and max_seq_len default to Gemma 2's): write them as JSON to "
+        f"official checkpoint {directory}: its shapes ({shape}) match no published {what} "
+        f"and official checkpoints store no hyperparameters, so {', '.join(missing)} "
+        f"must be given (the rest default to {name}'s): write them as JSON to "
         f"{directory / SIDECAR} (e.g. {example}), or pass them to gemma_jax.load(path, config={{...}}) "
         "or `python -m gemma_jax.convert --model_config=FILE.json`")
 
@@ -163,6 +184,9 @@ def infer_config(directory, meta: dict[str, Stored], gating_layout: str | None =
     if not layers or layers != list(range(len(layers))):
         raise ValueError(f"{directory}: layer keys {_display(meta, 'layer_i')} are not 0..L-1 "
                          f"(found {layers[:10]})")
+    if any(k.startswith("stacked_layers/") for k in meta):
+        raise ValueError(f"{directory}: {_display(meta, 'stacked_layers')} is the gemma library's STACKED layout, "
+                         "which is not read; save it FLAT or NESTED (gm.ckpts.save_params) and load that")
     if "layer_0/attn/qkv_einsum/w" in meta:
         raise ValueError(f"{directory}: {_display(meta, 'layer_0/attn/qkv_einsum')} (as many kv heads as query "
                          "heads) is a Gemma 1 layout; Gemma 2 checkpoints have q_einsum and kv_einsum")
@@ -181,6 +205,7 @@ def infer_config(directory, meta: dict[str, Stored], gating_layout: str | None =
         raise ValueError(f"{directory}: {_display(meta, 'layer_0/mlp/gating_einsum/w')} has shape {(two, a, b)}, "
                          f"which is neither (2, D, F) nor (2, F, D) with D={d}")
     dims = dict(num_layers=len(layers), embed_dim=d, hidden_dim=f, num_heads=n, num_kv_heads=k, head_dim=h)
+    family = "gemma3" if "layer_0/attn/query_norm/scale" in meta else "gemma2"
 
     given, sources = {}, []
     sidecar = directory / SIDECAR
@@ -190,20 +215,25 @@ def infer_config(directory, meta: dict[str, Stored], gating_layout: str | None =
     if config is not None:
         given.update(_given_hparams(config, "config"))
         sources.append("config=" if not isinstance(config, (str, Path)) else str(config))
-    for key in ("format", "vocab_size", "param_dtype", "scan_layers"):
+    for key in ("format", "vocab_size", "param_dtype", "scan_layers", "qk_norm"):
         given.pop(key, None)  # the stored arrays decide these
     where = " / ".join(sources)
+    if given.get("family", family) != family:
+        raise ValueError(f"config/weights disagree: {where} says family={given['family']} but the weights of "
+                         f"{directory} are {family} ({'with' if family == 'gemma3' else 'without'} QK-norm scales)")
     for field, value in dims.items():
         if field in given and given[field] != value:
             raise ValueError(f"config/weights disagree: {where} says {field}={given[field]} "
                              f"but the weights of {directory} imply {value}")
-    base = _matching_preset(dims)
+    base = _matching_preset(dims, family)
     if base is None:
-        missing = [k for k in REQUIRED_HPARAMS if k not in given]
+        required = REQUIRED_HPARAMS_GEMMA3 if family == "gemma3" else REQUIRED_HPARAMS
+        missing = [k for k in required if k not in given]
         if missing:
-            raise _missing_hparams_error(directory, dims, missing)
+            raise _missing_hparams_error(directory, dims, missing, family)
+    start = base.to_dict() if base else {**FAMILY_DEFAULTS[family], "family": family}
     try:
-        merged = ModelConfig.from_dict({**(base.to_dict() if base else {}), **given, **dims})
+        merged = ModelConfig.from_dict({**start, **given, **dims, "qk_norm": family == "gemma3"})
     except (TypeError, ValueError) as e:
         raise UserError(f"hyperparameters for {directory} ({where}): {e}") from None
     param_dtype = layout.dtype_name(meta["embedder/input_embedding"].dtype)
@@ -220,6 +250,10 @@ def load(directory, *, dtype=None, mesh=None, rules=None, gating_layout=None, co
     directory = Path(directory)
     meta = read_metadata(directory)
     config, gating = infer_config(directory, meta, gating_layout, config)
+    image_side = sorted(k for k in meta if _IMAGE_SIDE.match(k))
+    if image_side:
+        logging.info("%s: loading the text model; skipping the image side (%d arrays: %s ...)", directory,
+                     len(image_side), _display(meta, image_side[0]))
     config = layout.scanned_config(config, dtype)
     target_dtype = config.weight_dtype
     shapes = layout.flatten(model.param_shapes(config))
@@ -302,23 +336,32 @@ def _permute(s, order):
 
 
 def folder_name(config: ModelConfig) -> str:
-    """Name of the weights folder in an export, as Kaggle names its downloads (gemma2-2b, ...)."""
+    """Name of the weights folder in an export, as Kaggle names its downloads (gemma2-2b, gemma3-1b, ...)."""
     dims = {k: getattr(config, k) for k in _SHAPE_FIELDS}
-    preset = next((name for name in ("gemma2_2b", "gemma2_9b", "gemma2_27b")
+    family = config.family if config.family in PRESETS else "gemma2"
+    preset = next((name for name in PRESETS[family]
                    if all(getattr(ModelConfig.from_preset(name), k) == v for k, v in dims.items())), None)
-    return preset.replace("_", "-") if preset else "gemma2-custom"
+    return preset.replace("_", "-") if preset else f"{family}-custom"
 
 
-def write(path, config: ModelConfig, params, *, gating_layout: str | None = None, dtype=None) -> None:
-    """Writes the FLAT Orbax layout of the official release into `path` (which must not exist yet),
-    with gemma_jax_config.json beside the arrays."""
+TREE_LAYOUTS = ("flat", "nested")
+
+
+def write(path, config: ModelConfig, params, *, gating_layout: str | None = None, dtype=None,
+          tree: str = "flat") -> None:
+    """Writes the official layout into `path` (which must not exist yet), with
+    gemma_jax_config.json beside the arrays: `tree="flat"` is the Kaggle release's FLAT tree,
+    "nested" the gemma library's own (gm.ckpts.save_params: nested modules, bare MLP arrays)."""
     import orbax.checkpoint as ocp
 
     gating = gating_layout or default_gating_layout(config.embed_dim)
     if gating not in ("DF", "FD"):
         raise ValueError(f"gating_layout must be 'DF' or 'FD', got {gating!r}")
+    if tree not in TREE_LAYOUTS:
+        raise ValueError(f"official tree layout {tree!r}; choose one of {list(TREE_LAYOUTS)}")
+    official_names = {ours: theirs for theirs, ours in _QK_NORMS.items()}
     src = layout.flatten(layout.unrolled_view(config, params, dtype=dtype, host=False))
-    flat: dict = {}
+    out: dict = {}
     for p, get in src.items():
         x = get()
         if p[-2:] == ("gating_einsum", "w") and gating == "DF":
@@ -326,8 +369,12 @@ def write(path, config: ModelConfig, params, *, gating_layout: str | None = None
         if p == ("embedder", "input_embedding") and x.shape[0] == HF_VOCAB:
             # The official table has 128 zero padding rows after the 256000 pieces.
             x = jnp.pad(x, ((0, OFFICIAL_VOCAB - HF_VOCAB), (0, 0)))
-        flat.setdefault("transformer/" + "/".join(p[:-1]), {})[p[-1]] = x
-    ocp.PyTreeCheckpointer().save(path, flat)
+        p = tuple(official_names.get(part, part) if j == 2 and p[1] == "attn" else part for j, part in enumerate(p))
+        if tree == "flat":
+            out.setdefault("transformer/" + "/".join(p[:-1]), {})[p[-1]] = x
+        else:
+            _put(out, p[:-1] if p[-3:-1] in (("mlp", "gating_einsum"), ("mlp", "linear")) else p, x)
+    ocp.PyTreeCheckpointer().save(path, out)
     if jax.process_index() == 0:
         # The official files hold no hyperparameters; keep ours so a reload is exact.
         cfg = config.replace(param_dtype=layout.dtype_name(dtype) or config.param_dtype, scan_layers=True)
