@@ -74,8 +74,8 @@ def small(tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "q8_0"])
 def test_round_trip_in_each_dtype(small, tmp_path, dtype):
     # Every field a GGUF carries, away from its default (query scale through attention.scale).
-    cfg = small.cfg.replace(query_pre_attn_scalar=24.0, rope_base=20000.0, sliding_window=12, attn_softcap=40.0,
-                            final_softcap=20.0, max_seq_len=1000, norm_eps=1e-5)
+    cfg = small.cfg.replace(query_pre_attn_scalar=24.0, rope_base=20000.0, local_rope_base=20000.0, sliding_window=12,
+                            attn_softcap=40.0, final_softcap=20.0, max_seq_len=1000, norm_eps=1e-5)
     out = weights.save(tmp_path / "m", cfg, small.params, format="gguf", dtype=dtype, tokenizer=small.spm)
     assert sorted(p.name for p in Path(out).iterdir()) == ["model.gguf"]
     stored = tensor_types(Path(out) / "model.gguf")
@@ -234,11 +234,7 @@ def test_every_quantised_type_dequantises_as_gguf_does(quantised):
         v = quantised.values
         np.testing.assert_array_equal(np.asarray(params["embedder"]["input_embedding"]), v["token_embd.weight"])
         np.testing.assert_array_equal(np.asarray(params["final_norm"]["scale"]), v["output_norm.weight"])
-        unrolled = {}
-        for path, x in weights.layout.flatten(params).items():  # scanned pairs back to layers
-            for i in range(LAYERS):
-                if path[0] == "layers" and (path[1] == "local") == (i % 2 == 0):
-                    unrolled[(i,) + path[2:]] = np.asarray(x)[i // 2]
+        unrolled = weights.layout.unrolled_view(cfg, params)  # the scanned tree back to layer_0 .. layer_1
         for i in range(LAYERS):
             b = f"blk.{i}."
             expect = {
@@ -254,7 +250,10 @@ def test_every_quantised_type_dequantises_as_gguf_does(quantised):
                 ("post_ffw_norm", "scale"): v[b + "post_ffw_norm.weight"],
             }
             for path, want in expect.items():
-                np.testing.assert_array_equal(unrolled[(i,) + path], want, err_msg=f"layer {i} {path} {kwargs}")
+                node = unrolled[f"layer_{i}"]
+                for key in path:
+                    node = node[key]
+                np.testing.assert_array_equal(node(), want, err_msg=f"layer {i} {path} {kwargs}")
 
 
 def test_transformers_agrees_on_a_gguf_written_by_gguf(quantised):
@@ -268,6 +267,64 @@ def test_transformers_agrees_on_a_gguf_written_by_gguf(quantised):
     cfg, params = weights.load(quantised.path)
     ours = np.asarray(gemma_jax.logits(cfg, params, tokens))
     assert np.abs(ours - helpers.hf_logits(hf, tokens)).max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- Gemma 3 files
+
+
+@pytest.fixture(scope="module")
+def small3(small):
+    """A random 8-layer Gemma 3 (5 local + 1 global, then two local layers: a depth ending mid-cycle)
+    with transformers' GGUF assumptions (query scale 256, local RoPE base 1e4, no RoPE scaling)."""
+    config = ModelConfig.from_preset("gemma3_test", vocab_size=small.tok.vocab_size, query_pre_attn_scalar=256,
+                                     rope_scale=1.0)
+    helpers.make_hf_gemma3(config, small.root / "hf3", scale=2.0, seed=3)
+    cfg, params = weights.load(small.root / "hf3")
+    saved = {dt: weights.save(small.root / f"g3_{dt}", cfg, params, format="gguf", dtype=dt, tokenizer=small.spm)
+             for dt in ("float32", "q8_0")}
+    return types.SimpleNamespace(cfg=cfg, params=params, saved=saved)
+
+
+def test_gemma3_transformers_loads_our_gguf_with_equal_logits(small, small3):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    assert small3.cfg.family == "gemma3" and small3.cfg.num_layers % len(small3.cfg.attention_pattern) == 2
+    stored = tensor_types(Path(small3.saved["float32"]) / "model.gguf")
+    assert stored["blk.0.attn_q_norm.weight"] == stored["blk.0.attn_k_norm.weight"] == "F32"
+    tokens = np.array([small.tok.encode(" ".join(corpus(3, seed=6)))[:24]])  # window 8, global every 6th layer
+    for dtype, path in small3.saved.items():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file="model.gguf", dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+        assert type(hf).__name__ == "Gemma3ForCausalLM"
+        cfg, params = weights.load(path)
+        assert cfg == small3.cfg.replace(param_dtype="float32")
+        ours = np.asarray(gemma_jax.logits(cfg, params, tokens))
+        assert np.abs(ours - helpers.hf_logits(hf, tokens)).max() < 1e-4, dtype
+    got, orig = leaves(weights.load(small3.saved["float32"])[1]), leaves(small3.params)
+    for k, w in orig.items():  # float32: exact; norms (QK-norms too) exact in their stored 1 + w form
+        np.testing.assert_array_equal(got[k], (w + np.float32(1)) - np.float32(1) if "norm" in k else w, err_msg=k)
+
+
+@pytest.mark.parametrize("pattern", [("local",) * 5 + ("global",), ("local", "local", "global"),
+                                     ("global", "local", "local", "local")])
+def test_gemma3_fields_llama_cpp_does_not_store_round_trip(small, small3, tmp_path, pattern):
+    """Query scale, layer pattern, local RoPE base and RoPE scaling survive our own save/load."""
+    cfg = small3.cfg.replace(attention_pattern=pattern, query_pre_attn_scalar=24.0, local_rope_base=5000.0,
+                             rope_base=200000.0, rope_scale=4.0, sliding_window=6, final_softcap=25.0)
+    params = weights.layout.from_unrolled(cfg, weights.layout.unrolled_view(small3.cfg, small3.params))
+    out = weights.save(tmp_path / "m", cfg, params, format="gguf", dtype="float32", tokenizer=small.spm)
+    loaded_cfg, loaded = weights.load(out)
+    assert loaded_cfg == cfg.replace(scan_layers=True)
+    got, orig = leaves(loaded), leaves(params)
+    for k, w in orig.items():
+        np.testing.assert_array_equal(got[k], (w + np.float32(1)) - np.float32(1) if "norm" in k else w, err_msg=k)
+
+
+def test_gemma3_gguf_refuses_an_attention_softcap(small, small3, tmp_path):
+    with pytest.raises(UserError, match="attn_softcap"):
+        weights.save(tmp_path / "m", small3.cfg.replace(attn_softcap=50.0), small3.params, format="gguf")
+    assert not (tmp_path / "m").exists()
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -457,13 +514,54 @@ def real_tokenizer(real):
 
 
 @pytest.fixture(scope="module")
+def real_loaded(real):
+    return weights.load(real)
+
+
+@pytest.fixture(scope="module")
+def hf_real_model(real):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(Path(real).parent), gguf_file=Path(real).name, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.mark.slow
+def test_real_logits_and_greedy_equal_transformers(real_loaded, real_tokenizer, hf_real_model):
+    import torch
+
+    cfg, params = real_loaded
+    # Past the 512-token window, so the local layers' window and the global layers both count.
+    words = ("the court shall decide whether a contract clause holds when one party fails to deliver goods on time "
+             "and the other party claims damages for the loss of profit that followed from the delay").split()
+    rng = random.Random(0)
+    tokens = np.array([real_tokenizer.encode(" ".join(rng.choice(words) for _ in range(700)))[:530]])
+    assert tokens.shape[1] == 530
+    ours = np.asarray(gemma_jax.logits(cfg, params, tokens))
+    theirs = helpers.hf_logits(hf_real_model, tokens)
+    assert np.abs(ours - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
+    assert (ours[0].argmax(-1) == theirs[0].argmax(-1)).mean() > 0.99
+    del ours, theirs
+
+    prompt = "The quick brown fox"
+    ids = real_tokenizer.encode(prompt)
+    with torch.no_grad():
+        out = hf_real_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    want = real_tokenizer.decode(out[0, len(ids):].tolist())
+    assert want.strip()  # transformers produced text (" jumps over the lazy dog." when this was written)
+    got = gemma_jax.generate(cfg, params, real_tokenizer, [prompt], max_new_tokens=8, temperature=0.0)
+    assert got == [want[:len(got[0])]] and len(got[0]) > 0
+
+
+@pytest.fixture(scope="module")
 def hf_real_tokenizer(real):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(Path(real).parent), gguf_file=Path(real).name)
 
 
-def test_real_file_config_and_tensors_equal_gguf_dequantisation(real):
-    cfg, params = weights.load(real)
+def test_real_file_config_and_tensors_equal_gguf_dequantisation(real, real_loaded):
+    cfg, params = real_loaded
     assert {k: getattr(cfg, k) for k in GEMMA3_270M} == GEMMA3_270M
     reader = gguf.GGUFReader(real)
     stored = {t.name: t for t in reader.tensors}

@@ -202,15 +202,14 @@ def config_from_metadata(reader, path) -> ModelConfig:
                       rope_base=_f32(key("rope.freq_base", assumed["rope_base"])))
         if scaling == "linear" and float(key("rope.scaling.factor", 1.0)) != 1.0:
             raise UserError(f"{path}: a gemma2 file with RoPE scaling {key('rope.scaling.factor')}; Gemma 2 has none")
-        names = {fl.name for fl in dataclasses.fields(ModelConfig)}
-        if "local_rope_base" in names:  # Gemma 2 uses one base on every layer
-            fields["local_rope_base"] = fields["rope_base"]
+        # Gemma 2 uses one base on every layer; freq_base_swa only where we wrote a different one.
+        fields["local_rope_base"] = _f32(key("rope.freq_base_swa", fields["rope_base"]))
     else:
         pattern = key("attention.sliding_window_pattern", assumed["pattern_period"])
         fields.update(family="gemma3", qk_norm=True,
                       attention_pattern=_pattern_from_metadata(pattern, layers, str(path)),
-                      attn_softcap=_f32(key("attn_logit_softcapping", 0.0) or 0.0),
-                      final_softcap=_f32(key("final_logit_softcapping", 0.0) or 0.0),
+                      # llama.cpp's and transformers' Gemma 3 apply no attention cap, whatever the file says.
+                      attn_softcap=0.0, final_softcap=_f32(key("final_logit_softcapping", 0.0) or 0.0),
                       rope_base=_f32(key("rope.freq_base", assumed["rope_base"])),
                       local_rope_base=_f32(key("rope.freq_base_swa", assumed["local_rope_base"])),
                       rope_scale=_f32(key("rope.scaling.factor", 1.0) or 1.0) if scaling == "linear" else 1.0)
@@ -366,6 +365,8 @@ def _add_metadata(w, gguf, config: ModelConfig, arch: str, vocab_rows: int, file
     if arch == "gemma2":
         w.add_attn_logit_softcapping(config.attn_softcap)
         w.add_final_logit_softcapping(config.final_softcap)
+        if config.local_rope_base != config.rope_base:  # llama.cpp applies rope_base to every Gemma 2 layer
+            w.add_rope_freq_base_swa(config.local_rope_base)
     else:
         w.add_rope_freq_base_swa(config.local_rope_base)
         if config.rope_scale != 1.0:
@@ -376,8 +377,6 @@ def _add_metadata(w, gguf, config: ModelConfig, arch: str, vocab_rows: int, file
             w.add_sliding_window_pattern(len(pattern))
         else:
             w.add_sliding_window_pattern([config.is_local(i) for i in range(config.num_layers)])
-        if config.attn_softcap:
-            w.add_attn_logit_softcapping(config.attn_softcap)
         if config.final_softcap:
             w.add_final_logit_softcapping(config.final_softcap)
     w.add_file_type(file_type)
@@ -415,6 +414,9 @@ def write(path, config: ModelConfig, params, *, dtype=None, tokenizer=None) -> N
     if arch == "gemma2" and (pattern != ("local", "global") or getattr(config, "qk_norm", False)):
         raise UserError(f"GGUF export: a gemma2 config with attention_pattern {pattern} / qk_norm has no llama.cpp "
                         "layout (gemma2 files alternate local/global layers and have no QK-norm)")
+    if arch == "gemma3" and config.attn_softcap:
+        raise UserError(f"GGUF export: attn_softcap={config.attn_softcap} on a gemma3 model; llama.cpp's and "
+                        "transformers' Gemma 3 apply no attention soft-cap, so the file would be another model")
     tok = tokenizer_metadata(tokenizer) if tokenizer else None
     v = config.vocab_size
     rows = len(tok["tokens"]) if tok else v
