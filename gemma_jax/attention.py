@@ -111,7 +111,7 @@ def _main(fv, args) -> int:
         json.dump(report, f, indent=1)
     analysis.heatmap({k: np.asarray(v) for k, v in report["grids"].items()},
                      os.path.join(fv.output, "attention_heatmap.png"),
-                     kinds=["local" if config.is_local(i) else "global" for i in range(config.num_layers)],
+                     kinds=list(config.layer_types),
                      title=f"{_name(fv.tuned)} vs {_name(fv.base)}")
     analysis.write_markdown(report, os.path.join(fv.output, "attention.md"), top=fv.top_heads)
     for i, h in enumerate(report["ranked"][:5], 1):

@@ -117,10 +117,11 @@ def activation_bytes(config, rows: int, seq_len: int, *, loss_chunk: int, table_
     d, f, nh, kh = c.embed_dim, c.hidden_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     if fused_attention:
         scores = rows * c.num_heads * seq_len * 2
-    else:  # query x key entries per row and head, averaged over alternating local/global layers
-        area = sum((hi - lo) * (hi - first) for window in (c.sliding_window, None)
-                   for lo, hi, first in causal_blocks(seq_len, window)) / 2
-        scores = int(rows * c.num_heads * area)
+    else:  # query x key entries per row and head, averaged over the layers (local ones see a window)
+        def area(window):
+            return sum((hi - lo) * (hi - first) for lo, hi, first in causal_blocks(seq_len, window))
+        local = sum(t == "local" for t in c.layer_types) / c.num_layers
+        scores = int(rows * c.num_heads * (local * area(c.sliding_window) + (1 - local) * area(None)))
     layer = tok * (8 * d + 4 * nh + 4 * kh + 4 * f) * a + scores * 4 * 4
     backward = scores * 5 * 4 + tok * d * 4
     saved_input = tok * d * a

@@ -197,15 +197,15 @@ def decoding_layout(config: ModelConfig, params, *, donate: bool = False):
     if not (config.scan_layers and UNROLL_LAYERS_ON_CPU and _on_cpu(params)):
         return config, params
     out = {k: v for k, v in params.items() if k != "layers"}
-    for kind, first in (("local", 0), ("global", 1)):
-        leaves, treedef = jax.tree.flatten(params["layers"][kind])
+    for name, layers in config.scanned_layers().items():
+        leaves, treedef = jax.tree.flatten(params["layers"][name])
         per_leaf = []
         for x in leaves:
             per_leaf.append(_slice_layers(x))
             if donate and isinstance(x, jax.Array):
                 x.delete()
-        for i in range(config.num_layers // 2):
-            out[f"layer_{2 * i + first}"] = jax.tree.unflatten(treedef, [parts[i] for parts in per_leaf])
+        for j, i in enumerate(layers):
+            out[f"layer_{i}"] = jax.tree.unflatten(treedef, [parts[j] for parts in per_leaf])
     return config.replace(scan_layers=False), out
 
 

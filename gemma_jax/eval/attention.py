@@ -28,7 +28,7 @@ from gemma_jax.model import layers as model_lib
 from gemma_jax.model.config import ModelConfig
 
 # Architecture fields both models must share for their heads to be compared one to one.
-_SHAPE_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "sliding_window")
+_SHAPE_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "sliding_window", "attention_pattern", "qk_norm")
 
 
 # ----------------------------------------------------------------------------- probabilities
@@ -54,22 +54,20 @@ def _heads_last(probs_BKGTS):
 def layer_probs(config: ModelConfig, intermediates) -> jax.Array:
     """Sown attention probabilities as [L, B, N, T, S], layers in model order.
 
-    Scanned models keep local (even) layers and global (odd) layers in two stacks with a
-    leading pair axis, plus a trailing unpaired layer when num_layers is odd; unrolled ones keep
+    Scanned models keep one stack per position of the attention pattern's period (leading axis:
+    the period), plus the layers after the last whole period as `layer_{i}`; unrolled ones keep
     one `layer_{i}` entry per layer.
     """
     tree = intermediates.get("intermediates", intermediates)
-    if not config.scan_layers:
-        return jnp.stack([_heads_last(_sown(tree, f"layer_{i}")) for i in range(config.num_layers)])
-    local_PBKGTS = _sown(tree, "layers", "local")
-    global_PBKGTS = _sown(tree, "layers", "global")
-    # Interleave the pairs: [P, 2, ...] -> [2P, ...] gives local 0, global 1, local 2, ...
-    pairs_PCBKGTS = jnp.stack([local_PBKGTS, global_PBKGTS], axis=1)
-    stacked_LBKGTS = pairs_PCBKGTS.reshape(-1, *pairs_PCBKGTS.shape[2:])
-    layers = [_heads_last(x) for x in stacked_LBKGTS]
-    if config.num_layers % 2:
-        layers.append(_heads_last(_sown(tree, f"layer_{config.num_layers - 1}")))
-    return jnp.stack(layers)
+    layers: dict[int, jax.Array] = {}
+    if config.scan_layers:
+        for name, indices in config.scanned_layers().items():
+            if indices:
+                stacked_PBKGTS = _sown(tree, "layers", name)
+                layers.update({i: _heads_last(stacked_PBKGTS[j]) for j, i in enumerate(indices)})
+    for i in config.unscanned_layers():
+        layers[i] = _heads_last(_sown(tree, f"layer_{i}"))
+    return jnp.stack([layers[i] for i in range(config.num_layers)])
 
 
 def attention_probs(config: ModelConfig, params, tokens_BT, segment_ids_BT=None) -> jax.Array:

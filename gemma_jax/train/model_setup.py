@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from gemma_jax import paths, weights
+from gemma_jax.errors import UserError
 from gemma_jax.model import lora
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.tokenizer import Tokenizer
 
+_FAMILY_NAMES = {"gemma2": "Gemma 2", "gemma3": "Gemma 3"}
 _DIMS = ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim",
          "vocab_size", "sliding_window", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
 
@@ -27,6 +29,8 @@ def model_config(cfg, tokenizer: Tokenizer, loaded: ModelConfig | None = None) -
     """ModelConfig from the checkpoint's (if any) or the preset, then explicit dims and dtypes."""
     m = cfg.model
     if loaded is not None:
+        if m.preset:
+            check_preset_family(m.preset, m.init_checkpoint, loaded)
         base = loaded
     elif m.preset:
         base = ModelConfig.from_preset(m.preset)
@@ -52,6 +56,21 @@ def model_config(cfg, tokenizer: Tokenizer, loaded: ModelConfig | None = None) -
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model "
                          f"only {config.vocab_size} embedding rows")
     return config
+
+
+def check_preset_family(preset: str, checkpoint: str, loaded: ModelConfig) -> None:
+    """Raises UserError when model.preset names another Gemma generation than the checkpoint holds
+    (the checkpoint's own config is what trains; a preset of another family means a mistake)."""
+    try:
+        family = ModelConfig.from_preset(preset).family
+    except ValueError as e:
+        raise UserError(f"model.preset={preset!r}: {e}") from None
+    if family != loaded.family:
+        raise UserError(
+            f"model.preset={preset} is a {_FAMILY_NAMES.get(family, family)} model but model.init_checkpoint="
+            f"{checkpoint} holds {_FAMILY_NAMES.get(loaded.family, loaded.family)} weights ({loaded.num_layers} "
+            f"layers, width {loaded.embed_dim}); set model.preset to a {loaded.family}_* preset or to \"\" "
+            "(the checkpoint's own shape is used)")
 
 
 def lora_enabled(cfg) -> bool:

@@ -39,7 +39,8 @@ FORMAT = 1
 
 # ModelConfig fields that decide what the checkpoint's arrays mean (model.json has them all).
 SHAPE_FIELDS = ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
-                "sliding_window", "query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_base", "norm_eps")
+                "sliding_window", "query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_base", "norm_eps",
+                "family", "attention_pattern", "qk_norm", "local_rope_base", "rope_scale")
 # Config keys whose change alters the optimisation of a resumed run: allowed with train.allow_changes.
 OPTIMISATION_PREFIXES = ("opt.", "dpo.", "orpo.", "simpo.", "data.", "train.batch_size", "train.grad_accum",
                          "train.steps", "train.seed", "lora.dropout", "lora.quantize", "lora.base_dtype",
@@ -132,7 +133,9 @@ def _flat(cfg) -> dict[str, Any]:
 def identity(cfg, config, tokenizer_path: str, *, lora: bool, uses_reference: bool) -> dict[str, Any]:
     """What the checkpoints' arrays depend on: change any of it and they no longer fit or mean
     the same. Keys are the config keys a user would change."""
-    ident: dict[str, Any] = {f"model.{k}": getattr(config, k) for k in SHAPE_FIELDS}
+    # Lists, not tuples: the record is compared after a JSON round trip.
+    ident: dict[str, Any] = {f"model.{k}": (list(v) if isinstance(v := getattr(config, k), tuple) else v)
+                             for k in SHAPE_FIELDS}
     ident["tokenizer (sha256)"] = cache.tokenizer_sha256(paths.local_copy(tokenizer_path))[:16]
     ident["train.objective"] = str(cfg.train.objective)
     ident["lora.rank"] = int(cfg.lora.rank)
