@@ -21,7 +21,7 @@ import pytest
 
 import gemma_jax
 import helpers
-from gemma_jax import convert, weights
+from gemma_jax import convert, gguf_file, weights
 from gemma_jax.errors import UserError
 from gemma_jax.model import ModelConfig
 from gemma_jax.tokenizer import Tokenizer, train_sentencepiece
@@ -564,7 +564,10 @@ def hf_real_tokenizer(real):
 def test_real_file_config_and_tensors_equal_gguf_dequantisation(real, real_loaded):
     cfg, params = real_loaded
     assert {k: getattr(cfg, k) for k in GEMMA3_270M} == GEMMA3_270M
-    reader = gguf.GGUFReader(real)
+    # gemma_jax's reader subclass only parses the metadata arrays faster (~12 s saved); the tensor
+    # table and data offsets are gguf's own code, and the values come from gguf.quants.
+    reader = gguf_file.open_reader(real)
+    assert type(reader).__mro__[1] is gguf.GGUFReader
     stored = {t.name: t for t in reader.tensors}
     assert {t.tensor_type.name for t in reader.tensors} == {"F32", "Q5_0", "Q4_K", "Q8_0", "Q6_K"}
     deq = lambda name: gguf.quants.dequantize(stored[name].data, stored[name].tensor_type)  # noqa: E731
