@@ -7,8 +7,9 @@
 The input format is detected (HF, official Flax/Orbax flat or nested, KerasHub, GGUF, gemma_jax,
 training workdir); a tokenizer.model found in or beside the input (a GGUF input: the file's own
 vocabulary) goes into the output (for HF with the transformers tokenizer files and chat template,
-for GGUF inside the file). --to=gguf writes OUTPUT/model.gguf; --dtype=q8_0 is for GGUF only. A non-empty output directory is
-refused unless --overwrite, which replaces only the model files in it. A LoRA workdir always
+for GGUF inside the file). --to=gguf writes OUTPUT/model.gguf; --dtype=q8_0 is for GGUF only.
+A non-empty output directory is refused unless --overwrite, which replaces only the model files
+in it. A LoRA workdir always
 loads merged (its adapters added to the base its lora.json names); --merge_lora says that is
 what you expect, and fails if the input holds no adapters.
 """

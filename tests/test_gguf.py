@@ -377,30 +377,19 @@ def test_truncated_gguf_is_named_and_nothing_is_written(small, tmp_path):
 
 @pytest.mark.parametrize("qtype", [Q.Q8_K, Q.I32])
 def test_a_tensor_type_gguf_cannot_dequantise_is_named(quantised, tmp_path, qtype):
-    reader = gguf.GGUFReader(quantised.path)
     tensors = []
-    for t in reader.tensors:
-        data = np.array(t.data)
-        if t.name == "blk.1.ffn_up.weight":  # same shape, another type
+    for t in gguf.GGUFReader(quantised.path).tensors:  # the same file, one tensor of another type
+        data, kind = np.array(t.data), t.tensor_type
+        if t.name == "blk.1.ffn_up.weight":
             block, size = gguf.GGML_QUANT_SIZES[qtype]
-            data = (np.zeros((F, D // block * size), np.uint8) if qtype != Q.I32 else np.zeros((F, D), np.int32))
-            t = t._replace(tensor_type=qtype)
-        tensors.append((t.name, data, t.tensor_type if t.tensor_type != Q.I32 else Q.F32))
-    meta = _gemma2_meta()
-    path = tmp_path / "bad.gguf"
-    w = gguf.GGUFWriter(str(path), "gemma2")
-    for key, value in meta.items():
-        {int: w.add_uint32, float: w.add_float32}[type(value)](key.format(arch="gemma2"), value)
-    for name, data, t in tensors:
-        w.add_tensor(name, data, raw_dtype=None if t in (Q.F32, Q.F16) or data.dtype != np.uint8 else t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            data, kind = np.zeros((F, D // block * size) if qtype != Q.I32 else (F, D), data.dtype), qtype
+            data = data if qtype != Q.I32 else data.astype(np.int32)
+        tensors.append((t.name, data, kind))
+    path = write_gguf(tmp_path / "bad.gguf", "gemma2", tensors, **_gemma2_meta())
     assert tensor_types(path)["blk.1.ffn_up.weight"] == qtype.name
     with pytest.raises(UserError) as e:
-        weights.load(str(path))
-    assert "blk.1.ffn_up.weight" in _one_line(e) and qtype.name in str(e.value) and str(path) in str(e.value)
+        weights.load(path)
+    assert "blk.1.ffn_up.weight" in _one_line(e) and qtype.name in str(e.value) and path in str(e.value)
 
 
 def test_unknown_gguf_dtype_and_q8_0_outside_gguf(small, tmp_path):
@@ -495,8 +484,8 @@ def _fuzz(sp_vocab, n=300, seed=0):
                 cp = rng.randint(0x20, 0x2FFFF)
                 parts.append(chr(cp) if not 0xD800 <= cp < 0xE000 else "?")
             elif c < 0.92:
-                parts.append(rng.choice([" ", "  ", "\n", "\t", "\r\n", "   \n", "\u3000", "\xa0", "\n\n", " " * 33, " " * 47,
-                                         "\n" * 34, "\t" * 40]))
+                parts.append(rng.choice([" ", "  ", "\n", "\t", "\r\n", "   \n", "\u3000", "\xa0", "\n\n",
+                                         " " * 33, " " * 47, "\n" * 34, "\t" * 40]))
             else:
                 parts.append(rng.choice(["<start_of_turn>", "<end_of_turn>", "<unused7>", "<td>", "0123", "😀"]))
         out.append("".join(parts))

@@ -432,7 +432,8 @@ def write(path, config: ModelConfig, params, *, dtype=None, tokenizer=None) -> N
     for i in range(config.num_layers):
         L, b = src[f"layer_{i}"], f"blk.{i}."
         entries += [
-            (b + "attn_q.weight", (n * h, d), lambda L=L: L["attn"]["q_einsum"]["w"]().transpose(0, 2, 1).reshape(-1, d)),
+            (b + "attn_q.weight", (n * h, d),
+             lambda L=L: L["attn"]["q_einsum"]["w"]().transpose(0, 2, 1).reshape(-1, d)),
             (b + "attn_k.weight", (k * h, d),
              lambda L=L: L["attn"]["kv_einsum"]["w"]()[0].transpose(0, 2, 1).reshape(-1, d)),
             (b + "attn_v.weight", (k * h, d),
