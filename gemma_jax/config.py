@@ -171,7 +171,7 @@ def _declarations() -> dict[str, dict[str, tuple]]:
         train=("", _DATA_SPEC),  # files / globs, comma separated, tfds:name[/config]:split, hf:...; a mixture gives every part a :WEIGHT, e.g. "legal/*.jsonl:0.8,general.jsonl:0.2"
         eval=("", _DATA_SPEC),  # eval files, as data.train; "" holds out data.eval_fraction of data.train instead
         eval_fraction=(0.0, R.FRACTION),  # held out from train when data.eval is empty
-        tokenizer=("", R.PATH),  # tokenizer.model; "" looks beside model.init_checkpoint
+        tokenizer=("", R.PATH),  # tokenizer.model or a .gguf; "" looks beside model.init_checkpoint (a .gguf checkpoint: its own)
         seq_len=(512, R.number(2, integer=True)),  # tokens per training row
         packing=(True, R.BOOL),  # several examples per row (segment ids keep them apart)
         overlong=("truncate", R.one_of("truncate", "drop")),  # truncate | drop
@@ -197,7 +197,7 @@ def _declarations() -> dict[str, dict[str, tuple]]:
         eval_batches=(0, R.NON_NEGATIVE_INT),  # 0: the whole eval set
         seed=(0, R.NON_NEGATIVE_INT),  # init, data order, dropout and the data.eval_fraction hold-out
         loss_chunk=(1024, R.POSITIVE_INT),  # tokens per logits chunk in the loss (bounds [chunk, vocab] f32 memory)
-        export_format=("", R.one_of("", *SAVE_FORMATS)),  # hf | official | gemma_jax | keras: written to workdir/export at the end
+        export_format=("", R.one_of("", *SAVE_FORMATS)),  # hf | official | gemma_jax | keras | gguf (WORKDIR/export/model.gguf, float32 or the param dtype): written to workdir/export at the end
         progress=(True, R.BOOL),  # progress bar on stdout
         objective=("sft", R.one_of(*OBJECTIVES)),  # sft | dpo | orpo | simpo (preference pairs: README, Preference tuning)
         allow_changes=(False, R.BOOL),  # resume a workdir although lr, schedule, batch, data, steps or seed changed (recorded in manifest.json)

@@ -1,13 +1,15 @@
-"""Converts Gemma 2 weights between formats.
+"""Converts Gemma weights between formats.
 
-  python -m gemma_jax.convert --input=PATH --output=PATH --to={hf,official,gemma_jax,keras} \
-      [--dtype=float32|bfloat16] [--gating_layout=DF|FD] [--overwrite] [--model_config=FILE.json]
+  python -m gemma_jax.convert --input=PATH --output=PATH --to={hf,official,gemma_jax,keras,gguf} \
+      [--dtype=float32|bfloat16|float16|q8_0] [--gating_layout=DF|FD] [--overwrite] [--model_config=FILE.json]
   python -m gemma_jax.convert --merge_lora --input=LORA_WORKDIR --output=PATH --to=hf [--lora_base=BASE]
 
-The input format is detected (HF, official Flax/Orbax flat or nested, KerasHub, gemma_jax,
-training workdir); a tokenizer.model found in or beside the input goes into the output (for HF
-with the transformers tokenizer files and chat template). A non-empty output directory is
-refused unless --overwrite, which replaces only the model files in it. A LoRA workdir always
+The input format is detected (HF, official Flax/Orbax flat or nested, KerasHub, GGUF, gemma_jax,
+training workdir); a tokenizer.model found in or beside the input (a GGUF input: the file's own
+vocabulary) goes into the output (for HF with the transformers tokenizer files and chat template,
+for GGUF inside the file). --to=gguf writes OUTPUT/model.gguf; --dtype=q8_0 is for GGUF only.
+A non-empty output directory is refused unless --overwrite, which replaces only the model files
+in it. A LoRA workdir always
 loads merged (its adapters added to the base its lora.json names); --merge_lora says that is
 what you expect, and fails if the input holds no adapters.
 """
@@ -24,9 +26,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     """The command's flags, on `fv` (cli.run defines them only when the command runs)."""
     flags.DEFINE_string("input", None, "Checkpoint directory to read (any supported format).", flag_values=fv)
     flags.DEFINE_string("output", None, "Directory to write.", flag_values=fv)
-    flags.DEFINE_enum("to", None, ["hf", "official", "gemma_jax", "keras"], "Output format.", flag_values=fv)
-    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Weight dtype (default: as stored).",
+    flags.DEFINE_enum("to", None, ["hf", "official", "gemma_jax", "keras", "gguf"], "Output format.",
                       flag_values=fv)
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16", "q8_0"],
+                      "Weight dtype (default: as stored; q8_0: GGUF output only).", flag_values=fv)
     flags.DEFINE_enum("gating_layout", None, ["DF", "FD"], "Official output only: MLP gating layout "
                       "(default: DF for the 2B shape, else FD).", flag_values=fv)
     flags.DEFINE_integer("max_shard_bytes", 5 * 10**9, "HF output only: largest safetensors shard.",
@@ -48,6 +51,8 @@ def convert(input_path: str, output_path: str, to: str, *, dtype=None, gating_la
             max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, merge_lora: bool = False,
             lora_base: str | None = None, model_config: str | None = None) -> str:
     """Loads `input_path`, writes it as `to` into `output_path`; returns a summary line."""
+    if dtype == "q8_0" and to != "gguf":
+        raise ValueError(f"--dtype=q8_0 is a GGUF quantisation; --to={to} takes float32, bfloat16 or float16")
     fmt = weights.detect_format(input_path)
     meta = native.read_lora_json(input_path) if fmt == "workdir" else None
     if (merge_lora or lora_base) and meta is None:
@@ -56,8 +61,10 @@ def convert(input_path: str, output_path: str, to: str, *, dtype=None, gating_la
     if model_config and fmt != "official":
         raise ValueError(f"--model_config is only for official checkpoints (which store no hyperparameters); "
                          f"{input_path} is a {fmt} checkpoint and has its own")
-    config, params = weights.load(input_path, dtype=dtype, lora_base=lora_base, config=model_config or None)
-    kwargs = {}
+    # GGUF output quantises from the loaded values (float32 unless the input is half precision).
+    load_dtype = None if to == "gguf" else dtype
+    config, params = weights.load(input_path, dtype=load_dtype, lora_base=lora_base, config=model_config or None)
+    kwargs = {"dtype": dtype} if to == "gguf" and dtype else {}
     if to == "official" and gating_layout:
         kwargs["gating_layout"] = gating_layout
     if to == "hf":
@@ -69,8 +76,9 @@ def convert(input_path: str, output_path: str, to: str, *, dtype=None, gating_la
         f"{fmt} checkpoint {input_path}"
     return (f"converted {what} -> {to} checkpoint {out}: "
             f"{config.num_layers} layers, embed_dim {config.embed_dim}, vocab rows {config.vocab_size}, "
-            f"{config.num_params():,} parameters in {config.param_dtype}"
-            + (f"; copied tokenizer.model from {tokenizer}" if tokenizer else "; no tokenizer.model found"))
+            f"{config.num_params():,} parameters in {dtype if to == 'gguf' and dtype else config.param_dtype}"
+            + (f"; {'embedded the tokenizer' if to == 'gguf' else 'copied tokenizer.model'} from {tokenizer}"
+               if tokenizer else "; no tokenizer.model found"))
 
 
 def _main(fv, args) -> int:

@@ -183,6 +183,7 @@ def _check_same_tokenizer(tokenizer, other_path, where: str) -> None:
     """Raises when the baseline ships a different tokenizer: the same ids would mean other text."""
     if not other_path:
         return
+    other_path = Tokenizer(other_path).path  # a GGUF baseline's vocabulary, rebuilt as a tokenizer.model
     with open(tokenizer.path, "rb") as a, open(other_path, "rb") as b:
         if a.read() != b.read():
             raise UserError(f"the baseline {where} has its own tokenizer {other_path}, different from "

@@ -1,13 +1,21 @@
-"""SentencePiece tokenizer, special tokens and the Gemma 2 chat format (host side: no jax)."""
+"""SentencePiece tokenizer, special tokens and the Gemma 2 chat format (host side: no jax).
+
+A `.gguf` file holds its tokenizer as metadata (llama.cpp's `tokenizer.ggml.*` keys);
+`Tokenizer("model.gguf")` rebuilds the SentencePiece model from it (see `sentencepiece_from_gguf`)
+and keeps the rebuilt `tokenizer.model` in a cache, so everything downstream (data workers, the
+copy a training workdir keeps, exports) sees an ordinary SentencePiece file.
+"""
 
 from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -108,8 +116,8 @@ def _resolve(path: str) -> str:
             if os.path.isfile(os.path.join(path, c)):
                 return os.path.join(path, c)
     raise FileNotFoundError(
-        f"no SentencePiece tokenizer at {path!r} (a file, or a directory holding "
-        f"{' or '.join(_CANDIDATES)}). Gemma's tokenizer.model ships next to the official "
+        f"no SentencePiece tokenizer at {path!r} (a file, a .gguf model, or a directory holding "
+        f"{' or '.join(_CANDIDATES)} or one .gguf). Gemma's tokenizer.model ships next to the official "
         "weights (Kaggle google/gemma-2/flax/...) and in the Hugging Face repos "
         "(google/gemma-2-2b, ...); for tiny models train one with "
         "`python -m gemma_jax.tokenizer train`.")
@@ -125,7 +133,10 @@ class Tokenizer:
     """SentencePiece tokenizer with Gemma's special ids and turn format."""
 
     def __init__(self, path: str):
-        self.path = _resolve(os.fspath(path))
+        self.source = os.fspath(path)  # as given: a tokenizer.model, a directory, or a .gguf
+        gguf_path = gguf_in(self.source)
+        # A GGUF's vocabulary becomes a tokenizer.model in the cache; `path` is always a SentencePiece file.
+        self.path = rebuilt_model(gguf_path) if gguf_path else _resolve(self.source)
         self._sp = spm.SentencePieceProcessor(model_file=self.path)
         self.vocab_size = self._sp.vocab_size()
         self.pad_id, self.eos_id = self._sp.pad_id(), self._sp.eos_id()
@@ -143,7 +154,7 @@ class Tokenizer:
         return i
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
+        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
 
     def encode(self, text: str, *, add_bos: bool = True, add_eos: bool = False) -> list[int]:
         """Text -> ids, BOS first by default."""
@@ -206,6 +217,128 @@ class Tokenizer:
         mask = np.ones(len(ids), dtype=bool)
         mask[0] = False
         return np.asarray(ids, dtype=np.int32), mask
+
+
+# ----------------------------------------------------------------------------- GGUF vocabularies
+
+GGUF_SUFFIX = ".gguf"
+# llama.cpp's token types use SentencePiece's numbering (sentencepiece_model.proto).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_REBUILD_VERSION = 2  # part of the cache key: a change to sentencepiece_from_gguf must not reuse old files
+
+
+def gguf_in(path) -> str | None:
+    """`path` if it is a GGUF file, the one .gguf of a directory without a tokenizer.model, else None."""
+    from gemma_jax import gguf_file
+
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path if path.endswith(GGUF_SUFFIX) or gguf_file.is_gguf(path) else None
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, c)) for c in _CANDIDATES):
+        found = sorted(glob.glob(os.path.join(glob.escape(path), "*" + GGUF_SUFFIX)))
+        if len(found) > 1:
+            raise ValueError(f"{path} holds several GGUF files {[os.path.basename(f) for f in found]}; pass one")
+        return found[0] if found else None
+    return None
+
+
+def sentencepiece_from_gguf(path) -> bytes:
+    """The serialized SentencePiece ModelProto described by a GGUF's `tokenizer.ggml.*` metadata.
+
+    Encodes as transformers' tokenizer of the same file (its Gemma GGUF converter): pieces that
+    are spaces only are stored with real spaces and written back with "\u2581", and are ordinary
+    BPE pieces there (a run of 33 spaces is 16 + 17, not the longest piece first); merges rank by
+    position in the file, not by the stored scores. CONTROL pieces other than <bos>/<eos>/<pad>
+    (the turn markers, <mask>, <unusedN>, ...) become USER_DEFINED so they stay whole in text, as
+    transformers' added tokens do. SentencePiece needs <bos>, <eos> and <pad> as CONTROL and <unk>
+    as UNKNOWN, so those four are spelled out when they occur as text (transformers reads them as
+    the special ids), as with any tokenizer.model.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from gemma_jax import gguf_file
+    from gemma_jax.errors import UserError
+
+    reader = gguf_file.open_reader(path)
+    get = lambda key, default=None: gguf_file.field(reader, "tokenizer.ggml." + key, default)  # noqa: E731
+    kind, tokens = get("model"), get("tokens")
+    if tokens is None:
+        raise UserError(f"{path}: this GGUF holds no tokenizer (no tokenizer.ggml.tokens); pass a "
+                        "tokenizer.model with data.tokenizer / --tokenizer")
+    if kind != "llama":
+        raise UserError(f"{path}: tokenizer.ggml.model={kind!r}; only SentencePiece vocabularies ('llama', "
+                        "as in every Gemma GGUF) can be rebuilt")
+    n = len(tokens)
+    scores = get("scores") or [0.0] * n
+    types = get("token_type") or [_NORMAL] * n
+    if len(scores) != n or len(types) != n:
+        raise UserError(f"{path}: {n} tokens but {len(scores)} scores and {len(types)} token types")
+    ids = {name: get(key + "_token_id") for name, key in
+           (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+    control = {ids["bos"], ids["eos"], ids["pad"]} - {None}
+
+    m = pb.ModelProto()
+    spec = m.trainer_spec
+    spec.model_type = pb.TrainerSpec.BPE
+    spec.vocab_size = n
+    spec.byte_fallback = _BYTE in types
+    for name, i in ids.items():
+        setattr(spec, f"{name}_id", -1 if i is None else int(i))
+        if i is not None:
+            setattr(spec, f"{name}_piece", tokens[i])
+    norm = m.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = bool(get("add_space_prefix", False))
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    for i, (token, score, kind) in enumerate(zip(tokens, scores, types)):
+        if kind in (_CONTROL, _USER_DEFINED) or not token.strip():
+            token = token.replace(" ", "\u2581")
+        if kind == _CONTROL and i not in control:
+            kind = _USER_DEFINED
+        if kind == _USER_DEFINED and token and not token.strip("\u2581"):
+            kind = _NORMAL
+        if i == ids["unk"]:
+            kind = _UNKNOWN
+        if kind == _NORMAL:
+            score = -float(i)
+        piece = m.pieces.add()
+        piece.piece, piece.score, piece.type = token, float(score), int(kind)
+    data = m.SerializeToString()
+    try:
+        spm.SentencePieceProcessor(model_proto=data)
+    except RuntimeError as e:
+        raise UserError(f"{path}: its tokenizer metadata does not make a valid SentencePiece model ({e})") from None
+    return data
+
+
+def _cache_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemma_jax", "tokenizers")
+
+
+def rebuilt_model(path) -> str:
+    """A tokenizer.model rebuilt from the GGUF `path`, cached by the file's path, size and mtime
+    (~/.cache/gemma_jax/tokenizers, or under $XDG_CACHE_HOME)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = hashlib.sha256(f"{_REBUILD_VERSION}\0{real}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    name = f"{os.path.splitext(os.path.basename(real))[0]}-{key}.model"
+    directories = (_cache_dir(), os.path.join(tempfile.gettempdir(), "gemma_jax_tokenizers"))
+    for directory in directories:
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    data = sentencepiece_from_gguf(real)
+    for directory in directories:  # the temporary directory when the cache is read-only
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".partial-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, os.path.join(directory, name))  # concurrent builders write the same bytes
+            return os.path.join(directory, name)
+        except OSError:
+            continue
+    raise PermissionError(f"cannot write the tokenizer rebuilt from {path} to {directories[0]} or {directories[1]}")
 
 
 def _sentences(texts):

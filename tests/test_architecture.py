@@ -14,8 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "gemma_jax"
 
 # Lowest first. A module's layer is that of the longest prefix listed.
 LAYERS = [
-    ("base", ["gemma_jax.errors", "gemma_jax.logs", "gemma_jax.cli", "gemma_jax.paths", "gemma_jax.tokenizer",
-              "gemma_jax.config_rules"]),
+    ("base", ["gemma_jax.errors", "gemma_jax.logs", "gemma_jax.cli", "gemma_jax.paths", "gemma_jax.gguf_file",
+              "gemma_jax.tokenizer", "gemma_jax.config_rules"]),
     ("model", ["gemma_jax.model"]),
     ("sharding", ["gemma_jax.sharding"]),
     ("weights, data, loss, config", ["gemma_jax.weights", "gemma_jax.data", "gemma_jax.loss", "gemma_jax.config"]),

@@ -10,6 +10,8 @@
   official.py  the official Flax/Orbax checkpoints: the flat Kaggle layout (google/gemma-2/flax,
                gemma-3) and the gemma library's nested trees (gm.ckpts.save_params)
   keras.py     KerasHub presets (optional extra)
+  gguf.py      llama.cpp's GGUF files (gemma2 / gemma3; optional `gguf` extra): every type gguf
+               dequantises in, float32/float16/bfloat16/q8_0 out with the tokenizer inside
   native.py    gemma_jax checkpoints and training workdirs (model.json, lora.json)
 """
 

@@ -1,7 +1,8 @@
 """Load and save Gemma 2 / Gemma 3 weights in any supported format: detection, dispatch, LoRA merging.
 
 Formats: `hf` (hf.py), `official` (official.py: the Kaggle / Google Flax-Orbax layout), `keras`
-(keras.py, optional extra), `gemma_jax` and `workdir` (native.py). Every reader goes through
+(keras.py, optional extra), `gguf` (gguf.py: llama.cpp's single-file format, optional extra),
+`gemma_jax` and `workdir` (native.py). Every reader goes through
 the unrolled intermediate of layout.py, so each lands straight in the requested shardings.
 `save` never replaces files unasked (`overwrite=True`) and writes beside the target, renaming
 into place, so an interrupted save leaves the previous model intact.
@@ -20,14 +21,15 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from gemma_jax import logs, paths, sharding
+from gemma_jax import gguf_file, logs, paths, sharding
 from gemma_jax.errors import UserError
 from gemma_jax.model import layers as model, lora
 from gemma_jax.model.config import ModelConfig
-from gemma_jax.weights import hf, keras, layout, native, official
+from gemma_jax.tokenizer import GGUF_SUFFIX, Tokenizer, gguf_in
+from gemma_jax.weights import gguf, hf, keras, layout, native, official
 
-FORMATS = ("hf", "official", "keras", "gemma_jax", "workdir")
-SAVE_FORMATS = ("hf", "official", "gemma_jax", "keras")
+FORMATS = ("hf", "official", "keras", "gguf", "gemma_jax", "workdir")
+SAVE_FORMATS = ("hf", "official", "gemma_jax", "keras", "gguf")
 # Files an Orbax PyTree checkpoint directory holds (new OCDBT layout or the older msgpack one).
 ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
 
@@ -44,10 +46,13 @@ def _resolve(path) -> tuple[str, Path, dict]:
         "model.safetensors.index.json), a KerasHub preset (config.json + model.weights.h5), a "
         "gemma_jax checkpoint (model.json + params/), a training workdir (model.json + "
         "checkpoints/), an official Flax/Orbax checkpoint dir (_METADATA / checkpoint / "
-        "manifest.ocdbt), or a Kaggle dir holding one such weights folder")
+        "manifest.ocdbt), a Kaggle dir holding one such weights folder, or a .gguf file (or a "
+        "directory holding one)")
     if not p.exists():
         raise ValueError(f"checkpoint path {p} does not exist; expected {looked_for}")
     if not p.is_dir():
+        if p.suffix == ".gguf" or gguf_file.is_gguf(p):
+            return "gguf", p, {}
         raise ValueError(f"checkpoint path {p} is a file; expected a directory: {looked_for}")
     if (p / native.MODEL_JSON).exists() and (p / "params").is_dir():
         return "gemma_jax", p, {}
@@ -69,6 +74,11 @@ def _resolve(path) -> tuple[str, Path, dict]:
                                  "model.safetensors.index.json (only safetensors weights are read; "
                                  "re-save with transformers save_pretrained)")
             return "hf", p, {}
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0], {}
+    if len(ggufs) > 1:
+        raise ValueError(f"{p} holds several GGUF files {[g.name for g in ggufs]}; pass one of them")
     if _is_orbax_dir(p):
         if p.name == "params" and (p.parent / native.MODEL_JSON).exists():
             return "gemma_jax", p.parent, {}
@@ -85,13 +95,20 @@ def _resolve(path) -> tuple[str, Path, dict]:
 
 
 def detect_format(path) -> str:
-    """'hf' | 'official' | 'keras' | 'gemma_jax' | 'workdir' for a checkpoint directory."""
+    """'hf' | 'official' | 'keras' | 'gguf' | 'gemma_jax' | 'workdir' for a checkpoint path."""
     return _resolve(path)[0]
 
 
 def find_tokenizer(path) -> str | None:
-    """A tokenizer.model stored in or beside a checkpoint (Kaggle: in the parent), else None."""
+    """A tokenizer.model stored in or beside a checkpoint (Kaggle: in the parent), a GGUF's own
+    (the .gguf path, which gemma_jax.Tokenizer reads), else None."""
     p = paths.Path(path)
+    if os.fspath(path).endswith(GGUF_SUFFIX) or (not paths.is_remote(path) and Path(path).is_file() and gguf_in(path)):
+        return os.fspath(path)  # the file's own vocabulary, not a tokenizer.model that happens to lie beside it
+    if not paths.is_remote(path) and Path(path).is_dir() and not (Path(path) / "tokenizer.model").is_file():
+        found = sorted(Path(path).glob("*.gguf"))
+        if len(found) == 1:
+            return str(found[0])
     for cand in (p / "tokenizer.model", p.parent / "tokenizer.model",
                  p / "assets" / "tokenizer" / "vocabulary.spm"):
         if cand.is_file():
@@ -172,12 +189,16 @@ def _load(path, *, dtype, mesh, rules, lora_base, config):
     if config is not None and fmt != "official":
         raise ValueError(f"load(config=...) is only for official checkpoints (which store no "
                          f"hyperparameters); {directory} is a {fmt} checkpoint and has its own")
-    if fmt in ("hf", "keras") and paths.is_remote(directory):
+    if fmt in ("hf", "keras", "gguf") and paths.is_remote(directory):
         # Memory-mapped formats: read from a local copy (Orbax formats read gs:// directly).
         fmt, directory, extras = _resolve(paths.local_copy(directory))
     logging.info("loading %s checkpoint from %s", fmt, directory)
     if fmt == "hf":
         config, unrolled = hf.read(directory)
+        config = layout.scanned_config(config, dtype)
+        return config, layout.from_unrolled(config, unrolled, mesh=mesh, rules=rules)
+    if fmt == "gguf":
+        config, unrolled = gguf.read(directory)
         config = layout.scanned_config(config, dtype)
         return config, layout.from_unrolled(config, unrolled, mesh=mesh, rules=rules)
     if fmt == "official":
@@ -197,6 +218,7 @@ MODEL_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
     hf.INDEX, "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja",                                    # hf
+    "*" + GGUF_SUFFIX,                                                             # gguf
     "model.weights.h5", "*.weights.h5", "model.weights.json", "metadata.json", "assets",  # keras
     native.MODEL_JSON, "params",                                                   # gemma_jax
     official.SIDECAR, *ORBAX_MARKERS, "_ROOT_METADATA", "_sharding", "d", "ocdbt.process_*",
@@ -253,7 +275,7 @@ def _check_target(target, overwrite: bool, what: str) -> None:
 
 
 _WHAT = {"hf": "Hugging Face checkpoint", "official": "official checkpoint", "keras": "KerasHub preset",
-         "gemma_jax": "gemma_jax checkpoint"}
+         "gemma_jax": "gemma_jax checkpoint", "gguf": "GGUF file"}
 
 
 def check_output(path, overwrite: bool = False, format: str = "hf") -> None:
@@ -304,6 +326,9 @@ def _write(directory, fmt: str, config: ModelConfig, params, tokenizer, kwargs) 
     if fmt == "hf":
         hf.write(directory, config, params, tokenizer=tokenizer, **kwargs)
         return
+    if fmt == "gguf":  # the tokenizer goes inside the file
+        gguf.write(directory, config, params, tokenizer=tokenizer, **kwargs)
+        return
     if fmt == "official":
         # The Kaggle layout: the weights folder with tokenizer.model beside it.
         official.write(directory / official.folder_name(config), config, params, **kwargs)
@@ -325,23 +350,30 @@ def _remove_remote_model_files(target) -> None:
 
 def save(path, config: ModelConfig, params, *, format: str, tokenizer=None, overwrite: bool = False,
          **kwargs) -> str:
-    """Writes params in `format` ('hf', 'official', 'gemma_jax', 'keras'); returns the directory written.
+    """Writes params in `format` ('hf', 'official', 'gemma_jax', 'keras', 'gguf'); returns the directory written.
 
     A non-empty directory is refused unless `overwrite=True`, which replaces the model files in
     it (MODEL_FILES) and keeps any others. A local save is written into a sibling directory
     and renamed into place, the old copy renamed away first and deleted after: a kill at any
     moment leaves the old model or the new one, never a truncated file under the final name.
-    `tokenizer`: a tokenizer.model to include (hf: with the transformers tokenizer files).
+    `tokenizer`: a tokenizer.model (or a .gguf, whose vocabulary is rebuilt as one) to include (hf:
+    with the transformers tokenizer files; gguf: inside the file, with the chat template).
     Options: hf max_shard_bytes, dtype; official gating_layout, dtype, tree ("flat" Kaggle layout,
-    or "nested" as the gemma library saves); keras dtype.
+    or "nested" as the gemma library saves); keras dtype; gguf dtype (float32, float16, bfloat16
+    or q8_0; it writes DIR/model.gguf).
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"unknown save format {format!r}; choose one of {SAVE_FORMATS}")
     allowed = {"hf": {"max_shard_bytes", "dtype"}, "official": {"gating_layout", "dtype", "tree"},
-               "keras": {"dtype"}, "gemma_jax": set()}[format]
+               "keras": {"dtype"}, "gemma_jax": set(), "gguf": {"dtype"}}[format]
     if set(kwargs) - allowed:
         raise ValueError(f"save(format={format!r}) got unknown arguments {sorted(set(kwargs) - allowed)}"
                          f" (it takes {sorted(allowed) or 'none'})")
+    if format == "gguf" and kwargs.get("dtype") not in (None, *gguf.DTYPES):
+        raise ValueError(f"save(format='gguf', dtype={kwargs['dtype']!r}): choose one of {', '.join(gguf.DTYPES)}")
+    if tokenizer and (os.fspath(tokenizer).endswith(GGUF_SUFFIX)
+                      or (not paths.is_remote(tokenizer) and gguf_in(tokenizer))):
+        tokenizer = Tokenizer(paths.local_copy(tokenizer)).path  # a GGUF's vocabulary as a tokenizer.model
     what = _WHAT[format]
     writer = jax.process_index() == 0
     if paths.is_remote(path):
