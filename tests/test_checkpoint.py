@@ -561,3 +561,17 @@ weights.save({str(out)!r}, cfg, params, format="hf", overwrite=True)
     with pytest.raises(OSError, match="No space left"):
         weights.save(out, cfg, params, format="hf", overwrite=True)
     assert not stage.exists() and (out / "model.safetensors").read_bytes() == before
+
+
+def test_workdir_without_a_checkpoint_loads_its_export_or_says_why(tmp_path):
+    """A train.steps=0 run (a baseline) saves no checkpoint, only its export: load reads that;
+    a workdir with neither is one UserError, not a raw ValueError."""
+    params = model.init_params(CFG_B, jax.random.key(3))
+    workdir = tmp_path / "baseline"
+    (workdir / "checkpoints").mkdir(parents=True)
+    native.write_model_json(workdir, CFG_B)
+    with pytest.raises(UserError, match="no finished checkpoint"):
+        weights.load(workdir)
+    weights.save(workdir / "export", CFG_B, params, format="hf")
+    _, loaded = weights.load(workdir)
+    same_tree(jax.device_get(params), jax.device_get(loaded), exact=True)

@@ -124,7 +124,13 @@ def _load_orbax_dir(fmt: str, directory: Path, extras: dict, dtype, mesh, rules,
     if step is None:
         step = native.latest_workdir_step(directory)
         if step is None:
-            raise ValueError(f"workdir {directory}: no finished checkpoint under checkpoints/")
+            export = directory / "export"
+            if export.is_dir() and any(export.iterdir()):
+                # A train.steps=0 run (a baseline) saves no checkpoint; its export holds the weights.
+                logging.info("workdir %s has no checkpoint; loading its export %s", directory, export)
+                return load(export, dtype=dtype, mesh=mesh)
+            raise UserError(f"workdir {directory}: no finished checkpoint under checkpoints/ and no export/ "
+                            "(the run has not saved yet; load it after its first checkpoint)")
     params_dir = directory / "checkpoints" / str(step) / "params"
     if not params_dir.is_dir():
         raise ValueError(f"workdir {directory}: step {step} has no params item ({params_dir})")
