@@ -91,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
         beta=0.1,  # how far the policy may move from the reference (higher: closer)
         loss="sigmoid",  # sigmoid (the DPO paper's) | ipo (squared, per-token averaged log-ratios)
         label_smoothing=0.0,  # > 0: conservative DPO, the assumed share of flipped labels (sigmoid only)
+        sft_weight=1.0,  # >= 0: weight of an NLL term on the chosen responses (per token; TRL's loss_type ["sigmoid", "sft"], loss_weights [1, w], once rpo_alpha): keeps their likelihood and the model's answers up; 0 is plain DPO
         precompute_reference=False,  # reference log-probs from one pass before training (stored in the workdir): no reference forward per step, no frozen copy
     ))
     c.orpo = ml_collections.ConfigDict({

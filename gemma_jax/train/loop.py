@@ -56,6 +56,7 @@ def check_config(cfg, workdir: str) -> None:
         raise UserError(f"train.export_format={fmt!r}; choose one of {', '.join(weights.SAVE_FORMATS)} "
                         "(or '' for no export)")
     tasks.validate(cfg.eval)
+    objectives.check_start(cfg)
     if int(cfg.train.max_nonfinite_steps) < 1:
         raise UserError(f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps} must be >= 1")
     init = cfg.model.init_checkpoint
