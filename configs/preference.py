@@ -49,7 +49,7 @@ def get_config(arg: str = "tiny"):
     c.eval.general = ""
     c.dpo.sft_weight = 1.0
     if arg == "tiny":
-        c.model.init_checkpoint = ""  # required: the Quickstart's workdir, --config.model.init_checkpoint=/tmp/legal_tiny
+        c.model.init_checkpoint = ""  # required: the Quickstart's workdir (--config.model.init_checkpoint=...)
         c.data.tokenizer = ""  # the SFT workdir's copy
         # One pair per row: train.batch_size pairs per step (as TRL counts them); the longest pair
         # side is 165 tokens.
