@@ -209,6 +209,7 @@ def _declarations() -> dict[str, dict[str, tuple]]:
         beta=(0.1, R.POSITIVE),  # how far the policy may move from the reference (higher: closer)
         loss=("sigmoid", R.one_of(*DPO_LOSSES)),  # sigmoid (the DPO paper's) | ipo (squared, per-token averaged log-ratios)
         label_smoothing=(0.0, R.number(0, 0.5, hi_open=True)),  # > 0: conservative DPO, the assumed share of flipped labels (sigmoid only)
+        sft_weight=(1.0, R.NON_NEGATIVE),  # weight of an NLL term on the chosen responses (per token; TRL's loss_type ["sigmoid", "sft"], loss_weights [1, w], once rpo_alpha): keeps their likelihood and the model's answers up; 0 is plain DPO
         precompute_reference=(False, R.BOOL),  # reference log-probs from one pass before training (stored in the workdir): no reference forward per step, no frozen copy
     )
     c.orpo = {

@@ -75,6 +75,7 @@ INVALID = {
     "dpo.loss": ["hinge", "sigmoid "],
     "dpo.label_smoothing": [-0.1, 0.5, 0.9, NAN],
     "dpo.precompute_reference": ["false"],
+    "dpo.sft_weight": [-0.5, NAN, INF],
     "orpo.lambda": [0.0, -1.0, INF],
     "simpo.beta": [0.0, -2.0, NAN],
     "simpo.gamma": [-0.5, INF],
@@ -119,7 +120,7 @@ VALID_EDGES = {
     "model.head_dim": None, "model.attn_softcap": 0.0, "train.eval_every": 0, "dpo.label_smoothing": 0.49,
     "data.train": "a.jsonl:0.8,b.jsonl:0.2", "data.field_map": "input=text,output=summary",
     "model.num_layers": 1, "eval.temperature": 0.0, "train.export_format": "", "data.seq_len": 2,
-    "train.steps": 0,
+    "train.steps": 0, "dpo.sft_weight": 0.0,
 }
 
 

@@ -13,7 +13,8 @@ import pytest
 from gemma_jax import loss as loss_lib, model as model_lib, sharding, train
 from gemma_jax.data import DataError, preference
 from gemma_jax.train import objectives
-from test_train import assert_trees_close, leaves, one_device_mesh, random_params, small_config, tokenizer
+from test_train import (assert_trees_close, init_checkpoint, leaves, one_device_mesh, random_params,  # noqa: F401
+                        small_config, tokenizer)
 
 # ----------------------------------------------------------------------------- the published formulas, in numpy
 
@@ -159,9 +160,11 @@ def _frozen_table_scores(p, rows, ref, obj, config):
 
 
 def dpo_config(steps, batch_size, **kw):
+    """Plain DPO (no NLL term) unless dpo.sft_weight is given."""
     cfg = small_config(steps=steps, batch_size=batch_size)
     cfg.train.objective = "dpo"
     cfg.opt.lr, cfg.opt.warmup_steps = kw.pop("lr", 3e-3), 1
+    kw.setdefault("sft_weight", 0.0)
     for k, v in kw.items():
         cfg.dpo[k] = v
     return cfg
@@ -348,7 +351,7 @@ def test_dpo_switches_a_model_from_the_rejected_to_the_chosen_pattern():
 
 
 @pytest.mark.slow
-def test_interrupted_dpo_run_resumes_like_an_uninterrupted_one(tmp_path):
+def test_interrupted_dpo_run_resumes_like_an_uninterrupted_one(tmp_path, init_checkpoint):
     """train.run on pair files (LoRA DPO, 2x2x2 mesh): stop after 2 steps + resume == 4 straight steps,
     metrics.jsonl carries the pair metrics for train and eval."""
     from test_train import loss_records, read_metrics
@@ -356,6 +359,7 @@ def test_interrupted_dpo_run_resumes_like_an_uninterrupted_one(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     cfg = dpo_config(4, 8)
+    cfg.model.init_checkpoint = init_checkpoint  # DPO tunes a model it is given (train.run refuses none)
     cfg.data.train, cfg.data.eval_fraction = str(path), 0.25
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.base_dtype = 4, 8.0, "float32"
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
@@ -429,7 +433,7 @@ def test_damaged_stored_reference_is_computed_again(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_precompute_reference_trains_like_the_live_reference_and_resumes_from_the_stored_values(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, init_checkpoint):
     """Full fine-tuning DPO: precompute_reference (stopped after 2 steps, resumed) gives the same
     losses, rewards and eval metrics as the live frozen copy; the resume reads the stored values
     (no second pass) and the memory planner counts no reference copy."""
@@ -442,6 +446,7 @@ def test_precompute_reference_trains_like_the_live_reference_and_resumes_from_th
     runs = {}
     for pre in (False, True):
         cfg = dpo_config(4, 4, precompute_reference=pre)
+        cfg.model.init_checkpoint = init_checkpoint
         cfg.data.train, cfg.data.eval_fraction, cfg.train.eval_every = str(path), 0.25, 2
         cfg.checkpoint.every_steps = 2
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2

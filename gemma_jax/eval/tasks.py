@@ -17,6 +17,11 @@ For each model (the tuned one, and the baseline if given):
                                      baseline is reported and logged as a warning past
                                      `forgetting_threshold`.
 
+Preference pairs ({"prompt", "chosen", "rejected"} or any schema gemma_jax.data.preference reads)
+are scored as their prompts with the chosen responses as the references; generations also give
+chosen_rate: the share of answers closer to the chosen response than to the rejected one (by
+ROUGE-L; a tie, such as an answer sharing no word with either, is not chosen).
+
 `run_eval` returns the report dict ({"baseline", "tuned", "delta", "forgetting", "examples", ...});
 report.py writes it out. The training loop calls the same function on params in memory.
 """
@@ -27,18 +32,20 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 
 from gemma_jax import data as data_lib, loss, sample, sharding
+from gemma_jax.data import preference
 from gemma_jax.eval import metrics as metrics_lib
 from gemma_jax.model.config import ModelConfig
 
 LOSS_METRICS = ("loss", "perplexity", "token_accuracy")
 GENERAL_METRICS = ("general_loss", "general_perplexity")
+PREFERENCE_METRICS = ("chosen_rate",)  # generations on preference pairs
 # Smaller is better for these; every other metric is a score where larger is better.
 LOWER_IS_BETTER = {"loss", "perplexity", "general_loss", "general_perplexity"}
 TESTS_FIELDS = ("tests", "test_list")  # test_list: MBPP's name for the same thing
@@ -53,6 +60,14 @@ class Item:
     prompt: list[dict]
     reference: str
     tests: list[str] | None = None
+    rejected: str | None = None  # preference pairs: the reference is the chosen response
+
+
+@dataclasses.dataclass
+class ChosenExample(data_lib.Example):
+    """A preference pair read as its prompt and chosen response (the rejected one kept aside)."""
+
+    rejected: str = ""
 
 
 # ----------------------------------------------------------------------------- data
@@ -76,13 +91,41 @@ def read_eval_data(spec: str, data_cfg=None, *, holdout_seed: int = 0) -> list[d
         text_split=_data_option(data_cfg, "text_split", "line"),
         skip_invalid=_data_option(data_cfg, "skip_invalid", False),
         tfds_data_dir=_data_option(data_cfg, "tfds_data_dir", ""))
+    read_pairs = functools.partial(
+        preference.read_pairs, field_map=_data_option(data_cfg, "field_map", ""),
+        skip_invalid=_data_option(data_cfg, "skip_invalid", False),
+        text_split=_data_option(data_cfg, "text_split", "line"),
+        tfds_data_dir=_data_option(data_cfg, "tfds_data_dir", ""))
+
+    def read_any(s):
+        if not is_pair_data(s, data_cfg):
+            return read(s)[0]
+        return [ChosenExample(p.source, turns=p.prompt + [{"role": "model", "content": p.chosen}],
+                              rejected=p.rejected) for p in read_pairs(s)[0]]
+
     spec = spec or _data_option(data_cfg, "eval", "")
     if spec:
-        return read(spec)[0]
+        return read_any(spec)
     fraction, train_spec = _data_option(data_cfg, "eval_fraction", 0.0), _data_option(data_cfg, "train", "")
     if not (fraction and train_spec):
         raise data_lib.DataError("no eval data: give a data spec, or a config with data.eval or data.eval_fraction")
-    return data_lib.holdout(read(train_spec)[0], fraction, seed=holdout_seed)[1]
+    # The same pairs preference.build holds out: the same list order, length and seed.
+    return data_lib.holdout(read_any(train_spec), fraction, seed=holdout_seed)[1]
+
+
+def is_pair_data(spec: str, data_cfg=None) -> bool:
+    """Whether `spec` holds preference pairs: its first record has the chosen and rejected fields
+    (the columns data.field_map names for them, when it is a pair field map)."""
+    try:
+        fmap = preference.parse_pair_field_map(_data_option(data_cfg, "field_map", ""))
+    except data_lib.DataError:  # a field map of the SFT schemas
+        return False
+    names = (fmap.get("chosen", "chosen"), fmap.get("rejected", "rejected"))
+    text_split, tfds_dir = _data_option(data_cfg, "text_split", "line"), _data_option(data_cfg, "tfds_data_dir", "")
+    for source in data_lib.sources(spec):
+        for _, rec in data_lib.records(source, text_split, tfds_dir):
+            return isinstance(rec, Mapping) and all(n in rec for n in names)
+    return False
 
 
 def _tests_by_source(spec: str, data_cfg=None) -> dict[str, list[str]]:
@@ -123,7 +166,7 @@ def generation_items(examples, *, task: str, spec: str = "", data_cfg=None, limi
     items = []
     for ex in chats:
         last = max(i for i, t in enumerate(ex.turns) if t["role"] == "model")
-        item = Item(ex.source, ex.turns[:last], ex.turns[last]["content"])
+        item = Item(ex.source, ex.turns[:last], ex.turns[last]["content"], rejected=getattr(ex, "rejected", None))
         if task == "code":
             if ex.source not in tests:
                 raise data_lib.DataError(f"{ex.source}: task 'code' needs a field \"tests\" (a list of "
@@ -209,11 +252,23 @@ def generate_answers(config: ModelConfig, params, tokenizer, items: Sequence[Ite
 
 def score_answers(task: str, answers: Sequence[str], items: Sequence[Item], *,
                   code_timeout: float = 10.0) -> tuple[dict[str, float], list | None]:
-    """(task metrics, per-example pass/fail for code else None)."""
+    """(task metrics, per-example pass/fail for code else None); items of preference pairs add
+    chosen_rate."""
     if task == "code":
         out = metrics_lib.code_pass_rate(answers, [it.tests for it in items], timeout=code_timeout)
         return {"pass_rate": out["pass_rate"]}, out["results"]
-    return metrics_lib.task_scores(task, answers, [it.reference for it in items]), None
+    scores = metrics_lib.task_scores(task, answers, [it.reference for it in items])
+    if items and all(it.rejected is not None for it in items):
+        scores["chosen_rate"] = chosen_rate(answers, [it.reference for it in items], [it.rejected for it in items])
+    return scores, None
+
+
+def chosen_rate(answers: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]) -> float:
+    """Share of answers closer (ROUGE-L) to their chosen response than to their rejected one; a tie
+    (an answer sharing no word with either, say) is not chosen."""
+    wins = [metrics_lib.rouge([a], [c])["rouge_l"] > metrics_lib.rouge([a], [r])["rouge_l"]
+            for a, c, r in zip(answers, chosen, rejected, strict=True)]
+    return float(np.mean(wins)) if wins else 0.0
 
 
 # ----------------------------------------------------------------------------- one evaluation
@@ -249,7 +304,7 @@ def _model_metrics(config, params, tokenizer, *, rows, general_rows, items, task
         scores, passed = score_answers(task, answers, items, code_timeout=code_timeout)
         out.update(scores)
     # Headline first, then the other task scores, the loss and the general-text loss.
-    order = [eval_cfg.metric, *metrics_lib.TASK_METRICS[task], *LOSS_METRICS, *GENERAL_METRICS]
+    order = [eval_cfg.metric, *metrics_lib.TASK_METRICS[task], *PREFERENCE_METRICS, *LOSS_METRICS, *GENERAL_METRICS]
     out = {k: out[k] for k in dict.fromkeys(order) if k in out}
     logging.info("eval over %d target tokens: %s", tokens, ", ".join(f"{k}={v:.4f}" for k, v in out.items()))
     return out, answers, passed
@@ -319,6 +374,8 @@ def run_eval(config: ModelConfig, params, tokenizer, eval_cfg, data_spec: str, *
     report["examples"] = []
     for i, it in enumerate(items):
         ex = dict(source=it.source, prompt=it.prompt[-1]["content"], reference=it.reference, tuned=tuned_answers[i])
+        if it.rejected is not None:
+            ex["rejected"] = it.rejected
         if tuned_passed is not None:
             ex["tuned_passed"] = tuned_passed[i] == "passed"
         if base_answers is not None:

@@ -3,7 +3,8 @@
 Only process 0 writes. Each logged step carries loss, perplexity, accuracy, learning rate,
 gradient norm, tokens/s, step time, an MFU estimate and device memory. A preference objective
 logs no perplexity (exp of a DPO loss means nothing), its accuracy is the reward accuracy, its
-tokens are both sides' response tokens, and the MFU counts two sequences per pair plus, for DPO
+line adds the chosen and rejected responses' summed log-probs (metrics.jsonl also has them per
+token), its tokens are both sides' response tokens, and the MFU counts two sequences per pair plus, for DPO
 with a live reference, the reference's forward of both.
 """
 
@@ -267,6 +268,9 @@ class Logger:
                 f"lr {record['learning_rate']:.2e} gnorm {record['grad_norm']:.3f} "
                 f"tok/s {record['tokens_per_second']:.0f} step {record['step_time'] * 1e3:.0f}ms mfu {record['mfu']:.1%} "
                 f"eta {_duration(eta)}")
+        if "logps/chosen" in record and "logps/rejected" in record:
+            # Preference runs: the responses' summed log-probs, so a chosen side pushed down shows.
+            line += f" logp chosen {record['logps/chosen']:.1f} rejected {record['logps/rejected']:.1f}"
         if record.get("nonfinite"):
             line += f" skipped {record['nonfinite']:.0f} non-finite"
         if self.bar is not None:

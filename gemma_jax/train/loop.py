@@ -60,6 +60,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None 
 def check_config(cfg, workdir: str) -> None:
     """What can be checked before anything runs: every value against its rule, the workdir."""
     config_lib.validate(cfg)
+    objectives.check_start(cfg)
     init = cfg.model.init_checkpoint
     if init and paths.absolute(init).rstrip("/") == workdir.rstrip("/"):
         raise WorkdirError(f"--workdir and model.init_checkpoint are the same directory ({workdir}): the run "

@@ -2,12 +2,18 @@
 
 Every loss takes per-pair sums of the response tokens' log-probabilities under the policy (and
 for DPO the frozen reference) and the response lengths, the quantities TRL's trainers reduce to.
-Hyperparameters keep TRL's names and defaults:
+Hyperparameters keep TRL's names and defaults, except that DPO adds the NLL term by default
+(dpo.sft_weight 1; 0 is TRL's plain DPO):
 
   dpo    beta 0.1; loss "sigmoid" (the DPO paper's -log sigmoid(beta * h), h the difference of
          the chosen and rejected log-ratios to the reference) or "ipo" ((h' - 1/(2 beta))^2 with
          h' the same difference of per-token averaged log-ratios, as TRL computes it);
-         label_smoothing eps > 0 is conservative DPO: -(1-eps) log s(beta h) - eps log s(-beta h).
+         label_smoothing eps > 0 is conservative DPO: -(1-eps) log s(beta h) - eps log s(-beta h);
+         sft_weight w > 0 adds w times the token-mean NLL of the step's chosen responses (TRL's
+         loss_type ["sigmoid", "sft"] with loss_weights [1, w], formerly rpo_alpha). DPO alone
+         only moves the difference h: on pairs it separates easily it pushes both likelihoods
+         down (the chosen one too) and the model's own answers drift; the NLL term holds the
+         chosen responses' likelihood up.
   orpo   beta 0.1 (the paper's lambda): token-mean NLL of the chosen responses minus
          beta * log sigmoid(log odds(chosen) - log odds(rejected)), odds of the per-token average
          probability. No reference.
@@ -32,6 +38,9 @@ DPO_LOSSES = ("sigmoid", "ipo")
 # Per-pair quantities averaged over the pairs of a step (train and eval), as TRL names them.
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected")
+# Log-probability per response token, pooled over the step's responses (sum of log-probs / tokens):
+# with logps/chosen (a response's sum) they show the displacement of the chosen side.
+TOKEN_METRICS = {"logps/chosen_per_token": "chosen_tokens", "logps/rejected_per_token": "rejected_tokens"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +53,7 @@ class Objective:
     label_smoothing: float = 0.0  # dpo only
     gamma: float = 0.0  # simpo only
     precomputed: bool = False  # dpo: reference log-probs read from the batch (dpo.precompute_reference)
+    sft_weight: float = 0.0  # dpo only: weight of the chosen responses' token-mean NLL
 
     @property
     def uses_reference(self) -> bool:
@@ -71,8 +81,12 @@ def from_config(cfg) -> Objective | None:
         if d.loss == "ipo" and float(d.label_smoothing):
             raise UserError("dpo.label_smoothing applies to dpo.loss='sigmoid' only (conservative DPO); "
                             "set it to 0 for 'ipo'")
+        sft_weight = float(d.sft_weight)
+        if not 0.0 <= sft_weight < float("inf"):
+            raise UserError(f"dpo.sft_weight={d.sft_weight} must be >= 0 (0: plain DPO; 1 as TRL's "
+                            "loss_weights=[1, 1] for loss_type ['sigmoid', 'sft'])")
         obj = Objective("dpo", float(d.beta), d.loss, float(d.label_smoothing),
-                        precomputed=bool(d.precompute_reference))
+                        precomputed=bool(d.precompute_reference), sft_weight=sft_weight)
     elif name == "orpo":
         obj = Objective("orpo", float(cfg.orpo["lambda"]))
     else:
@@ -81,6 +95,20 @@ def from_config(cfg) -> Objective | None:
         key = "orpo.lambda" if name == "orpo" else f"{name}.beta"
         raise UserError(f"{key}={obj.beta} must be positive")
     return obj
+
+
+QUICKSTART = "python -m gemma_jax.train --config=configs/legal.py:tiny --workdir=/tmp/legal_tiny"
+
+
+def check_start(cfg) -> None:
+    """What train.run checks of the objective before anything is written: its settings, and that
+    DPO has a model to start from (its own reference: random weights would make it meaningless)."""
+    from_config(cfg)
+    if cfg.train.objective == "dpo" and not cfg.model.init_checkpoint:
+        raise UserError("model.init_checkpoint is empty: DPO tunes a model you already have, which is also its "
+                        "reference; give one with --config.model.init_checkpoint=DIR (any checkpoint or training "
+                        f"workdir; for configs/preference.py:tiny the Quickstart's: run `{QUICKSTART}`, then "
+                        "--config.model.init_checkpoint=/tmp/legal_tiny)")
 
 
 def log1mexp(x):
@@ -98,8 +126,9 @@ def _smoothed(z, eps):
 def pair_terms(obj: Objective, logp_c, logp_r, len_c, len_r, ref_c=None, ref_r=None) -> dict:
     """Per-pair loss terms and rewards from summed log-probs and lengths (any matching shapes).
 
-    Returns {"loss": the pair's preference term, "nll": its summed chosen-token NLL (ORPO's SFT
-    term, normalised by the step's chosen tokens; 0 otherwise), "rewards/chosen",
+    Returns {"loss": the pair's preference term, "nll": its summed chosen-token NLL times the
+    term's weight (ORPO's SFT term, DPO's with dpo.sft_weight; normalised by the step's chosen
+    tokens; 0 otherwise), "rewards/chosen",
     "rewards/rejected"} and for ORPO "log_odds_ratio", "log_odds_chosen".
     """
     avg_c, avg_r = logp_c / jnp.maximum(len_c, 1.0), logp_r / jnp.maximum(len_r, 1.0)
@@ -112,7 +141,8 @@ def pair_terms(obj: Objective, logp_c, logp_r, len_c, len_r, ref_c=None, ref_r=N
         else:
             out["loss"] = _smoothed(obj.beta * (ratio_c - ratio_r), obj.label_smoothing)
         out["rewards/chosen"], out["rewards/rejected"] = obj.beta * ratio_c, obj.beta * ratio_r
-        out["nll"] = jnp.zeros_like(logp_c)
+        # sft_weight 0 adds exact zeros: the loss and gradient of plain DPO, bit for bit.
+        out["nll"] = -obj.sft_weight * logp_c if obj.sft_weight else jnp.zeros_like(logp_c)
     elif obj.name == "orpo":
         log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
         ratio = jax.nn.log_sigmoid(log_odds)
@@ -184,8 +214,9 @@ def reference_logps(rows, frozen, reference, *, config, chunk: int):
 
 
 def pair_scores(params, rows, ref_BS, frozen=None, *, obj: Objective, config, chunk: int, rng=None) -> dict:
-    """Sums over the real pairs of `rows`: loss_sum (preference terms), nll_sum (ORPO), pairs,
-    chosen_tokens, tokens and every PAIR_METRICS quantity. `ref_BS` from reference_logps (DPO)."""
+    """Sums over the real pairs of `rows`: loss_sum (preference terms), nll_sum (ORPO, DPO's
+    sft_weight), pairs, chosen_tokens, rejected_tokens, tokens and every PAIR_METRICS quantity.
+    `ref_BS` from reference_logps (DPO)."""
     sums, counts = loss_lib.sequence_logps(params, rows, frozen, config=config, chunk=chunk, rng=rng)
     logp_c, logp_r, len_c, len_r, valid = split_pairs(sums, counts)
     ref_c = ref_r = None
@@ -197,13 +228,14 @@ def pair_scores(params, rows, ref_BS, frozen=None, *, obj: Objective, config, ch
                nll_sum=jnp.sum(jnp.where(valid, terms["nll"], 0.0)),
                pairs=jnp.sum(valid.astype(jnp.float32)),
                chosen_tokens=jnp.sum(jnp.where(valid, len_c, 0.0)),
+               rejected_tokens=jnp.sum(jnp.where(valid, len_r, 0.0)),
                tokens=jnp.sum(rows["loss_mask"].astype(jnp.float32)))
     return out
 
 
 def step_loss(scores: dict, pairs, chosen_tokens):
     """The loss of a step from summed scores: mean preference term over the step's pairs, plus
-    for ORPO the chosen responses' NLL per chosen token."""
+    for ORPO (and DPO with sft_weight) the weighted chosen responses' NLL per chosen token."""
     return scores["loss_sum"] / jnp.maximum(pairs, 1.0) + scores["nll_sum"] / jnp.maximum(chosen_tokens, 1.0)
 
 
@@ -216,12 +248,15 @@ def pair_counts(rows):
 
 
 def scores_to_metrics(scores: dict, obj: Objective, prefix: str = "") -> dict:
-    """Step or eval scores -> logged means: loss and every per-pair metric."""
+    """Step or eval scores -> logged means: loss, every per-pair metric and the per-token log-probs."""
     pairs = jnp.maximum(scores["pairs"], 1.0)
     out = {f"{prefix}loss": step_loss(scores, scores["pairs"], scores["chosen_tokens"])}
     for k in PAIR_METRICS + ("log_odds_ratio", "log_odds_chosen"):
         if k in scores:
             out[prefix + k] = scores[k] / pairs
+    for k, count in TOKEN_METRICS.items():
+        if count in scores:
+            out[prefix + k] = scores[k.rsplit("_per_token", 1)[0]] / jnp.maximum(scores[count], 1.0)
     if obj.name == "orpo":
         out[prefix + "nll_loss"] = scores["nll_sum"] / jnp.maximum(scores["chosen_tokens"], 1.0)
     return out
