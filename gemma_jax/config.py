@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
         loss_chunk=1024,  # tokens per logits chunk in the loss (bounds [chunk, vocab] f32 memory)
         export_format="",  # hf | official | gemma_jax: written to workdir/export at the end
         progress=True,  # progress bar on stdout
-        objective="sft",  # sft | dpo | orpo | simpo (preference pairs: README, Preference tuning)
+        objective="sft",  # sft | dpo | orpo | simpo (preference pairs: README, Preference tuning) | grpo (RL on prompts: grpo.*)
         allow_changes=False,  # resume a workdir although lr, schedule, batch, data, steps or seed changed (recorded in manifest.json)
         max_nonfinite_steps=5,  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run (exit 2)
     ))
@@ -99,6 +99,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.simpo = ml_collections.ConfigDict(dict(
         beta=2.0,  # scale of the length-normalised reward difference (the SimPO paper's 2.0-2.5)
         gamma=0.5,  # target reward margin (TRL's CPOConfig.simpo_gamma)
+    ))
+
+    # RL from rewards on prompts (train.objective=grpo), with TRL's GRPOConfig names and defaults
+    # (gemma_jax.train.grpo). train.batch_size counts completions: batch_size / group_size prompts per step.
+    c.grpo = ml_collections.ConfigDict(dict(
+        rewards="",  # comma separated: path/file.py:fn, package.module:fn, or a built-in (exact_match | regex | code_tests); fn(prompts, completions, **columns) -> list[float | None]
+        reward_weights="",  # comma separated floats, one per reward; "" weighs each 1.0
+        group_size=8,  # >= 2; completions sampled per prompt (TRL's num_generations); divides train.batch_size
+        max_new_tokens=256,  # >= 1; completion length limit (rows stop earlier at <end_of_turn> or EOS)
+        temperature=1.0,  # > 0; sampling temperature of the rollouts
+        top_p=1.0,  # in (0, 1]; nucleus mass of the rollouts (1: off)
+        beta=0.0,  # >= 0; weight of the k3 KL to the reference (0: no reference pass at all)
+        epsilon=0.2,  # in (0, 1); ratio clipped below at 1 - epsilon
+        epsilon_high=config_dict.placeholder(float),  # >= 0 or None; ratio clipped above at 1 + epsilon_high (DAPO's clip-higher); None: epsilon
+        num_iterations=1,  # >= 1; optimizer steps on each batch of rollouts (the paper's mu)
+        loss_type="dapo",  # one of grpo | bnpo | dr_grpo | dapo: how per-token terms are averaged (TRL's definitions)
+        scale_rewards="group",  # one of group | batch | none: advantages divided by the group's reward std, the batch's, or not at all
+        answer_field="answer",  # data field the built-in exact_match reward compares against
+        format_regex="",  # pattern the built-in regex reward requires the whole completion to match
+        tests_field="tests",  # data field (a list of assert strings) the built-in code_tests reward runs
+        code_timeout=10.0,  # > 0; seconds per program for code_tests
+        log_rollouts_every=10,  # >= 0; steps between samples of rollouts written to WORKDIR/rollouts.jsonl (0: never)
+        log_rollouts=8,  # >= 1; completions written per sample
     ))
 
     c.opt = ml_collections.ConfigDict(dict(

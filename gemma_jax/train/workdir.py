@@ -41,7 +41,7 @@ FORMAT = 1
 SHAPE_FIELDS = ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
                 "sliding_window", "query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_base", "norm_eps")
 # Config keys whose change alters the optimisation of a resumed run: allowed with train.allow_changes.
-OPTIMISATION_PREFIXES = ("opt.", "dpo.", "orpo.", "simpo.", "data.", "train.batch_size", "train.grad_accum",
+OPTIMISATION_PREFIXES = ("opt.", "dpo.", "orpo.", "simpo.", "grpo.", "data.", "train.batch_size", "train.grad_accum",
                          "train.steps", "train.seed", "lora.dropout", "lora.quantize", "lora.base_dtype",
                          "model.dtype", "model.param_dtype", "model.init_checkpoint")
 # ... except these, which only say where things are or what is evaluated.
@@ -75,6 +75,13 @@ def resolve_config_paths(cfg) -> None:
     for key in ("train", "eval"):
         if isinstance(cfg.data.get(key), str) and cfg.data[key].strip():
             cfg.data[key] = _resolve_spec(cfg.data[key])
+    if "grpo" in cfg and cfg.grpo.rewards:  # path/to/file.py:fn entries; module:fn and built-ins as written
+        cfg.grpo.rewards = ",".join(_resolve_reward(e.strip()) for e in cfg.grpo.rewards.split(",") if e.strip())
+
+
+def _resolve_reward(entry: str) -> str:
+    where, sep, fn = entry.rpartition(":")
+    return f"{resolve(where)}{sep}{fn}" if where.endswith(".py") else entry
 
 
 # --------------------------------------------------------------------------------- fingerprints
@@ -135,6 +142,8 @@ def identity(cfg, config, tokenizer_path: str, *, lora: bool, uses_reference: bo
     ident: dict[str, Any] = {f"model.{k}": getattr(config, k) for k in SHAPE_FIELDS}
     ident["tokenizer (sha256)"] = cache.tokenizer_sha256(paths.local_copy(tokenizer_path))[:16]
     ident["train.objective"] = str(cfg.train.objective)
+    if cfg.train.objective == "grpo":  # what the rewards are decides what the policy is trained towards
+        ident["grpo.rewards"] = str(cfg.grpo.rewards)
     ident["lora.rank"] = int(cfg.lora.rank)
     if lora:
         ident["lora.targets"] = str(cfg.lora.targets)
@@ -149,6 +158,9 @@ def settings(cfg) -> dict[str, Any]:
     flat = _flat(cfg)
     out = {k: v for k, v in flat.items() if k.startswith(OPTIMISATION_PREFIXES) and k not in HARMLESS}
     out["data (fingerprint)"] = data_fingerprint(str(cfg.data.train))
+    if cfg.train.objective == "grpo":  # an edited reward file changes the optimisation like edited data
+        files = [e.rpartition(":")[0] for e in str(cfg.grpo.rewards).split(",") if e.rpartition(":")[0].endswith(".py")]
+        out["grpo.rewards (sha256)"] = ",".join(file_digest(f)[:16] for f in files if paths.exists(f))
     return out
 
 
