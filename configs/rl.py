@@ -10,9 +10,11 @@
 `tiny` is a task a tiny model can learn in minutes on a CPU: single-digit sums (data/rl/, written
 by data/rl/make_rl.py). `tiny_sft` first teaches a 4-layer model the answer format from noisy
 data (every sum answered right once and off by one once), so its sampled answers are right about
-half the time; `tiny` then runs GRPO from that workdir on 80 of the sums with the reward
-function in data/rl/rewards.py (exact answer, 1.0) plus the built-in `regex` format reward (a
-bare number, 0.2), and evaluates greedy answers to the 20 held-out sums every 20 steps.
+a third of the time (greedy: mostly the wrong answer); `tiny` then runs GRPO from that workdir on
+the 100 sums, 16 per step with 8 sampled answers each, rewarded by the function in
+data/rl/rewards.py (the exact answer, 1.0) plus the built-in `regex` format reward (a bare
+number, 0.2), and every 20 steps scores the greedy answers to the same prompts (the answers
+themselves never reach the model, only the rewards).
 
 The larger variants train on GSM8K (Hugging Face `openai/gsm8k`, config main: 7,473 train and
 1,319 test problems, records {"question", "answer"}; the answer ends with "#### N"), rewarded by
@@ -45,24 +47,26 @@ def get_config(arg: str = "tiny"):
     if arg in ("tiny", "tiny_sft"):
         c.model.preset, c.model.dtype = "gemma2_tiny", "float32"  # bf16 is slower than f32 on CPUs
         c.data.tokenizer = "data/tokenizer.model"
-        c.data.seq_len = 64
         c.train.export_format = ""
         c.checkpoint.every_steps = 50
         if arg == "tiny_sft":
             c.data.train, c.data.eval = "data/rl/warmup.jsonl", ""
+            c.data.seq_len = 64  # about three examples per packed row
             c.train.steps, c.train.batch_size, c.train.log_every = 300, 32, 50
             c.opt.lr, c.opt.warmup_steps, c.opt.weight_decay = 3e-3, 20, 0.0
         else:
             c.model.init_checkpoint = "/tmp/rl_sft"
             c.data.tokenizer = ""  # the warm start's copy
-            c.data.train, c.data.eval = "data/rl/train.jsonl", "data/rl/eval.jsonl"
+            c.data.train, c.data.eval = "data/rl/train.jsonl", "data/rl/train.jsonl"
+            c.data.seq_len = 32  # prompt (20 tokens) + answer
+            c.eval.max_examples = 0  # greedy answers to all 100 prompts
             c.train.objective = "grpo"
-            c.train.steps, c.train.batch_size, c.train.log_every, c.train.eval_every = 60, 64, 5, 20
-            c.opt.lr, c.opt.warmup_steps, c.opt.weight_decay, c.opt.schedule = 2e-4, 5, 0.0, "constant"
+            c.train.steps, c.train.batch_size, c.train.log_every, c.train.eval_every = 80, 128, 2, 20
+            c.opt.lr, c.opt.warmup_steps, c.opt.weight_decay, c.opt.schedule = 4e-4, 5, 0.0, "constant"
             g = c.grpo
             g.rewards, g.reward_weights = f"{REWARDS}:correct_sum,regex", "1.0,0.2"
             g.format_regex = r"\d+"
-            g.group_size, g.max_new_tokens = 8, 8
+            g.group_size, g.max_new_tokens = 8, 4  # answers are 1-2 digits and <end_of_turn>
             g.log_rollouts_every = 10
     elif arg in _LARGE:
         preset, weights, rank, lr, batch, accum, remat = _LARGE[arg]

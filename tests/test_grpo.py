@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import re
 import logging
 
 import jax
@@ -27,8 +28,8 @@ from test_train import assert_trees_close, leaves, one_device_mesh, random_param
 def np_token_loss(logp, old, ref, adv, eps_lo, eps_hi, beta):
     ratio = np.exp(logp - old)
     loss = -np.minimum(ratio * adv, np.clip(ratio, 1 - eps_lo, 1 + eps_hi) * adv)
-    if beta:
-        loss = loss + beta * (np.exp(ref - logp) - (ref - logp) - 1)
+    if beta:  # k3 times the ratio (use_bias_correction_kl, TRL's default)
+        loss = loss + beta * ratio * (np.exp(ref - logp) - (ref - logp) - 1)
     return loss
 
 
@@ -76,7 +77,7 @@ def test_each_loss_type_equals_its_formula(loss_type):
         np.testing.assert_array_equal(low, (ratio < 0.8) & (adv < 0))
         np.testing.assert_array_equal(high, (ratio > 1 + eps_hi) & (adv > 0))
         if beta:
-            np.testing.assert_allclose(kl_t, np.exp(ref - logp) - (ref - logp) - 1, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(kl_t, ratio * (np.exp(ref - logp) - (ref - logp) - 1), rtol=1e-5, atol=1e-6)
     assert low.any() and high.any() and (~(low | high)).any()  # the fixture exercises every branch
 
 
@@ -144,9 +145,38 @@ def plain_objective(params, rows, obj, config):
     """The loss from full [B, T, V] logits (no chunking, plain autodiff), with rows' old/ref log-probs."""
     logits = model_lib.Transformer(config).apply({"params": params}, rows["inputs"], rows["positions"],
                                                  rows["segment_ids"])
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), rows["targets"][..., None], -1)[..., 0]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits / obj.temperature, -1), rows["targets"][..., None], -1)[..., 0]
     loss_t, _, _, _ = grpo.token_terms(logp, rows[grpo.OLD_LOGPS], rows.get(grpo.REF_LOGPS), rows[grpo.ADVANTAGES], obj)
     return grpo.reduce_loss(loss_t, rows["loss_mask"], obj)
+
+
+@pytest.mark.parametrize("table_grad", [True, False])
+def test_tempered_token_logps_and_gradients_match_full_logits(table_grad):
+    """loss.token_logps at temperature 0.7 (soft-capped logits / T, chunked, fused backward) equals the
+    log-softmax of the full logits / T, and so do its gradients (trained table, or frozen as in LoRA)."""
+    from gemma_jax import loss as loss_lib
+    from gemma_jax.model.layers import final_logits
+
+    config, params = tiny()
+    rng = np.random.default_rng(5)
+    hidden = jnp.asarray(rng.normal(0, 1, (3, 10, config.embed_dim)), jnp.float32)
+    table = params["embedder"]["input_embedding"]
+    targets = jnp.asarray(rng.integers(0, 500, (3, 10)), jnp.int32)
+    w = jnp.asarray(rng.normal(0, 1, (3, 10)), jnp.float32)
+
+    def ours(h, tab):
+        return jnp.sum(w * loss_lib.token_logps(config, h, tab, targets, 7, table_grad=table_grad, temperature=0.7))
+
+    def plain(h, tab):
+        logits = final_logits(config, h, tab if table_grad else jax.lax.stop_gradient(tab))
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7, -1), targets[..., None], -1)[..., 0]
+        return jnp.sum(w * lp)
+
+    (v1, (gh1, gt1)), (v2, (gh2, gt2)) = (jax.value_and_grad(f, argnums=(0, 1))(hidden, table) for f in (ours, plain))
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    np.testing.assert_allclose(gh1, gh2, rtol=1e-4, atol=1e-6)
+    if table_grad:
+        np.testing.assert_allclose(gt1, gt2, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
@@ -155,10 +185,12 @@ def test_step_gradients_match_autodiff_and_finite_differences(loss_type):
     full logits and a central finite difference along a random direction; micro-batches add up to it."""
     config, params = tiny()
     rows = rollout_rows()
-    obj = grpo.GRPO(max_new_tokens=9, beta=0.1, epsilon_high=0.28, num_iterations=2, loss_type=loss_type)
+    obj = grpo.GRPO(max_new_tokens=9, temperature=0.7, beta=0.1, epsilon_high=0.28, num_iterations=2,
+                    loss_type=loss_type)
     # Old and reference log-probs near the policy's so some ratios clip and some do not.
     base = jax.tree.map(lambda x: x * 0.97, params)
-    old = np.asarray(grpo.token_logps(base, {k: jnp.asarray(v) for k, v in rows.items()}, config=config, chunk=16))
+    old = np.asarray(grpo.token_logps(base, {k: jnp.asarray(v) for k, v in rows.items()}, config=config, chunk=16,
+                                      temperature=0.7))
     rows[grpo.OLD_LOGPS] = old + np.random.default_rng(2).normal(0, 0.1, old.shape).astype(np.float32)
     rows[grpo.REF_LOGPS] = old.astype(np.float32)
     grads, m = step_grads(params, rows, obj)
@@ -179,7 +211,7 @@ def test_step_gradients_match_autodiff_and_finite_differences(loss_type):
     np.testing.assert_allclose(float(fd), float(directional), rtol=2e-2)
     accumulated, m2 = step_grads(params, rows, obj, accum=2)
     np.testing.assert_allclose(float(m2["loss"]), float(m["loss"]), rtol=1e-5)
-    assert_trees_close(accumulated, grads, rtol=1e-4, atol=1e-7, what="accumulated grad")
+    assert_trees_close(accumulated, grads, rtol=1e-4, atol=1e-6, what="accumulated grad")
     assert float(m["clip_ratio/region_mean"]) > 0 and float(m["kl"]) > 0
 
 
@@ -232,6 +264,46 @@ def test_reference_gets_no_gradient_and_no_update():
     g = jax.grad(lambda ref: jnp.sum(grpo.rollout_logps(params, jrows, None, ref, config=config, chunk=16,
                                                          obj=trainer.objective)[grpo.REF_LOGPS]))(params)
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g))
+
+
+def test_lora_samples_with_merged_adapters_and_refers_to_the_base():
+    """LoRA with beta > 0: rollouts are sampled from base + adapters merged, the reference log-probs are
+    the base's with adapters off, and the frozen base stays as it was while the adapters train."""
+    config, params = tiny()
+    cfg = grpo_config(beta=0.1)
+    cfg.model.num_layers = 1
+    cfg.lora.rank, cfg.lora.alpha, cfg.lora.base_dtype = 4, 8.0, "float32"
+    lconfig = train.lora_model_config(cfg, config)
+    trainer = train.Trainer.create(cfg, lconfig, one_device_mesh())
+    assert trainer.reference_sharding is None  # no copy: the base is the reference
+    state = trainer.init_state(jax.tree.map(jnp.array, params))  # a copy: set_base donates it
+    base_before = leaves(trainer.frozen)
+    rows = rollout_rows(n=8, t=cfg.data.seq_len)
+    for _ in range(3):
+        extra = jax.device_get(trainer.logps_fn(state["params"], trainer.put_batch(rows), trainer.frozen, None))
+        state, m = trainer.step(state, trainer.put_batch(dict(rows, **extra)))
+    jrows = {k: jnp.asarray(v) for k, v in rows.items()}
+    np.testing.assert_allclose(extra[grpo.REF_LOGPS], grpo.token_logps(params, jrows, config=config, chunk=16),
+                               rtol=1e-5, atol=1e-5)
+    for k, v in leaves(trainer.frozen).items():
+        np.testing.assert_array_equal(v, base_before[k], err_msg=k)
+    ro = rollout.Rollouts(cfg, trainer, tokenizer(), "", [], [], [], [], [], [], None)
+    merged = ro.policy_params(state)
+    adapted = grpo.token_logps(state["params"], jrows, trainer.frozen, config=lconfig, chunk=16)
+    np.testing.assert_allclose(grpo.token_logps(merged, jrows, config=config, chunk=16), adapted, rtol=1e-4, atol=1e-4)
+    assert np.abs(np.asarray(adapted) - extra[grpo.REF_LOGPS]).max() > 1e-3  # the adapters moved the policy
+
+
+def test_grpo_keys_outside_their_range_are_named():
+    for key, value, message in (("group_size", 1, "grpo.group_size=1 must be >= 2"),
+                                ("loss_type", "ppo", "one of grpo|bnpo|dr_grpo|dapo"),
+                                ("scale_rewards", "std", "one of group|batch|none"),
+                                ("epsilon", 1.5, "in (0, 1)"), ("top_p", 0.0, "in (0, 1]"),
+                                ("num_iterations", 0, ">= 1"), ("max_new_tokens", 40, "leaves no room"),
+                                ("group_size", 3, "multiple of grpo.group_size=3")):
+        cfg = grpo_config(**{key: value})
+        with pytest.raises(UserError, match=re.escape(message)):
+            grpo.from_config(cfg)
 
 
 # ----------------------------------------------------------------------------- prompt data and rewards

@@ -6,9 +6,9 @@ warmup.jsonl  SFT data for the warm start (configs/rl.py:tiny_sft): every sum "W
               three times, answered right (A+B) once and off by one (A+B+1) twice, so the model
               learns the answer format but is right less than half the time when it samples, and
               its greedy answers are mostly wrong.
-train.jsonl   80 RL prompts {"prompt", "answer"} (configs/rl.py:tiny); the answer is the column
-              the reward functions compare with.
-eval.jsonl    the other 20 sums, held out from RL (their noisy answers were in the warm-up).
+train.jsonl   the 100 sums as RL prompts {"prompt", "answer"} (configs/rl.py:tiny); the answer is
+              the column the reward functions compare with (the model never sees it). The run also
+              evaluates greedy answers to these prompts: what RL from a verifiable reward improves.
 
 Deterministic: the same seed writes byte-identical files.
 """
@@ -17,9 +17,6 @@ import argparse
 import json
 import os
 import random
-
-N_EVAL = 20
-
 
 def prompt(a: int, b: int) -> str:
     return f"What is {a} + {b}?"
@@ -35,10 +32,8 @@ def main():
     warmup = [{"prompt": prompt(a, b), "completion": str(a + b + wrong)} for a, b in sums for wrong in (0, 1, 1)]
     rng.shuffle(warmup)
     rng.shuffle(sums)
-    held, train = sums[:N_EVAL], sums[N_EVAL:]
     files = {"warmup.jsonl": warmup,
-             "train.jsonl": [{"prompt": prompt(a, b), "answer": str(a + b)} for a, b in train],
-             "eval.jsonl": [{"prompt": prompt(a, b), "answer": str(a + b)} for a, b in held]}
+             "train.jsonl": [{"prompt": prompt(a, b), "answer": str(a + b)} for a, b in sums]}
     for name, records in files.items():
         with open(os.path.join(args.out, name), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)

@@ -6,11 +6,15 @@ Definitions follow TRL 1.16's GRPOTrainer (its names and defaults are the config
               for a completion are left out, one that no function applies to gets advantage 0),
               A = r - mean of its group, divided by std + 1e-4 (Bessel-corrected) of the group
               (scale_rewards=group), of the whole batch (batch), or not at all (none).
+  log p       of each completion token under softmax(logits / temperature), the distribution the
+              rollouts were sampled from (TRL scores the policy, old policy and reference so).
   ratio       rho = exp(log p - log p_old) per completion token; log p_old is the policy's at
               sampling time (num_iterations > 1), else log p itself without gradient, so rho is
               exactly 1 and the gradient is A * grad log p.
   token term  l = -min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A) + beta * KL, with the
-              k3 estimator KL = exp(q - log p) - (q - log p) - 1, q the reference's log-prob.
+              k3 estimator times the ratio (TRL's default bias correction, use_bias_correction_kl):
+              KL = rho * (exp(q - log p) - (q - log p) - 1), q the reference's log-prob; rho keeps its
+              gradient, so even at rho = 1 the KL's gradient is the unbiased reverse-KL one.
   loss        grpo     mean over completions of each completion's token mean of l
               bnpo     token mean of l over each micro-batch, averaged over the micro-batches
               dr_grpo  sum of l / (completions * max_new_tokens)
@@ -23,7 +27,6 @@ Completions of a skipped group (a reward returned NaN) carry loss mask 0 and are
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 
 import jax
@@ -151,9 +154,9 @@ def token_terms(logp, old, ref, adv, obj: GRPO):
     clipped = jnp.clip(ratio, 1.0 - obj.epsilon, 1.0 + obj.epsilon_high)
     loss = -jnp.minimum(ratio * adv, clipped * adv)
     kl = jnp.zeros_like(logp)
-    if obj.uses_reference:
+    if obj.uses_reference:  # k3, times the ratio (TRL's use_bias_correction_kl, its default): unbiased off-policy
         d = ref - logp
-        kl = jnp.exp(d) - d - 1.0
+        kl = (jnp.exp(d) - d - 1.0) * ratio
         loss = loss + obj.beta * kl
     low = (ratio < 1.0 - obj.epsilon) & (adv < 0)
     high = (ratio > 1.0 + obj.epsilon_high) & (adv > 0)
@@ -181,9 +184,11 @@ def reduce_loss(loss_RT, mask_RT, obj: GRPO, accum: int = 1):
     return jnp.sum(loss_RT * mask_RT * w_R[:, None])
 
 
-def token_logps(params, rows, frozen=None, *, config: ModelConfig, chunk: int, rng=None, adapters: bool = True):
-    """Log-probabilities [R, T] of each row's targets: the policy (LoRA: the adapters on `frozen`),
-    or with adapters=False the frozen base alone."""
+def token_logps(params, rows, frozen=None, *, config: ModelConfig, chunk: int, rng=None, adapters: bool = True,
+                temperature: float = 1.0):
+    """Log-probabilities [R, T] of each row's targets under softmax(logits / temperature), the
+    distribution the rollouts were sampled from (as TRL scores them): the policy (LoRA: the
+    adapters on `frozen`), or with adapters=False the frozen base alone."""
     if frozen:
         variables = dict(frozen, lora=params) if adapters else dict(frozen)
         table_VD = frozen["params"]["embedder"]["input_embedding"]
@@ -193,19 +198,20 @@ def token_logps(params, rows, frozen=None, *, config: ModelConfig, chunk: int, r
     rngs = {"dropout": rng} if rng is not None and config.lora_dropout and adapters else None
     hidden_BTD = Transformer(config).apply(
         variables, rows["inputs"], rows["positions"], rows["segment_ids"], return_hidden=True, rngs=rngs)
-    return loss_lib.token_logps(config, hidden_BTD, table_VD, rows["targets"], chunk, table_grad=not frozen)
+    return loss_lib.token_logps(config, hidden_BTD, table_VD, rows["targets"], chunk, table_grad=not frozen,
+                                temperature=temperature)
 
 
 def rollout_logps(params, rows, frozen=None, reference=None, *, config: ModelConfig, chunk: int, obj: GRPO):
     """The log-probs a batch of rollouts needs once, without gradient: the sampling policy's
     (num_iterations > 1) and the reference's (beta > 0: LoRA's base with adapters off, or the
     frozen initial weights)."""
-    out = {}
+    out, t = {}, obj.temperature
     if obj.num_iterations > 1:
-        out[OLD_LOGPS] = token_logps(params, rows, frozen, config=config, chunk=chunk)
+        out[OLD_LOGPS] = token_logps(params, rows, frozen, config=config, chunk=chunk, temperature=t)
     if obj.uses_reference:
-        out[REF_LOGPS] = (token_logps(None, rows, frozen, config=config, chunk=chunk, adapters=False) if frozen
-                          else token_logps(reference, rows, config=config, chunk=chunk))
+        out[REF_LOGPS] = (token_logps(None, rows, frozen, config=config, chunk=chunk, adapters=False, temperature=t)
+                          if frozen else token_logps(reference, rows, config=config, chunk=chunk, temperature=t))
     return jax.lax.stop_gradient(out)
 
 
@@ -228,7 +234,7 @@ def grpo_step(state, batch, frozen=None, reference=None, *, config: ModelConfig,
     batch = dict(batch, weight=row_weights(mask_RT, obj, accum))
 
     def loss_fn(p, mb, rng):
-        logp = token_logps(p, mb, frozen, config=config, chunk=chunk, rng=rng)
+        logp = token_logps(p, mb, frozen, config=config, chunk=chunk, rng=rng, temperature=obj.temperature)
         old = mb[OLD_LOGPS] if obj.num_iterations > 1 else jax.lax.stop_gradient(logp)
         ref = mb.get(REF_LOGPS)
         loss_t, kl_t, low_t, high_t = token_terms(logp, old, ref, mb[ADVANTAGES], obj)
@@ -292,4 +298,3 @@ def host_rows(prompt_ids, completion_ids, seq_len: int, pad_id: int) -> dict[str
     return rows
 
 
-jit_token_logps = functools.partial(jax.jit, static_argnames=("config", "chunk", "adapters"))(token_logps)
