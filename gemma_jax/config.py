@@ -110,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
         max_new_tokens=256,  # >= 1; completion length limit (rows stop earlier at <end_of_turn> or EOS)
         temperature=1.0,  # > 0; sampling temperature of the rollouts
         top_p=1.0,  # in (0, 1]; nucleus mass of the rollouts (1: off)
-        beta=0.0,  # >= 0; weight of the k3 KL to the reference (0: no reference pass at all)
+        beta=0.0,  # >= 0; weight of the KL to the reference (k3 times the ratio, as TRL; 0: no reference pass at all)
         epsilon=0.2,  # in (0, 1); ratio clipped below at 1 - epsilon
         epsilon_high=config_dict.placeholder(float),  # >= 0 or None; ratio clipped above at 1 + epsilon_high (DAPO's clip-higher); None: epsilon
         num_iterations=1,  # >= 1; optimizer steps on each batch of rollouts (the paper's mu)

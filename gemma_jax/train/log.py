@@ -228,7 +228,8 @@ class Logger:
         # Trained tokens per second (loss-masked tokens are what the update learns from); the
         # FLOP rate counts every position of every row, which is what the hardware computes.
         record = dict(step=step, loss=m["loss"], perplexity=float(np.exp(min(m["loss"], 50.0))),
-                      accuracy=m.get("accuracy", float("nan")), learning_rate=m["learning_rate"], grad_norm=m["grad_norm"],
+                      accuracy=m.get("accuracy", float("nan")), learning_rate=m["learning_rate"],
+                      grad_norm=m["grad_norm"],
                       target_tokens=tokens, tokens_per_second=tokens / elapsed, step_time=elapsed / steps,
                       memory_bytes=memory_bytes())
         if self.objective is not None:  # exp(a preference loss) is no perplexity
@@ -382,13 +383,9 @@ def plot_metrics(jsonl_path: str, out_dir: str) -> list[str]:
 
 
 def _plot_reward(plt, train, evals, out_dir: str) -> str:
-    """plots/reward.png: rollout reward (mean and +- std) and eval reward by step."""
+    """plots/reward.png: mean reward of the sampled rollouts and of greedy answers to the eval prompts by step."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    steps = np.array([r["step"] for r in train])
-    mean = np.array([r["reward"] for r in train])
-    std = np.array([r.get("reward_std", 0.0) for r in train])
-    ax.plot(steps, mean, label="rollouts (sampled)")
-    ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    ax.plot([r["step"] for r in train], [r["reward"] for r in train], label="rollouts (sampled)")
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="eval prompts (greedy)")
     ax.set_xlabel("step"), ax.set_ylabel("reward"), ax.set_title("reward"), ax.legend()

@@ -87,6 +87,8 @@ def _run(cfg, workdir: str, stop_after: int | None) -> dict[str, Any]:
         watch = divergence.Watch(int(cfg.train.max_nonfinite_steps), r.config.vocab_size,
                                  warn=getattr(logger, "warn", logging.warning))
         eval_every, log_every = int(cfg.train.eval_every), max(int(cfg.train.log_every), 1)
+        if r.rollouts is not None and start == 0 and eval_every and start < last:  # grpo: the reward to beat
+            logger.eval(0, evaluate(r, state, 0))
         save_due = False
         with StopRequests() as stop:
             while step < end:

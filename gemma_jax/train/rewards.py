@@ -282,6 +282,13 @@ def score(rewards: Sequence[Reward], args: dict, n: int, where: Callable[[int], 
     return values, nan_by
 
 
+def total(values, weights) -> np.ndarray:
+    """Weighted sums [n] of values [n, F] over the functions that applied (NaN where none did)."""
+    applicable = ~np.isnan(values)
+    summed = np.sum(np.where(applicable, values, 0.0) * np.asarray(weights, np.float64), axis=1)
+    return np.where(applicable.any(axis=1), summed, np.nan)
+
+
 def _raised(r: Reward, e: Exception, args: dict, n: int, where: Callable[[int], str]) -> str:
     """The error line for a function that raised: the first example it raises on alone."""
     for i in range(n):

@@ -161,15 +161,14 @@ class Rollouts:
         index = next(self.order)
         prompts = [self.prompts[i] for i in index for _ in range(g)]
         prompt_ids = [self.ids[i] for i in index for _ in range(g)]
-        completion_ids, seconds = self.generate(self.policy_params(state), prompt_ids, seed=_seed(self.cfg.train.seed, step))
+        seed = _seed(self.cfg.train.seed, step)
+        completion_ids, seconds = self.generate(self.policy_params(state), prompt_ids, seed=seed)
         texts = self.texts(completion_ids)
         values, nan_by = self.score(prompts, texts, completion_ids)
         groups = len(index)
         skipped = nan_by.reshape(groups, g, -1).any(axis=(1, 2))
         self._warn_nan(nan_by, prompts, texts)
-        applicable = ~np.isnan(values)
-        total = np.where(applicable.any(axis=1), np.nansum(np.where(applicable, values, 0.0) * self.weights, axis=1),
-                         np.nan)
+        total = rewards_lib.total(values, self.weights)
         adv, std_group = grpo.advantages(total, g, obj.scale_rewards, skipped)
         rows = grpo.host_rows(prompt_ids, completion_ids, self.seq_len, self.tokenizer.pad_id)
         rows["loss_mask"][np.repeat(skipped, g)] = 0.0
@@ -185,8 +184,9 @@ class Rollouts:
         lengths = np.array([len(c) for c in completion_ids])
         stops = (self.tokenizer.eos_id, self.tokenizer.end_of_turn_id)
         truncated = np.array([not c or c[-1] not in stops for c in completion_ids])
+        zero_spread = np.isclose(std_group[~skipped], 0.0)  # (NaN std: a group no function applied to)
         metrics = {"reward": _nan(np.nanmean, total[kept]), "reward_std": _nan(grpo.nanstd, total[kept]),
-                   "frac_reward_zero_std": float(np.mean(np.isclose(std_group[~skipped], 0.0))) if (~skipped).any() else 0.0,
+                   "frac_reward_zero_std": float(zero_spread.mean()) if zero_spread.size else 0.0,
                    "skipped_groups": float(skipped.sum()),
                    "completions/mean_length": float(lengths.mean()),
                    "completions/clipped_ratio": float(truncated.mean()),
@@ -241,9 +241,7 @@ class Rollouts:
             v, nan_by = self.score(prompts, self.texts(completion_ids), completion_ids)
             values.append(np.where(nan_by, np.nan, v))
         v = np.concatenate(values)
-        applicable = ~np.isnan(v)
-        total = np.where(applicable.any(axis=1), np.nansum(np.where(applicable, v, 0.0) * self.weights, axis=1), np.nan)
-        out = {"eval_reward": _nan(np.nanmean, total), "eval_prompts": float(n)}
+        out = {"eval_reward": _nan(np.nanmean, rewards_lib.total(v, self.weights)), "eval_prompts": float(n)}
         for j, r in enumerate(self.rewards):
             out[f"eval_rewards/{r.name}/mean"] = _nan(np.nanmean, v[:, j])
         return out
