@@ -155,7 +155,9 @@ def our_step_time(config, args, d):
     cfg.grpo.group_size, cfg.grpo.max_new_tokens, cfg.grpo.log_rollouts_every = args.group, args.new_tokens, 0
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     trainer = train.Trainer.create(cfg, config, mesh)
-    ro = rollout.build(cfg, Tokenizer(TOKENIZER), trainer, d).train
+    tok = Tokenizer(TOKENIZER)
+    tok.eos_id = tok.end_of_turn_id = -1  # no stop token: every completion runs to new_tokens, as TRL's below
+    ro = rollout.build(cfg, tok, trainer, d).train
     state = trainer.init_state()
     times = []
     for i in range(args.steps + 1):  # the first compiles
@@ -163,7 +165,9 @@ def our_step_time(config, args, d):
         state, m = ro.step(state)
         jax.block_until_ready(state["params"])
         if i:
-            times.append(time.perf_counter() - t0)
+            tokens = float(m["completions/mean_length"]) * batch
+            times.append((time.perf_counter() - t0, tokens / float(m["sample_tokens_per_second"]),
+                          tokens / float(m["train_tokens_per_second"])))
     return min(times), float(m["completions/mean_length"])
 
 
@@ -206,11 +210,12 @@ def main():
         parity()
     config = common.gemma_config(dtype="float32")
     with tempfile.TemporaryDirectory() as d:
-        ours, length = our_step_time(config, args, d)
+        (ours, sampling, update), length = our_step_time(config, args, d)
     print(f"GRPO step on {common.machine()}, {common.BENCH['num_layers']} layers width {common.BENCH['embed_dim']} "
           f"vocab {common.BENCH['vocab_size']}, {args.prompts} prompts x {args.group} completions of {args.new_tokens} "
           f"tokens after ~{args.prompt_len}-token prompts (float32, full fine-tuning):")
-    print(f"  gemma_jax (KV-cache sampler + jitted update): {ours * 1e3:.0f} ms (mean completion {length:.0f} tokens)")
+    print(f"  gemma_jax (KV-cache sampler + jitted update): {ours * 1e3:.0f} ms (sampling {sampling * 1e3:.0f} ms, "
+          f"update {update * 1e3:.0f} ms; completions of {length:.0f} tokens)")
     if not args.skip_trl_steps:
         with tempfile.TemporaryDirectory() as d:
             theirs = trl_step_time(config, args, d)
