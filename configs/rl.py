@@ -1,7 +1,7 @@
 """Reinforcement learning from verifiable rewards (GRPO, train.objective=grpo): prompts, sampled answers, rewards.
 
-  python -m gemma_jax.train --config=configs/rl.py:tiny_sft --workdir=/tmp/rl_sft     # warm start, CPU, ~1 min
-  python -m gemma_jax.train --config=configs/rl.py:tiny --workdir=/tmp/rl_tiny        # GRPO, CPU, minutes
+  python -m gemma_jax.train --config=configs/rl.py:tiny_sft --workdir=/tmp/rl_sft     # warm start, CPU, 3-6 min
+  python -m gemma_jax.train --config=configs/rl.py:tiny --workdir=/tmp/rl_tiny        # GRPO, CPU, ~3 min
   python -m gemma_jax.train --config=configs/rl.py:tiny --workdir=/tmp/rl_drgrpo --config.grpo.loss_type=dr_grpo
   python -m gemma_jax.train --config=configs/rl.py:gemma3_270m --workdir=/tmp/rl_270m
   python -m gemma_jax.train --config=configs/rl.py:2b_lora --workdir=gs://BUCKET/gsm8k_2b
