@@ -58,7 +58,7 @@ def get_config(arg: str = "tiny"):
             c.model.init_checkpoint = "/tmp/rl_sft"
             c.data.tokenizer = ""  # the warm start's copy
             c.data.train, c.data.eval = "data/rl/train.jsonl", "data/rl/train.jsonl"
-            c.data.seq_len = 32  # prompt (20 tokens) + answer
+            c.data.seq_len = 64  # prompt (20 tokens here; room for a longer task's) + answer
             c.eval.max_examples = 0  # greedy answers to all 100 prompts
             c.train.objective = "grpo"
             c.train.steps, c.train.batch_size, c.train.log_every, c.train.eval_every = 80, 128, 2, 20
@@ -66,7 +66,7 @@ def get_config(arg: str = "tiny"):
             g = c.grpo
             g.rewards, g.reward_weights = f"{REWARDS}:correct_sum,regex", "1.0,0.2"
             g.format_regex = r"\d+"
-            g.group_size, g.max_new_tokens = 8, 4  # answers are 1-2 digits and <end_of_turn>
+            g.group_size, g.max_new_tokens = 8, 8  # short answers (here 1-2 digits and <end_of_turn>)
             g.log_rollouts_every = 10
     elif arg in _LARGE:
         preset, weights, rank, lr, batch, accum, remat = _LARGE[arg]
