@@ -46,7 +46,7 @@ OPTIMISATION_PREFIXES = ("opt.", "dpo.", "orpo.", "simpo.", "grpo.", "data.", "t
                          "model.dtype", "model.param_dtype", "model.init_checkpoint")
 # ... except these, which only say where things are or what is evaluated.
 HARMLESS = ("data.eval", "data.tfds_data_dir", "data.cache_dir", "data.num_workers", "data.input_workers",
-            "data.tokenizer", "dpo.precompute_reference")
+            "data.tokenizer", "dpo.precompute_reference", "grpo.log_rollouts_every", "grpo.log_rollouts")
 
 
 # ----------------------------------------------------------------------------------------- paths
