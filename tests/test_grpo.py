@@ -466,7 +466,7 @@ def test_nan_reward_skips_the_group_and_is_counted(tmp_path, caplog):
     cfg.grpo.rewards = f"{reward_file(tmp_path)}:nan_on_bad,{reward_file(tmp_path)}:length"
     cfg.data.eval_fraction = 0.0
     cfg.grpo.log_rollouts_every = 0
-    cfg.mesh.fsdp = -1
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2  # (the sharded test's sampler programs: cached)
     r = loop.setup(cfg, str(tmp_path / "wd"))
     state = r.trainer.init_state()
     bad = np.array([r.rollouts.prompts[i].columns["bad"] for i in next(copy.deepcopy(r.rollouts.order))])
@@ -500,7 +500,7 @@ def test_bad_reward_fails_before_anything_is_written(tmp_path, capsys):
 
 
 def test_sharded_rollouts_and_steps_equal_one_device(tmp_path):
-    """Sampling on the 2x2x2 mesh, rewards, advantages, the reference pass and two GRPO steps (with
+    """Sampling on the 2x2x2 mesh, rewards, advantages, the reference pass and three GRPO steps (with
     micro-batches) give what one device gives."""
     out = {}
     for name, mesh, accum in (("1", one_device_mesh(), 1), ("8", sharding.make_mesh(2, 2, 2, devices=jax.devices()), 2)):
@@ -515,14 +515,13 @@ def test_sharded_rollouts_and_steps_equal_one_device(tmp_path):
         for _ in range(3):
             state, m = ro.step(state)
             metrics.append({k: float(v) for k, v in jax.device_get(m).items() if not k.endswith("per_second")})
-        out[name] = metrics, jax.device_get(state["params"]), ro.evaluate(state)
+        out[name] = metrics, jax.device_get(state["params"])
     for a, b in zip(out["8"][0], out["1"][0]):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert out["1"][0][-1]["kl"] > 0 and out["1"][0][0]["reward_std"] > 0
     assert_trees_close(out["8"][1], out["1"][1], rtol=1e-3, atol=1e-5, what="params")
-    assert out["8"][2] == out["1"][2] and "eval_reward" in out["1"][2]
 
 
 @pytest.mark.slow
