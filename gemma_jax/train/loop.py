@@ -61,7 +61,7 @@ def check_config(cfg, workdir: str) -> None:
         raise UserError(f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps} must be >= 1")
     if cfg.train.objective == "grpo":  # a bad reward file fails now, before any weights load
         objectives.from_config(cfg)
-        rewards.load(cfg.grpo.rewards, cfg.grpo)
+        rewards.parse_weights(cfg.grpo.reward_weights, len(rewards.load(cfg.grpo.rewards, cfg.grpo)))
     init = cfg.model.init_checkpoint
     if init and paths.absolute(init).rstrip("/") == workdir.rstrip("/"):
         raise WorkdirError(f"--workdir and model.init_checkpoint are the same directory ({workdir}): the run "
