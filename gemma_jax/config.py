@@ -31,7 +31,9 @@ DEFAULT_LORA_TARGETS = r"attn/(q_einsum|kv_einsum|attn_vec_einsum)|mlp/(gating_e
 # ----------------------------------------------------------------------------- value sets and rules
 
 # Sets owned by modules above this one (train, eval); tests/test_config_values.py checks they agree.
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo")  # gemma_jax.train.objectives.OBJECTIVES
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "grpo")  # gemma_jax.train.objectives.OBJECTIVES
+GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")  # gemma_jax.train.grpo.LOSS_TYPES
+GRPO_SCALES = ("group", "batch", "none")  # gemma_jax.train.grpo.SCALE_REWARDS
 DPO_LOSSES = ("sigmoid", "ipo")  # gemma_jax.train.objectives.DPO_LOSSES
 LOSS_METRICS = ("loss", "perplexity", "token_accuracy")  # gemma_jax.eval.tasks.LOSS_METRICS
 EVAL_TASK_METRICS = {  # gemma_jax.eval.metrics.TASK_METRICS
@@ -113,6 +115,17 @@ def _one_fill_axis(v):
     return None
 
 
+def _grpo_row(v):
+    if v["train.objective"] != "grpo":
+        return None
+    if v["train.batch_size"] % v["grpo.group_size"]:
+        return ("train.batch_size must be a multiple of grpo.group_size: a step trains batch_size completions, "
+                "group_size per prompt")
+    if v["grpo.max_new_tokens"] >= v["data.seq_len"]:
+        return "grpo.max_new_tokens leaves no room for the prompt in data.seq_len (a row holds prompt + completion)"
+    return None
+
+
 CROSS_RULES = (
     R.Cross(("train.batch_size", "train.grad_accum"), _divides("train.batch_size", "train.grad_accum")),
     R.Cross(("model.num_heads", "model.num_kv_heads"), _heads_group),
@@ -122,6 +135,8 @@ CROSS_RULES = (
     R.Cross(("dpo.loss", "dpo.label_smoothing"),
             lambda v: "dpo.label_smoothing applies to dpo.loss='sigmoid' only (conservative DPO); set it to 0 "
                       "for 'ipo'" if v["dpo.loss"] == "ipo" and v["dpo.label_smoothing"] else None),
+    R.Cross(("train.objective", "train.batch_size", "grpo.group_size", "grpo.max_new_tokens", "data.seq_len"),
+            _grpo_row),
     R.Cross(("lora.rank", "lora.targets"),
             lambda v: "lora.targets is empty: no weight would get adapters" if v["lora.rank"] and
             not str(v["lora.targets"]).strip() else None),
@@ -199,7 +214,7 @@ def _declarations() -> dict[str, dict[str, tuple]]:
         loss_chunk=(1024, R.POSITIVE_INT),  # tokens per logits chunk in the loss (bounds [chunk, vocab] f32 memory)
         export_format=("", R.one_of("", *SAVE_FORMATS)),  # hf | official | gemma_jax | keras | gguf (WORKDIR/export/model.gguf, float32 or the param dtype): written to workdir/export at the end
         progress=(True, R.BOOL),  # progress bar on stdout
-        objective=("sft", R.one_of(*OBJECTIVES)),  # sft | dpo | orpo | simpo (preference pairs: README, Preference tuning)
+        objective=("sft", R.one_of(*OBJECTIVES)),  # sft | dpo | orpo | simpo (preference pairs: docs/preference.md) | grpo (RL on prompts: grpo.*)
         allow_changes=(False, R.BOOL),  # resume a workdir although lr, schedule, batch, data, steps or seed changed (recorded in manifest.json)
         max_nonfinite_steps=(5, R.POSITIVE_INT),  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run (exit 2)
     )
@@ -218,6 +233,28 @@ def _declarations() -> dict[str, dict[str, tuple]]:
     c.simpo = dict(
         beta=(2.0, R.POSITIVE),  # scale of the length-normalised reward difference (the SimPO paper's 2.0-2.5)
         gamma=(0.5, R.NON_NEGATIVE),  # target reward margin (TRL's CPOConfig.simpo_gamma)
+    )
+
+    # RL from verifiable rewards (gemma_jax.train.grpo), with TRL's GRPOTrainer names and definitions.
+    c.grpo = dict(
+        rewards=("", R.TEXT),  # comma separated: path/file.py:fn, package.module:fn, or a built-in (exact_match | regex | code_tests); fn(prompts, completions, **columns) -> list[float | None]; loaded and checked before step 1
+        reward_weights=("", R.TEXT),  # comma separated floats, one per reward; "" weighs each 1.0 (checked with the rewards)
+        group_size=(8, R.number(2, integer=True)),  # completions sampled per prompt (TRL's num_generations); divides train.batch_size
+        max_new_tokens=(256, R.POSITIVE_INT),  # completion length limit (rows stop earlier at <end_of_turn> or EOS)
+        temperature=(1.0, R.POSITIVE),  # sampling temperature of the rollouts
+        top_p=(1.0, R.number(0, 1, lo_open=True)),  # nucleus mass of the rollouts (1: off)
+        beta=(0.0, R.NON_NEGATIVE),  # weight of the KL to the reference (k3 times the ratio, as TRL; 0: no reference pass at all)
+        epsilon=(0.2, R.number(0, 1, lo_open=True, hi_open=True)),  # ratio clipped below at 1 - epsilon
+        epsilon_high=(config_dict.placeholder(float), R.optional(R.NON_NEGATIVE)),  # ratio clipped above at 1 + epsilon_high (DAPO's clip-higher); None: epsilon
+        num_iterations=(1, R.POSITIVE_INT),  # optimizer steps on each batch of rollouts (the paper's mu)
+        loss_type=("dapo", R.one_of(*GRPO_LOSSES)),  # how per-token terms are averaged (TRL's definitions)
+        scale_rewards=("group", R.one_of(*GRPO_SCALES)),  # advantages divided by the group's reward std, the batch's, or not at all
+        answer_field=("answer", R.TEXT),  # data field the built-in exact_match reward compares against
+        format_regex=("", R.custom("a regular expression, or ''", lambda v: v == "" or R.REGEX.ok(v))),  # pattern the built-in regex reward requires the whole completion to match
+        tests_field=("tests", R.TEXT),  # data field (a list of assert strings) the built-in code_tests reward runs
+        code_timeout=(10.0, R.POSITIVE),  # seconds per program for code_tests
+        log_rollouts_every=(10, R.NON_NEGATIVE_INT),  # steps between samples of rollouts written to WORKDIR/rollouts.jsonl (0: never)
+        log_rollouts=(8, R.POSITIVE_INT),  # completions written per sample
     )
 
     c.opt = dict(

@@ -126,8 +126,12 @@ def score_batch(params, batch, frozen=None, *, config: ModelConfig, chunk: int):
     return dict(loss_sum=loss_sum, tokens=tokens, correct=correct)
 
 
-def token_logps(config: ModelConfig, hidden_BTD, table_VD, targets_BT, chunk: int, table_grad: bool = True):
+def token_logps(config: ModelConfig, hidden_BTD, table_VD, targets_BT, chunk: int, table_grad: bool = True,
+                temperature: float = 1.0):
     """float32 log-probabilities [B, T] of the target tokens, computed `chunk` tokens at a time.
+
+    `temperature` scores the distribution sampling draws from: softmax of the (soft-capped)
+    logits / temperature, as RL objectives (GRPO) compare it with the sampler's.
 
     Like chunked_cross_entropy, [tokens, vocab] logits exist for one chunk at a time. Each
     token's gradient with respect to its hidden state depends on its own logits only, so with
@@ -141,35 +145,41 @@ def token_logps(config: ModelConfig, hidden_BTD, table_VD, targets_BT, chunk: in
     pad = -n % chunk
     if pad:
         x_ND, y_N = jnp.pad(x_ND, ((0, pad), (0, 0))), jnp.pad(y_N, (0, pad))
-    return _fused_logp(config, chunk, table_grad, x_ND, table_VD, y_N)[:n].reshape(b, t)
+    return _fused_logp(config, chunk, table_grad, float(temperature), x_ND, table_VD, y_N)[:n].reshape(b, t)
 
 
-def _logp_chunk(config, x_CD, table_VD, y_C):
-    """(log p of the targets, logits, log Z) of one chunk."""
+def _logp_chunk(config, x_CD, table_VD, y_C, temperature=1.0):
+    """(log p of the targets, logits / temperature, log Z) of one chunk."""
     logits_CV = final_logits(config, x_CD[None], table_VD)[0]
+    if temperature != 1.0:
+        logits_CV = logits_CV / temperature
     max_C = jnp.max(logits_CV, axis=-1)
     logz_C = max_C + jnp.log(jnp.sum(jnp.exp(logits_CV - max_C[:, None]), axis=-1))
     true_C = jnp.take_along_axis(logits_CV, y_C[:, None], axis=-1)[:, 0]
     return true_C - logz_C, logits_CV, logz_C
 
 
-def _dlogp_dlogits(config, logits_CV, logz_C, y_C, w_C):
-    """w * d(log p of the target) / d(pre-cap logits): w * (one-hot - softmax) * cap'."""
+def _dlogp_dlogits(config, logits_CV, logz_C, y_C, w_C, temperature=1.0):
+    """w * d(log p of the target) / d(pre-cap logits): w * (one-hot - softmax) / temperature * cap'
+    (`logits_CV` are the tempered ones)."""
     dlogits_CV = -jnp.exp(logits_CV - logz_C[:, None]) * w_C[:, None]
     dlogits_CV = dlogits_CV.at[jnp.arange(y_C.shape[0]), y_C].add(w_C)
+    if temperature != 1.0:
+        dlogits_CV, logits_CV = dlogits_CV / temperature, logits_CV * temperature
     cap = config.final_softcap
     return dlogits_CV * (1.0 - jnp.square(logits_CV / cap)) if cap else dlogits_CV
 
 
-def _logp_scan(config, chunk, x_ND, table_VD, y_N, with_dx: bool):
+def _logp_scan(config, chunk, x_ND, table_VD, y_N, with_dx: bool, temperature: float = 1.0):
     d = x_ND.shape[-1]
 
     def one(_, xs):
         x_CD, y_C = xs
-        logp_C, logits_CV, logz_C = _logp_chunk(config, x_CD, table_VD, y_C)
+        logp_C, logits_CV, logz_C = _logp_chunk(config, x_CD, table_VD, y_C, temperature)
         if not with_dx:
             return None, (logp_C, jnp.zeros((0,), x_CD.dtype))
-        dlogits_CV = _dlogp_dlogits(config, logits_CV, logz_C, y_C, jnp.ones_like(logp_C)).astype(x_CD.dtype)
+        dlogits_CV = _dlogp_dlogits(config, logits_CV, logz_C, y_C, jnp.ones_like(logp_C),
+                                    temperature).astype(x_CD.dtype)
         dx_CD = jnp.einsum("CV,VD->CD", dlogits_CV, table_VD.astype(x_CD.dtype), preferred_element_type=jnp.float32)
         return None, (logp_C, dx_CD.astype(x_CD.dtype))
 
@@ -177,20 +187,20 @@ def _logp_scan(config, chunk, x_ND, table_VD, y_N, with_dx: bool):
     return logp.reshape(-1), (dx.reshape(x_ND.shape) if with_dx else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused_logp(config, chunk, table_grad, x_ND, table_VD, y_N):
-    return _logp_scan(config, chunk, x_ND, table_VD, y_N, with_dx=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _fused_logp(config, chunk, table_grad, temperature, x_ND, table_VD, y_N):
+    return _logp_scan(config, chunk, x_ND, table_VD, y_N, with_dx=False, temperature=temperature)[0]
 
 
-def _fused_logp_fwd(config, chunk, table_grad, x_ND, table_VD, y_N):
+def _fused_logp_fwd(config, chunk, table_grad, temperature, x_ND, table_VD, y_N):
     if table_grad:  # the backward pass recomputes each chunk's logits for both gradients
-        logp_N, _ = _logp_scan(config, chunk, x_ND, table_VD, y_N, with_dx=False)
+        logp_N, _ = _logp_scan(config, chunk, x_ND, table_VD, y_N, with_dx=False, temperature=temperature)
         return logp_N, (x_ND, table_VD, y_N, None)
-    logp_N, dx_ND = _logp_scan(config, chunk, x_ND, table_VD, y_N, with_dx=True)
+    logp_N, dx_ND = _logp_scan(config, chunk, x_ND, table_VD, y_N, with_dx=True, temperature=temperature)
     return logp_N, (None, table_VD, y_N, dx_ND)
 
 
-def _fused_logp_bwd(config, chunk, table_grad, residuals, g_N):
+def _fused_logp_bwd(config, chunk, table_grad, temperature, residuals, g_N):
     x_ND, table_VD, y_N, dx_ND = residuals
     float0 = np.zeros(y_N.shape, jax.dtypes.float0)
     if not table_grad:
@@ -199,8 +209,8 @@ def _fused_logp_bwd(config, chunk, table_grad, residuals, g_N):
 
     def one(dtable_VD, xs):
         x_CD, y_C, g_C = xs
-        _, logits_CV, logz_C = _logp_chunk(config, x_CD, table_VD, y_C)
-        dlogits_CV = _dlogp_dlogits(config, logits_CV, logz_C, y_C, g_C).astype(x_CD.dtype)
+        _, logits_CV, logz_C = _logp_chunk(config, x_CD, table_VD, y_C, temperature)
+        dlogits_CV = _dlogp_dlogits(config, logits_CV, logz_C, y_C, g_C, temperature).astype(x_CD.dtype)
         dx_CD = jnp.einsum("CV,VD->CD", dlogits_CV, table_VD.astype(x_CD.dtype), preferred_element_type=jnp.float32)
         dtable_VD = dtable_VD + jnp.einsum("CV,CD->VD", dlogits_CV, x_CD, preferred_element_type=jnp.float32)
         return dtable_VD, dx_CD.astype(x_CD.dtype)

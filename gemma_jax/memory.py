@@ -187,7 +187,10 @@ def plan(cfg, config, mesh, *, mode: str, compile: bool = True, device: str | No
     batch, accum, seq = int(cfg.train.batch_size), int(cfg.train.grad_accum), int(cfg.data.seq_len)
     rows = max(batch // (accum * shards), 1)
     fused = attention_kernels.choose(config.attention_impl, backend_of(device), seq, config.head_dim) != "xla"
-    if trainer.objective is not None:
+    if trainer.objective is not None and trainer.objective.name == "grpo":  # one completion per row
+        if trainer.reference_sharding is not None:  # a KL term with full fine-tuning: the initial weights
+            frozen_b += _per_device(shapes, trainer.reference_sharding)
+    elif trainer.objective is not None:
         # Two sequences per pair; the reference pass is forward-only and done before the policy's.
         rows *= 2
         if trainer.reference_sharding is not None:  # DPO, full fine-tuning: the frozen initial weights
@@ -214,7 +217,9 @@ def compiled_memory(trainer, shapes, opt_shapes, frozen_shapes, batch: int, seq:
     bs = trainer.batch_sharding
     shape = trainer.batch_shape(batch, seq)  # [pairs, 2, T] for a preference objective
     fields = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-    if trainer.objective is not None and trainer.objective.precomputed:
+    if trainer.objective is not None and trainer.objective.name == "grpo":
+        fields += trainer.objective.batch_fields()  # advantages, and the sampling policy's / reference's log-probs
+    elif trainer.objective is not None and trainer.objective.precomputed:
         fields += ("ref_logps",)  # dpo.precompute_reference: the batch carries the reference
     rows = {k: jax.ShapeDtypeStruct(shape, jnp.int32 if k in ("inputs", "targets", "segment_ids", "positions")
                                     else jnp.float32, sharding=bs) for k in fields}

@@ -79,6 +79,20 @@ INVALID = {
     "orpo.lambda": [0.0, -1.0, INF],
     "simpo.beta": [0.0, -2.0, NAN],
     "simpo.gamma": [-0.5, INF],
+    "grpo.group_size": [1, 0, -4, 2.5],
+    "grpo.max_new_tokens": [0, -1],
+    "grpo.temperature": [0.0, -1.0, NAN],
+    "grpo.top_p": [0.0, 1.5, NAN],
+    "grpo.beta": [-0.1, INF],
+    "grpo.epsilon": [0.0, 1.0, -0.2],
+    "grpo.epsilon_high": [-0.1, NAN],
+    "grpo.num_iterations": [0, -1],
+    "grpo.loss_type": ["ppo", "GRPO"],
+    "grpo.scale_rewards": ["std", ""],
+    "grpo.format_regex": ["(unclosed"],
+    "grpo.code_timeout": [0.0, -1.0, NAN],
+    "grpo.log_rollouts_every": [-1],
+    "grpo.log_rollouts": [0, -2],
     "opt.lr": [0.0, -1e-3, NAN, INF, -INF],
     "opt.schedule": ["cosin", "exponential", ""],
     "opt.warmup_steps": [-1, 2.5],
@@ -120,7 +134,8 @@ VALID_EDGES = {
     "model.head_dim": None, "model.attn_softcap": 0.0, "train.eval_every": 0, "dpo.label_smoothing": 0.49,
     "data.train": "a.jsonl:0.8,b.jsonl:0.2", "data.field_map": "input=text,output=summary",
     "model.num_layers": 1, "eval.temperature": 0.0, "train.export_format": "", "data.seq_len": 2,
-    "train.steps": 0, "dpo.sft_weight": 0.0,
+    "train.steps": 0, "dpo.sft_weight": 0.0, "grpo.group_size": 2, "grpo.top_p": 1.0,
+    "grpo.epsilon_high": None, "grpo.format_regex": "",
 }
 
 
@@ -158,7 +173,10 @@ def test_every_refusing_rule_is_exercised_by_the_table():
     """Only free-text keys have nothing to refuse; every other key needs a row in INVALID."""
     rules = config_lib.rules()
     free = {k for k, r in rules.items() if r is config_rules.TEXT}
-    assert free == {"data.default_instruction"}, "a new free-text key: say why it needs no range"
+    # Free text checked where it is used: grpo.rewards / reward_weights are loaded and checked with the
+    # reward functions before step 1 (tests/test_grpo.py), the two field names against the data.
+    assert free == {"data.default_instruction", "grpo.rewards", "grpo.reward_weights", "grpo.answer_field",
+                    "grpo.tests_field"}, "a new free-text key: say why it needs no range"
     assert sorted(INVALID) == sorted(set(rules) - free)
 
 
@@ -188,9 +206,10 @@ def test_sets_listed_in_config_match_their_owners():
     from gemma_jax import weights
     from gemma_jax.eval import metrics, tasks
     from gemma_jax.model.config import ModelConfig
-    from gemma_jax.train import objectives
+    from gemma_jax.train import grpo, objectives
 
     assert config_lib.OBJECTIVES == tuple(objectives.OBJECTIVES)
+    assert config_lib.GRPO_LOSSES == grpo.LOSS_TYPES and config_lib.GRPO_SCALES == grpo.SCALE_REWARDS
     assert config_lib.DPO_LOSSES == tuple(objectives.DPO_LOSSES)
     assert config_lib.EVAL_TASK_METRICS == dict(metrics.TASK_METRICS)
     assert config_lib.LOSS_METRICS == tasks.LOSS_METRICS
@@ -338,3 +357,11 @@ def test_show_config_prints_each_keys_rule(capsys):
     assert "[in [0, 1)]" in lines["opt.b2"] and "[one of cosine, linear, constant]" in lines["opt.schedule"]
     assert "[an integer >= 1]" in lines["train.batch_size"]
     assert all("[" in line for line in lines.values()), [k for k, v in lines.items() if "[" not in v]
+
+
+def test_shipped_rl_variants_are_valid():
+    spec = importlib.util.spec_from_file_location("rl_config", REPO / "configs" / "rl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for variant in ("tiny_sft", "tiny", "gemma3_270m", "2b_lora", "9b_lora"):
+        config_lib.validate(module.get_config(variant))

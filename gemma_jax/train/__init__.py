@@ -5,6 +5,9 @@
   step.py         the pure train step (micro-batches, one update, metrics), SFT or preference pairs
   objectives.py   DPO / IPO / cDPO, ORPO, SimPO losses on summed response log-probs, pair metrics
   reference.py    dpo.precompute_reference: the reference log-probs in one pass, stored in the workdir
+  grpo.py         GRPO (train.objective=grpo): advantages, the clipped policy loss per loss type, the step
+  rewards.py      GRPO reward functions: grpo.rewards loaded and checked, built-ins, TRL's calling contract
+  rollout.py      GRPO's outer loop: sample groups on the mesh, score, advantages, update; resumable
   state.py        Trainer: state shardings, sharded init, the jitted train and eval steps
   checkpoints.py  Orbax checkpoints of the train state and data iterator, exact resume
   log.py          progress, metrics.jsonl, TensorBoard, plots

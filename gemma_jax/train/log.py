@@ -135,7 +135,7 @@ class Logger:
         self.objective = objective
         self.flops_per_token = config.flops_per_token(seq_len)
         self.positions_per_step = batch_size * seq_len
-        if objective is not None:
+        if objective is not None and objective.name != "grpo":  # (grpo: one completion per row)
             # A batch of pairs is two sequences each; DPO's live reference adds one forward of both.
             self.positions_per_step *= 2
             if objective.live_reference:
@@ -242,11 +242,14 @@ class Logger:
         # Trained tokens per second (loss-masked tokens are what the update learns from); the
         # FLOP rate counts every position of every row, which is what the hardware computes.
         record = dict(step=step, loss=m["loss"], perplexity=float(np.exp(min(m["loss"], 50.0))),
-                      accuracy=m["accuracy"], learning_rate=m["learning_rate"], grad_norm=m["grad_norm"],
+                      accuracy=m.get("accuracy", float("nan")), learning_rate=m["learning_rate"],
+                      grad_norm=m["grad_norm"],
                       target_tokens=tokens, tokens_per_second=tokens / elapsed, step_time=elapsed / steps,
                       memory_bytes=memory_bytes())
         if self.objective is not None:  # exp(a preference loss) is no perplexity
             del record["perplexity"]
+        if "accuracy" not in m:  # grpo: no token accuracy; the reward is its figure
+            del record["accuracy"]
         record["mfu"] = self.mfu(record["step_time"])
         # Objective-specific metrics (preference: rewards/chosen, ...) and the loop's own (nonfinite).
         record.update({k: v for k, v in m.items() if k not in record and k != "tokens"})
@@ -264,7 +267,8 @@ class Logger:
                 if k != "step":
                     tb.add_scalar(f"train/{k}", v, step)
         eta = (self.total - step) * record["step_time"]
-        line = (f"step {step}/{self.total} loss {record['loss']:.4f} acc {record['accuracy']:.3f} "
+        acc = f"acc {record['accuracy']:.3f}" if "accuracy" in record else f"reward {record.get('reward', 0.0):.3f}"
+        line = (f"step {step}/{self.total} loss {record['loss']:.4f} {acc} "
                 f"lr {record['learning_rate']:.2e} gnorm {record['grad_norm']:.3f} "
                 f"tok/s {record['tokens_per_second']:.0f} step {record['step_time'] * 1e3:.0f}ms mfu {record['mfu']:.1%} "
                 f"eta {_duration(eta)}")
@@ -364,7 +368,7 @@ def read_metrics(jsonl_path: str) -> list[dict]:
 
 
 def plot_metrics(jsonl_path: str, out_dir: str) -> list[str]:
-    """Loss (train and eval) and learning-rate curves from metrics.jsonl as PNGs."""
+    """Loss (train and eval) and learning-rate curves from metrics.jsonl as PNGs; for GRPO also reward.png."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -388,4 +392,22 @@ def plot_metrics(jsonl_path: str, out_dir: str) -> list[str]:
     with paths.staged_dir(out_dir) as local:
         fig.savefig(os.path.join(local, "loss.png"), dpi=100)
     plt.close(fig)
-    return [paths.join(out_dir, "loss.png")]
+    out = [paths.join(out_dir, "loss.png")]
+    rewarded = [r for r in train if "reward" in r]
+    if rewarded:  # grpo: the mean reward of the rollouts, and of greedy answers to the eval prompts
+        out.append(_plot_reward(plt, rewarded, [r for r in records if "eval_reward" in r], out_dir))
+    return out
+
+
+def _plot_reward(plt, train, evals, out_dir: str) -> str:
+    """plots/reward.png: mean reward of the sampled rollouts and of greedy answers to the eval prompts by step."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in train], [r["reward"] for r in train], label="rollouts (sampled)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="eval prompts (greedy)")
+    ax.set_xlabel("step"), ax.set_ylabel("reward"), ax.set_title("reward"), ax.legend()
+    fig.tight_layout()
+    with paths.staged_dir(out_dir) as local:
+        fig.savefig(os.path.join(local, "reward.png"), dpi=100)
+    plt.close(fig)
+    return paths.join(out_dir, "reward.png")

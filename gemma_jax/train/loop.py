@@ -30,7 +30,8 @@ from gemma_jax.eval import report as report_lib, tasks
 from gemma_jax.model import lora as lora_lib
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.tokenizer import Tokenizer
-from gemma_jax.train import checkpoints, divergence, log, model_setup, objectives, reference, workdir as workdir_lib
+from gemma_jax.train import (checkpoints, divergence, log, model_setup, objectives, reference, rewards, rollout,
+                             workdir as workdir_lib)
 from gemma_jax.train.signals import StopRequests
 from gemma_jax.train.state import Trainer
 from gemma_jax.weights import native
@@ -61,6 +62,8 @@ def check_config(cfg, workdir: str) -> None:
     """What can be checked before anything runs: every value against its rule, the workdir."""
     config_lib.validate(cfg)
     objectives.check_start(cfg)
+    if cfg.train.objective == "grpo":  # a bad reward file fails now, before any weights load
+        rewards.parse_weights(cfg.grpo.reward_weights, len(rewards.load(cfg.grpo.rewards, cfg.grpo)))
     init = cfg.model.init_checkpoint
     if init and paths.absolute(init).rstrip("/") == workdir.rstrip("/"):
         raise WorkdirError(f"--workdir and model.init_checkpoint are the same directory ({workdir}): the run "
@@ -89,17 +92,23 @@ def _run(cfg, workdir: str, stop_after: int | None, started: list) -> dict[str, 
         watch = divergence.Watch(int(cfg.train.max_nonfinite_steps), r.config.vocab_size,
                                  warn=getattr(logger, "warn", logging.warning))
         eval_every, log_every = int(cfg.train.eval_every), max(int(cfg.train.log_every), 1)
+        if r.rollouts is not None and start == 0 and eval_every and start < last:  # grpo: the reward to beat
+            logger.eval(0, evaluate(r, state, 0))
         save_due = False
         with StopRequests() as stop:
             while step < end:
                 try:
-                    batch = next(r.data.train)
+                    if r.rollouts is not None:  # grpo: sample with the current policy, score, update
+                        state, step_metrics = r.rollouts.step(state)
+                    else:
+                        batch = next(r.data.train)
                 except StopIteration:  # a data.num_epochs the planned step count did not foresee
                     logging.warning("the training data ran out at step %d (data.num_epochs=%s): finishing here",
                                     step, cfg.data.num_epochs)
                     last = end = step
                     break
-                state, step_metrics = r.trainer.step(state, r.trainer.put_batch(batch))
+                if r.rollouts is None:
+                    state, step_metrics = r.trainer.step(state, r.trainer.put_batch(batch))
                 step += 1
                 watch.observe(step, step_metrics)
                 manager.check()
@@ -253,6 +262,7 @@ class Run:
     trainer: Trainer
     init_params: Any = None  # weights of model.init_checkpoint for a fresh run (None: random)
     manifest: dict = dataclasses.field(default_factory=dict)  # WORKDIR/manifest.json (train/workdir.py)
+    rollouts: Any = None  # grpo: the rollout.Rollouts that samples and trains each step (also data.train)
 
 
 def setup(cfg, workdir: str) -> Run:
@@ -272,8 +282,9 @@ def setup(cfg, workdir: str) -> Run:
     mesh, rules = sharding.mesh_from_config(cfg.mesh), sharding.rules_from_config(cfg.mesh)
     use_lora = model_setup.lora_enabled(cfg)
     init_params = None
-    # LoRA needs the frozen base again, full fine-tuning DPO its reference.
-    if cfg.model.init_checkpoint and (not resuming or use_lora or cfg.train.objective == "dpo"):
+    # LoRA needs the frozen base again, full fine-tuning DPO (and GRPO with a KL term) its reference.
+    keeps_reference = cfg.train.objective == "dpo" or (cfg.train.objective == "grpo" and float(cfg.grpo.beta) != 0)
+    if cfg.model.init_checkpoint and (not resuming or use_lora or keeps_reference):
         loaded, init_params = weights.load(
             cfg.model.init_checkpoint, dtype=cfg.lora.base_dtype if use_lora else cfg.model.param_dtype,
             mesh=mesh, rules=rules)
@@ -296,16 +307,20 @@ def setup(cfg, workdir: str) -> Run:
                          f"times the batch shards (mesh data*fsdp = {shards})")
     trainer = Trainer.create(cfg, config, mesh)
     build_data, extra = data_lib.build, {}
-    if objective is not None:  # pairs for dpo/orpo/simpo
+    if objective is not None and cfg.train.objective != "grpo":  # pairs for dpo/orpo/simpo
         build_data = preference.build
         if objective.precomputed:  # one reference pass now (or its stored result), none in the steps
             if use_lora:
                 trainer.set_base(init_params)
             extra["extra_fields"] = functools.partial(reference.fields, cfg=cfg, trainer=trainer, workdir=workdir,
                                                       init_params=init_params)
-    data = build_data(cfg.data, tokenizer, global_batch_size=batch_size, seed=int(cfg.train.seed),
-                      process_index=jax.process_index(), process_count=jax.process_count(), **extra)
-    r = Run(cfg, workdir, tokenizer, config, mesh, rules, data, trainer, init_params, manifest)
+    if cfg.train.objective == "grpo":  # prompts and rewards; batches are sampled by the policy
+        data = rollout.build(cfg, tokenizer, trainer, workdir)
+    else:
+        data = build_data(cfg.data, tokenizer, global_batch_size=batch_size, seed=int(cfg.train.seed),
+                          process_index=jax.process_index(), process_count=jax.process_count(), **extra)
+    r = Run(cfg, workdir, tokenizer, config, mesh, rules, data, trainer, init_params, manifest,
+            rollouts=data.train if cfg.train.objective == "grpo" else None)
     write_run_files(r)
     logging.info("%s; %s; %.1fM params", sharding.describe(mesh), config, config.num_params() / 1e6)
     if use_lora:
@@ -356,6 +371,8 @@ def evaluate(r: Run, state, step: int) -> dict[str, float]:
     """Eval-split loss, perplexity and accuracy; with eval.in_training also the task metrics."""
     if not r.data.eval:
         return {}
+    if r.rollouts is not None:  # grpo: greedy completions of the eval prompts, scored by the rewards
+        return r.rollouts.evaluate(state, int(r.cfg.eval.max_examples))
     metrics = r.trainer.evaluate(state["params"], r.data.eval, int(r.cfg.train.eval_batches))
     if r.cfg.eval.in_training:
         metrics.update(task_eval(r, state, step))

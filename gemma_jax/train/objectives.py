@@ -32,8 +32,9 @@ import jax.numpy as jnp
 
 from gemma_jax import loss as loss_lib
 from gemma_jax.errors import UserError
+from gemma_jax.train import grpo
 
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "grpo")
 DPO_LOSSES = ("sigmoid", "ipo")
 # Per-pair quantities averaged over the pairs of a step (train and eval), as TRL names them.
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -65,13 +66,16 @@ class Objective:
         return self.uses_reference and not self.precomputed
 
 
-def from_config(cfg) -> Objective | None:
-    """The run's preference objective from train.objective and its section; None for SFT."""
+def from_config(cfg) -> Objective | grpo.GRPO | None:
+    """The run's preference objective from train.objective and its section (grpo.GRPO for RL on
+    prompts); None for SFT."""
     name = cfg.train.objective
     if name not in OBJECTIVES:
         raise UserError(f"train.objective={name!r}; choose one of {', '.join(OBJECTIVES)}")
     if name == "sft":
         return None
+    if name == "grpo":
+        return grpo.from_config(cfg)
     if name == "dpo":
         d = cfg.dpo
         if d.loss not in DPO_LOSSES:

@@ -18,7 +18,7 @@ import numpy as np
 from gemma_jax import loss, sharding
 from gemma_jax.model import layers as model_lib, lora as lora_lib
 from gemma_jax.model.config import ModelConfig
-from gemma_jax.train import model_setup, objectives, optimizer, step as step_lib
+from gemma_jax.train import grpo, model_setup, objectives, optimizer, step as step_lib
 
 
 def _lora_shardings(cfg, config: ModelConfig, mesh, rules, base_sh):
@@ -83,6 +83,7 @@ class Trainer:
     objective: Any = None  # objectives.Objective of a preference run (None: SFT)
     reference_sharding: Any = None  # DPO with full fine-tuning: the frozen initial weights' shardings
     reference: Any = None  # ... and those weights (set_reference)
+    logps_fn: Any = None  # GRPO: the jitted rollout log-probs (grpo.rollout_logps)
 
     @property
     def lora(self) -> bool:
@@ -107,6 +108,17 @@ class Trainer:
         batch_sh = sharding.batch_sharding(mesh, rules)
         chunk, accum = int(cfg.train.loss_chunk), int(cfg.train.grad_accum)
         objective = objectives.from_config(cfg)
+        if isinstance(objective, grpo.GRPO):
+            # Rows of completions; with a KL term and full fine-tuning the initial weights stay as the reference.
+            ref_sh = param_sh if objective.uses_reference and frozen_sh is None else None
+            step = functools.partial(grpo.grpo_step, config=config, tx=tx, chunk=chunk, accum=accum,
+                                     schedule=schedule, objective=objective, update=step_lib.apply_if_finite)
+            step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh, ref_sh),
+                              out_shardings=(state_sh, rep), donate_argnums=0)
+            logps_fn = jax.jit(functools.partial(grpo.rollout_logps, config=config, chunk=chunk, obj=objective),
+                               in_shardings=(param_sh, batch_sh, frozen_sh, ref_sh), out_shardings=batch_sh)
+            return cls(cfg, config, mesh, rules, tx, schedule, state_sh, batch_sh, step_fn, None, shapes, frozen_sh,
+                       objective=objective, reference_sharding=ref_sh, logps_fn=logps_fn)
         if objective is not None:
             # Full fine-tuning DPO keeps the initial weights, sharded like the policy, as its reference.
             ref_sh = param_sh if objective.live_reference and frozen_sh is None else None
@@ -211,7 +223,8 @@ class Trainer:
 
     def batch_shape(self, rows: int, seq_len: int) -> tuple[int, ...]:
         """Shape of one batch array: [rows, T], or [pairs, 2, T] for a preference objective."""
-        return (rows, seq_len) if self.objective is None else (rows, 2, seq_len)
+        pairs = self.objective is not None and not isinstance(self.objective, grpo.GRPO)
+        return (rows, 2, seq_len) if pairs else (rows, seq_len)
 
     def evaluate(self, params, batches, limit: int = 0) -> dict[str, float]:
         """Loss, perplexity and token accuracy over eval batches (process-local lists); for a

@@ -47,12 +47,13 @@ FORMAT = 1
 RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "lora_scale",
                         "lora_dropout")
 # Config keys whose change alters the optimisation of a resumed run: allowed with train.allow_changes.
-OPTIMISATION_PREFIXES = ("opt.", "dpo.", "orpo.", "simpo.", "data.", "train.batch_size", "train.grad_accum",
+OPTIMISATION_PREFIXES = ("opt.", "dpo.", "orpo.", "simpo.", "grpo.", "data.", "train.batch_size", "train.grad_accum",
                          "train.steps", "train.seed", "lora.dropout", "lora.quantize", "lora.base_dtype",
                          "model.dtype", "model.param_dtype")
 # ... except these, which only say where things are or what is evaluated.
 HARMLESS = ("data.eval", "data.tfds_data_dir", "data.cache_dir", "data.verify_cache", "data.num_workers",
-            "data.input_workers", "data.tokenizer", "dpo.precompute_reference")
+            "data.input_workers", "data.tokenizer", "dpo.precompute_reference", "grpo.log_rollouts_every",
+            "grpo.log_rollouts")
 
 
 # ----------------------------------------------------------------------------------------- paths
@@ -81,6 +82,13 @@ def resolve_config_paths(cfg) -> None:
     for key in ("train", "eval"):
         if isinstance(cfg.data.get(key), str) and cfg.data[key].strip():
             cfg.data[key] = _resolve_spec(cfg.data[key])
+    if "grpo" in cfg and cfg.grpo.rewards:  # path/to/file.py:fn entries; module:fn and built-ins as written
+        cfg.grpo.rewards = ",".join(_resolve_reward(e.strip()) for e in cfg.grpo.rewards.split(",") if e.strip())
+
+
+def _resolve_reward(entry: str) -> str:
+    where, sep, fn = entry.rpartition(":")
+    return f"{resolve(where)}{sep}{fn}" if where.endswith(".py") else entry
 
 
 def _why(e: OSError) -> str:
@@ -287,6 +295,8 @@ def config_identity(cfg) -> dict[str, Any]:
             dims[key] = m[key]
     ident.update({k: v for k, v in model_identity(dims).items()})
     ident["train.objective"] = str(cfg.train.objective)
+    if cfg.train.objective == "grpo":  # what the rewards are decides what the policy is trained towards
+        ident["grpo.rewards"] = str(cfg.grpo.rewards)
     ident["lora.rank"] = int(cfg.lora.rank)
     if int(cfg.lora.rank) > 0:
         ident["lora.targets"] = str(cfg.lora.targets)
@@ -314,6 +324,9 @@ def settings(cfg) -> dict[str, Any]:
     flat = _flat(cfg)
     out = {k: v for k, v in flat.items() if k.startswith(OPTIMISATION_PREFIXES) and k not in HARMLESS}
     out["data (fingerprint)"] = data_fingerprint(str(cfg.data.train))
+    if cfg.train.objective == "grpo":  # an edited reward file changes the optimisation like edited data
+        files = [e.rpartition(":")[0] for e in str(cfg.grpo.rewards).split(",") if e.rpartition(":")[0].endswith(".py")]
+        out["grpo.rewards (sha256)"] = ",".join(file_digest(f)[:16] for f in files if paths.exists(f))
     return out
 
 
