@@ -18,9 +18,9 @@ pairs preferring a precise legal summary over a vague one (what the SFT model al
 produced), 40 + 40 held out. DPO with beta 0.1 and an NLL term on the chosen responses
 (dpo.sft_weight 1) at lr 2e-4 (1/15 of the SFT's) for 100 steps of 8 pairs: held-out reward
 accuracy 1.0, greedy answers in the chosen date format 0.00 -> 0.82, ROUGE-L on the legal eval set
-within 4% of the SFT start, every answer still ending with <end_of_turn>. Without the NLL term, or
-at the old lr 5e-4, the legal task fell apart (ROUGE-L 76.9 -> 22.0, no stop): the figures and the
-comparison with TRL are in benchmarks/dpo_quality.py's output (docs/incoming/dpo.md).
+within 4% of the SFT start, every answer still ending with <end_of_turn>. With the old settings
+(plain DPO at lr 5e-4 on the legal pairs) the legal task fell apart (ROUGE-L 76.9 -> 22.0, no
+stop); the figures and the comparison with TRL: benchmarks/dpo_quality.py, docs/preference.md.
 
 The full-size variants train on UltraFeedback binarized (Hugging Face
 `HuggingFaceH4/ultrafeedback_binarized`, split train_prefs, 61,135 pairs; test_prefs 2,000): records
