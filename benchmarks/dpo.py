@@ -152,6 +152,7 @@ def step_times(pairs, seq, steps, with_trl=True):
         cfg = config_lib.base_config()
         cfg.train.objective = objective
         cfg.dpo.precompute_reference = name == "dpo_pre"
+        cfg.dpo.sft_weight = 0.0  # plain DPO, as TRL's step below (loss_type ["sigmoid"])
         cfg.train.steps, cfg.train.batch_size = 1000, pairs * (2 if objective == "sft" else 1)
         cfg.opt.warmup_steps, cfg.mesh.fsdp = 0, 1
         mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
