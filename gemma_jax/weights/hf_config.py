@@ -311,9 +311,10 @@ def check_exportable(config: ModelConfig) -> None:
                             "num_global_key_value_heads only then)")
         return
     gemma4 = [f"{name}={getattr(config, name)}" for name, absent in _GEMMA4_FIELDS if getattr(config, name) != absent]
-    gemma4 += [f"{name}={getattr(config, name)}" for name in ("global_head_dim", "global_kv_heads")
-               if getattr(config, name) not in (0, getattr(config, name.replace("global_", "num_")
-                                                                 if name == "global_kv_heads" else "head_dim"))]
+    if config.head_dim_of("global") != config.head_dim:
+        gemma4.append(f"global_head_dim={config.global_head_dim}")
+    if config.kv_heads_of("global") != config.num_kv_heads:
+        gemma4.append(f"global_kv_heads={config.global_kv_heads}")
     if gemma4:
         raise UserError(f"the Hugging Face export of a family={config.family} model cannot hold {', '.join(gemma4)} "
                         "(Gemma 4 features); set family='gemma4'")
