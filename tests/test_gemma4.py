@@ -187,6 +187,25 @@ def test_logits_match_transformers(reference):
         np.testing.assert_allclose(out[13:], helpers.hf_logits(model, b[None])[0], atol=1e-4)
 
 
+def test_logits_match_transformers_with_every_feature_at_once(tmp_path):
+    """PLE, KV sharing, experts and K = V together, RoPE scaled by 2 on half the global dims, global
+    head_dim = head_dim (transformers then saves an empty per_layer_config), and an odd depth whose
+    last layer transformers makes global: the pattern read back has no whole period to scan."""
+    config = ModelConfig.from_preset(
+        "gemma4_e_test", num_layers=11, attention_pattern=("local", "global"), num_kv_shared_layers=4,
+        num_experts=4, experts_per_token=2, expert_dim=16, attention_k_eq_v=True, global_head_dim=0,
+        rope_scale=2.0, global_rope_fraction=0.5)
+    model = helpers.make_hf_gemma4(config, tmp_path, seed=2)
+    assert json.loads((tmp_path / "config.json").read_text())["per_layer_config"] == {}
+    cfg, params = weights.load(tmp_path)
+    assert cfg.layer_types == config.layer_types[:-1] + ("global",) and cfg.scan_groups() == {"layers": (0, 0)}
+    assert (cfg.head_dim_of("global"), cfg.rope_scale, cfg.global_rope_fraction) == (16, 2.0, 0.5)
+    tokens, mask = tokens_and_mask(cfg)
+    ref = helpers.hf_logits(model, tokens, mask)
+    out = np.asarray(M.logits(cfg, params, tokens))
+    assert np.abs(out - ref)[mask.astype(bool)].max() < 1e-4
+
+
 @pytest.mark.parametrize("name", SHAPES)
 def test_greedy_decoding_past_the_window_matches_transformers_generate(tmp_path, name):
     import torch

@@ -389,7 +389,7 @@ class Transformer(nn.Module):
                 ple_QBTP = None
                 if ple_BTLP is not None:  # [B, T, periods * Q, P] -> [periods, Q, B, T, P]
                     sl = ple_BTLP[:, :, first:first + periods * c.period]
-                    ple_QBTP = sl.reshape(*sl.shape[:2], periods, c.period, -1).transpose(2, 3, 0, 1, 4)
+                    ple_QBTP = sl.reshape(*sl.shape[:2], periods, c.period, c.per_layer_dim).transpose(2, 3, 0, 1, 4)
                 if not cache_pass:
                     period = (LayerPeriod if c.remat == "none" else
                               nn.remat(LayerPeriod, policy=policy, prevent_cse=False))

@@ -121,7 +121,7 @@ def _global_attention(text: dict, layer_types: list[str], where: str) -> tuple[i
     head_dim = int(_or(text, "head_dim", GEMMA4_DEFAULTS["head_dim"]))
     kv = int(_or(text, "num_key_value_heads", GEMMA4_DEFAULTS["num_key_value_heads"]))
     per_layer = text.get("per_layer_config")
-    if not per_layer:
+    if per_layer is None:  # an empty dict is transformers' "no layer differs" (global_head_dim is then ignored)
         k_eq_v = bool(text.get("attention_k_eq_v", False))
         return (int(_or(text, "global_head_dim", GEMMA4_DEFAULTS["global_head_dim"])),
                 int(text.get("num_global_key_value_heads") or 0) if k_eq_v else 0)
