@@ -26,6 +26,10 @@ from gemma_jax.weights import SAVE_FORMATS
 
 # Attention q/kv/output and the MLP of every layer.
 DEFAULT_LORA_TARGETS = r"attn/(q_einsum|kv_einsum|attn_vec_einsum)|mlp/(gating_einsum|linear)"
+# The same on Gemma 4, whose global layers may project keys and values with one k_einsum, and the
+# experts of its mixture-of-experts layers (adapters per expert).
+GEMMA4_LORA_TARGETS = (r"attn/(q_einsum|kv_einsum|k_einsum|attn_vec_einsum)|mlp/(gating_einsum|linear)"
+                       r"|moe/(expert_gating|expert_linear)")
 
 
 # ----------------------------------------------------------------------------- value sets and rules
@@ -368,10 +372,29 @@ _LORA = {
 }
 
 
+# Gemma 4 variants (weights: the Hugging Face download, e.g. google/gemma-4-E2B-it, in
+# weights/gemma-4-e2b-it). LoRA targets include K=V projections and the experts. GiB per v5e
+# chip on one v5e-8 host (`python -m gemma_jax.memory --config=configs/legal.py:VARIANT
+# --device=tpu-v5e --no_compile`, docs/incoming/gemma4.md): gemma4_e2b_lora 3.3, gemma4_e4b_lora
+# 4.6, gemma4_31b_lora 11.4, gemma4_26b_a4b_lora 8.9; full fine-tuning gemma4_e2b needs 20.3 (its
+# 262144 x 35 x 256 per-layer table's float32 gradient among it): a 32 GiB chip (v6e) or more.
+# gemma4_tiny trains a tiny Gemma 4 mixture of experts from scratch on the shipped sample data (CPU).
+_GEMMA4 = {
+    "gemma4_e2b": dict(preset="gemma4_e2b", weights="gemma-4-e2b-it", lr=2e-5, rank=0, remat="full", accum=2),
+    "gemma4_e2b_lora": dict(preset="gemma4_e2b", weights="gemma-4-e2b-it", lr=2e-4, rank=16, remat="full", accum=1),
+    "gemma4_e4b_lora": dict(preset="gemma4_e4b", weights="gemma-4-e4b-it", lr=2e-4, rank=16, remat="full", accum=1),
+    "gemma4_31b_lora": dict(preset="gemma4_31b", weights="gemma-4-31b-it", lr=1e-4, rank=16, remat="full", accum=4),
+    "gemma4_26b_a4b_lora": dict(preset="gemma4_26b_a4b", weights="gemma-4-26b-a4b-it", lr=1e-4, rank=16,
+                                remat="full", accum=2),
+}
+
+
 def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: dict,
                task: str = "lm", metric: str = "loss") -> ml_collections.ConfigDict:
     """An experiment config for variant `arg`: "tiny" (shipped sample data, CPU), "2b"/"9b"/"27b"
-    (full fine-tuning) or "2b_lora"/"9b_lora"/"27b_lora"/"27b_qlora" (adapters on a frozen base).
+    (full fine-tuning) or "2b_lora"/"9b_lora"/"27b_lora"/"27b_qlora" (adapters on a frozen base);
+    Gemma 4: "gemma4_tiny" (CPU), "gemma4_e2b", "gemma4_e2b_lora", "gemma4_e4b_lora", "gemma4_31b_lora",
+    "gemma4_26b_a4b_lora".
 
     `full` holds the data keys of the real public dataset used by the full-size variants and may
     give `epochs` (converted to steps from `examples`, the dataset's size). `task` and `metric`
@@ -379,8 +402,10 @@ def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: 
     """
     c = base_config()
     c.eval.task, c.eval.metric = task, metric
-    if arg == "tiny":
-        c.model.preset = "gemma2_tiny"
+    if arg in ("tiny", "gemma4_tiny"):
+        c.model.preset = "gemma4_moe_test" if arg == "gemma4_tiny" else "gemma2_tiny"
+        if arg == "gemma4_tiny":
+            c.lora.targets = GEMMA4_LORA_TARGETS
         c.model.dtype = "float32"  # bf16 is slower than f32 on CPUs
         c.data.train, c.data.eval = tiny_train, tiny_eval
         c.data.tokenizer = "data/tokenizer.model"
@@ -389,6 +414,25 @@ def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: 
         c.opt.lr, c.opt.warmup_steps, c.opt.weight_decay = 3e-3, 20, 0.01
         c.checkpoint.every_steps = 100
         c.train.export_format = "hf"
+    elif arg in _GEMMA4:
+        g = _GEMMA4[arg]
+        c.model.preset, c.model.init_checkpoint, c.model.remat = g["preset"], f"weights/{g['weights']}", g["remat"]
+        c.data.seq_len, c.train.batch_size = 2048, 16
+        c.opt.lr, c.opt.warmup_steps = g["lr"], 100
+        full = dict(full)
+        epochs, examples = full.pop("epochs", 2), full.pop("examples", 0)
+        for k, v in full.items():
+            c.data[k] = v
+        if examples:
+            c.train.steps = max(1, epochs * examples // c.train.batch_size)
+        c.train.log_every, c.train.eval_every, c.train.eval_batches = 10, 500, 50
+        c.checkpoint.every_steps = 500
+        c.lora.targets = GEMMA4_LORA_TARGETS
+        # Micro-batches and 256-token loss chunks: a 262144-row vocabulary makes [chunk, V] logits large.
+        c.train.grad_accum, c.train.loss_chunk = g["accum"], 256
+        if g["rank"]:
+            c.lora.rank, c.lora.alpha = g["rank"], 2.0 * g["rank"]
+            c.opt.weight_decay = 0.0
     elif arg in _SIZES or arg in _LORA:
         lo = _LORA.get(arg)
         s = _SIZES[lo["size"] if lo else arg]
@@ -414,7 +458,7 @@ def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: 
             c.train.grad_accum, c.train.loss_chunk = lo["accum"], 256
     else:
         raise ValueError(f"unknown variant {arg!r} of configs/{domain}.py; choose tiny, "
-                         f"{', '.join(list(_SIZES) + list(_LORA))}")
+                         f"{', '.join(list(_SIZES) + list(_LORA) + ['gemma4_tiny'] + list(_GEMMA4))}")
     return lock(c)
 
 

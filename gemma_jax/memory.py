@@ -112,12 +112,22 @@ def activation_bytes(config, rows: int, seq_len: int, *, loss_chunk: int, table_
     float32 embedding-gradient accumulator. A fused attention kernel (splash on TPU) never
     forms the scores: it keeps float32 softmax statistics per query instead.
     (The coefficients were checked against XLA's memory analysis of the compiled step; see
-    tests/test_memory.py.)
+    tests/test_memory.py.) Gemma 4: widths are averaged over the layers (global layers' own head
+    dim and kv heads, KV-shared layers' missing keys and values, double-wide MLPs); a mixture of
+    experts adds, per token and chosen expert, its gathered input and output and its gate, up and
+    product (routed rows, as the ragged dispatch of TPU and GPU keeps them), and per-layer inputs
+    add the [tokens, layers, P] table the layers read.
     """
     c = config
     a = _itemsize(c.compute_dtype)
     tok = rows * seq_len
-    d, f, nh, kh = c.embed_dim, c.hidden_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    types = c.layer_types
+    d = c.embed_dim
+    f = sum(c.mlp_dim(i) for i in range(c.num_layers)) / c.num_layers
+    nh = sum(c.num_heads * c.head_dim_of(t) for t in types) / c.num_layers
+    kh = sum(0 if c.kv_shared(i) else c.kv_heads_of(t) * c.head_dim_of(t) for i, t in enumerate(types)) / c.num_layers
+    if c.num_experts:  # routed rows: gathered input and output, gate / up / product (the router's [T, E] too)
+        f += c.experts_per_token * (3 * c.expert_dim + 2 * d) / 4 + c.num_experts / 4
     if fused_attention:
         scores = rows * c.num_heads * seq_len * 2
     else:  # query x key entries per row and head, averaged over the layers (local ones see a window)
@@ -125,7 +135,7 @@ def activation_bytes(config, rows: int, seq_len: int, *, loss_chunk: int, table_
             return sum((hi - lo) * (hi - first) for lo, hi, first in causal_blocks(seq_len, window))
         local = sum(t == "local" for t in c.layer_types) / c.num_layers
         scores = int(rows * c.num_heads * (local * area(c.sliding_window) + (1 - local) * area(None)))
-    layer = tok * (8 * d + 4 * nh + 4 * kh + 4 * f) * a + scores * 4 * 4
+    layer = int(tok * (8 * d + 4 * nh + 4 * kh + 4 * f) * a) + scores * 4 * 4
     backward = scores * 5 * 4 + tok * d * 4
     saved_input = tok * d * a
     if c.remat == "none":
@@ -141,6 +151,10 @@ def activation_bytes(config, rows: int, seq_len: int, *, loss_chunk: int, table_
     chunk = min(loss_chunk, tok)
     narrow_dlogits = a if a < 4 else 0
     loss = chunk * c.vocab_size * (12 + narrow_dlogits) + tok * d * 4 + (c.vocab_size * d * 4 if table_grad else 0)
+    if c.per_layer_dim:  # the per-layer inputs, and for full fine-tuning the PLE table's gradient accumulator
+        rows_ple = c.per_layer_vocab or c.vocab_size
+        loss += tok * c.num_layers * c.per_layer_dim * 4 + (rows_ple * c.num_layers * c.per_layer_dim * 4
+                                                              if table_grad else 0)
     return int(layers + backward + loss)
 
 
@@ -378,7 +392,9 @@ def _main(fv, args) -> int:
     for mode in modes:
         print(f"planning {mode} ...", file=sys.stderr, flush=True)
         plans.append(plan(cfg, config, mesh, mode=mode, compile=compile_, device=device))
-    print(f"{fv['config'].config_filename}: {param_count(config.num_params())} params, batch {cfg.train.batch_size} x "
+    total, active = config.num_params(), config.num_active_params()
+    params = f"{param_count(total)} params" + (f" ({param_count(active)} active per token)" if active != total else "")
+    print(f"{fv['config'].config_filename}: {params}, batch {cfg.train.batch_size} x "
           f"{cfg.data.seq_len} tokens, remat {config.remat}, {sharding.describe(mesh)}")
     print(table(plans, device, n, fv.device_memory_gib))
     if not compile_ and not fv.no_compile:

@@ -196,16 +196,18 @@ def decoding_layout(config: ModelConfig, params, *, donate: bool = False):
     """
     if not (config.scan_layers and UNROLL_LAYERS_ON_CPU and _on_cpu(params)):
         return config, params
-    out = {k: v for k, v in params.items() if k != "layers"}
-    for name, layers in config.scanned_layers().items():
-        leaves, treedef = jax.tree.flatten(params["layers"][name])
-        per_leaf = []
-        for x in leaves:
-            per_leaf.append(_slice_layers(x))
-            if donate and isinstance(x, jax.Array):
-                x.delete()
-        for j, i in enumerate(layers):
-            out[f"layer_{i}"] = jax.tree.unflatten(treedef, [parts[j] for parts in per_leaf])
+    groups = config.scanned_groups()
+    out = {k: v for k, v in params.items() if k not in groups}
+    for group, blocks in groups.items():
+        for name, layers in blocks.items():
+            leaves, treedef = jax.tree.flatten(params[group][name])
+            per_leaf = []
+            for x in leaves:
+                per_leaf.append(_slice_layers(x))
+                if donate and isinstance(x, jax.Array):
+                    x.delete()
+            for j, i in enumerate(layers):
+                out[f"layer_{i}"] = jax.tree.unflatten(treedef, [parts[j] for parts in per_leaf])
     return config.replace(scan_layers=False), out
 
 
@@ -223,9 +225,12 @@ def _spare_row(config, params, cache_length) -> bool:
     """
     if SPARE_ROW is not None:
         return SPARE_ROW
-    slots = sum(min(config.sliding_window, cache_length) if config.is_local(i) else cache_length
-                for i in range(config.num_layers))
-    cache_bytes = 2 * slots * config.num_kv_heads * config.head_dim * jnp.dtype(config.compute_dtype).itemsize
+    # Per layer with a cache of its own (Gemma 4's KV-shared layers have none): its slots times the
+    # kv heads and head dim of its type.
+    values = sum((min(config.sliding_window, cache_length) if kind == "local" else cache_length)
+                 * config.kv_heads_of(kind) * config.head_dim_of(kind)
+                 for i, kind in enumerate(config.layer_types) if not config.kv_shared(i))
+    cache_bytes = 2 * values * jnp.dtype(config.compute_dtype).itemsize
     layer_bytes = sum(x.nbytes for k, x in jax.tree_util.tree_leaves_with_path(params)
                       if "embedder" not in jax.tree_util.keystr(k))
     return 8 * cache_bytes > layer_bytes

@@ -23,12 +23,17 @@ from gemma_jax.model import layers
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. Parameters are sharded over fsdp (embed) and tensor (heads, mlp,
-# vocab); activations over data and fsdp along the batch.
+# vocab); activations over data and fsdp along the batch. Gemma 4's experts split over fsdp
+# (expert parallelism, gemma_jax.model.moe: each device runs its experts on the tokens gathered
+# over that axis); a mesh axis serves one array axis only, the first rule naming it wins, so
+# "expert" comes before "embed". The per-layer input tables (PLE) shard their width over fsdp.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("vocab", "tensor"),
+    ("expert", "fsdp"),
     ("embed", "fsdp"),
+    ("per_layer", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),

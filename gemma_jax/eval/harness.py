@@ -34,7 +34,7 @@ from gemma_jax import sample, sharding, weights
 from gemma_jax.errors import UserError
 from gemma_jax.eval.task_files import check_limit, check_tasks, local_tasks  # noqa: F401  (check_limit: the CLI's)
 from gemma_jax.model import layers as M
-from gemma_jax.tokenizer import END_OF_TURN, Tokenizer
+from gemma_jax.tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
 
 try:
     import lm_eval
@@ -213,7 +213,8 @@ class GemmaJaxLM(TemplateLM):
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         """The Jinja form of the Gemma turn format that apply_chat_template writes."""
-        return CHAT_TEMPLATE if chat_template else None
+        start, end = getattr(self.tokenizer, "turn_markers", (START_OF_TURN, END_OF_TURN))  # Gemma 4: <|turn>, <turn|>
+        return CHAT_TEMPLATE.replace(START_OF_TURN, start).replace(END_OF_TURN, end) if chat_template else None
 
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
         """Messages -> Gemma turn text (contents trimmed, as Gemma's HF template does); without
@@ -221,7 +222,8 @@ class GemmaJaxLM(TemplateLM):
         turns = [dict(m, content=m["content"].strip()) for m in chat_history]
         if not add_generation_prompt and turns and turns[-1]["role"] in ("assistant", "model"):
             text = self.tokenizer.format_chat(turns)
-            return text[:-len(END_OF_TURN + "\n")]
+            end = getattr(self.tokenizer, "turn_markers", (START_OF_TURN, END_OF_TURN))[1]
+            return text[:-len(end + "\n")]
         return self.tokenizer.format_chat(turns, add_generation_prompt=add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:

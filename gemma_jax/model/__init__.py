@@ -1,10 +1,12 @@
-"""Gemma 2 and 3 in Flax: no I/O, no mesh names, only logical axis names.
+"""Gemma 2, 3 and 4 in Flax: no I/O, no mesh names, only logical axis names.
 
-  config.py     ModelConfig, presets (gemma2_*, gemma3_* and small test shapes), remat policies
-  attention.py  the exact xla attention path: RoPE, masks, soft-capped softmax, its VJP
+  config.py     ModelConfig, presets (gemma2_*, gemma3_*, gemma4_* and small test shapes), remat policies
+  attention.py  the exact xla attention path: RoPE (partial too), masks, soft-capped softmax, its VJP
   kernels.py    fused attention kernels chosen by ModelConfig.attention_impl (splash on TPU)
-  layers.py     the modules (Einsum, RMSNorm, Attention, MLP, Block, Transformer) and the
+  primitives.py Einsum (with LoRA and quantised weights), RMSNorm, lora_equations
+  layers.py     the modules (Attention, MLP, Block, LayerPeriod, Embedder, Transformer) and the
                 functional API: init_params, param_shapes, param_axes, logits, stack_layers
+  moe.py        Gemma 4's mixture of experts: router, dispatch, expert parallelism
   kv_cache.py   the decoding cache layout
   lora.py       low-rank adapters and the quantised frozen base
 

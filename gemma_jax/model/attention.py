@@ -21,13 +21,17 @@ def softcap(x, cap: float):
     return jnp.tanh(x / cap) * cap if cap else x
 
 
-def apply_rope(x_BTNH, positions_BT, base: float, scale: float = 1.0):
+def apply_rope(x_BTNH, positions_BT, base: float, scale: float = 1.0, fraction: float = 1.0):
     """Rotary embedding, half-split convention, angles in float32; positions divided by `scale`
-    (linear scaling, Gemma 3's global layers)."""
+    (linear scaling, Gemma 3's global layers). With `fraction` < 1 only the first
+    int(fraction * H / 2) frequencies of each half turn, the others are 0 (Gemma 4's global
+    layers: HF "proportional" RoPE, whose frequencies keep the full head_dim's spacing)."""
     h = x_BTNH.shape[-1]
     inv_freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
     if scale != 1.0:  # on the frequencies, as the reference does (1 leaves Gemma 2 bit-identical)
         inv_freq = inv_freq / scale
+    if fraction != 1.0:
+        inv_freq = jnp.where(jnp.arange(h // 2) < int(fraction * h // 2), inv_freq, 0.0)
     angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
     sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)

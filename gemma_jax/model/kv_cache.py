@@ -7,7 +7,8 @@ layers outside the scan, and positions/<type> [B, S] the absolute position held 
 a type writes the same slots. Local (sliding-window) layers keep a ring buffer of
 min(sliding_window, length) slots, slot = position % slots, so memory for long generations grows
 only in the global layers. K before S: XLA:CPU multiplies that layout in place when one token
-attends to the cache.
+attends to the cache. K and H are the layer type's (Gemma 4's global layers have their own), and
+Gemma 4's KV-shared layers keep no cache: they attend to their producer layer's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def init_cache(config, batch: int, length: int, dtype=None) -> dict[str, Any]:
     slots = {"local": min(config.sliding_window, length), "global": length}
 
     def kv(kind, *lead):
-        shape = (*lead, batch, config.num_kv_heads, slots[kind], config.head_dim)
+        shape = (*lead, batch, config.kv_heads_of(kind), slots[kind], config.head_dim_of(kind))
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     cache = {"positions": {kind: jnp.full((batch, slots[kind]), -1, jnp.int32)
@@ -32,7 +33,8 @@ def init_cache(config, batch: int, length: int, dtype=None) -> dict[str, Any]:
         cache["layers"] = {name: kv(kind, config.num_periods)
                            for name, kind in zip(config.block_names, config.attention_pattern)}
     for i in config.unscanned_layers():
-        cache[f"layer_{i}"] = kv(config.layer_types[i])
+        if not config.kv_shared(i):
+            cache[f"layer_{i}"] = kv(config.layer_types[i])
     return cache
 
 

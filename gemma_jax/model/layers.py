@@ -1,11 +1,13 @@
-"""Gemma 2 / Gemma 3 decoder in Flax linen: the modules, the functional API, layer stacking.
+"""Gemma 2 / 3 / 4 decoder in Flax linen: the modules, the functional API, layer stacking.
 
 Dimension letters used in names and einsums:
   B batch, T query length, S key length, N query heads, K kv heads, G = N/K query heads per
   kv head, H head dim, D model dim, F MLP hidden dim, V vocabulary, C a small stacked axis
-  (k/v, gate/up).
+  (k/v, gate/up); Gemma 4 adds P per-layer input width, Y layers (of the PLE table), E experts,
+  M rows routed to an expert.
 
-Parameters carry logical axis names (embed, vocab, heads, kv_heads, head_dim, mlp, layers);
+Parameters carry logical axis names (embed, vocab, heads, kv_heads, head_dim, mlp, layers,
+per_layer, expert);
 `gemma_jax.sharding` maps them onto mesh axes. Layers run as `nn.scan` over one period of
 config.attention_pattern (Gemma 2: a local and a global layer; Gemma 3: five local then one
 global), so a 46-layer model compiles like its period. Parameter tree (scan_layers=True):
@@ -22,6 +24,14 @@ attn_vec_einsum (N,H,D)}/w, [attn/{query_norm,key_norm}/scale (H,) with qk_norm]
 post_attention_norm/scale, pre_ffw_norm/scale, mlp/{gating_einsum (2,F,D), linear (F,D)}/w,
 post_ffw_norm/scale. With scan_layers=False the blocks are `layer_{i}` for every i, the official
 checkpoint's own naming.
+
+Gemma 4 adds, where its config has them: attn/k_einsum (K,D,H) instead of kv_einsum on global
+layers with attention_k_eq_v; global layers' own head_dim and kv heads; no kv weights and no
+key_norm on KV-shared layers; layer_scale (1,); per_layer_input_gate (D,P),
+per_layer_projection (P,D), post_per_layer_input_norm; embedder/per_layer_embedding (V,L,P),
+embedder/per_layer_model_projection (D,L,P), embedder/per_layer_projection_norm; moe/... (see
+gemma_jax.model.moe) with post_mlp_norm, pre_moe_norm, post_moe_norm. KV-shared layers that fill
+whole periods scan as `shared_layers/<name>` (config.scan_groups).
 
 Decoding passes an explicit KV cache (`kv_cache.init_cache`) through `Transformer(...,
 cache=cache)`, laid out like the layers; local layers keep a ring buffer of sliding_window slots.
@@ -43,6 +53,9 @@ from gemma_jax.model.attention import (apply_rope, attention_logits, attention_m
                                        dense_attention, masked_softmax, segment_positions, softcap)
 from gemma_jax.model.config import REMAT_POLICIES, ModelConfig
 from gemma_jax.model.kv_cache import cache_update
+from gemma_jax.model.moe import MoE
+from gemma_jax.model.primitives import (EINSUMS, FEW_TOKENS, Einsum, RMSNorm, contracted_axes,  # noqa: F401
+                                        dequantize, init, lora_equations)
 
 Params = Any
 
@@ -65,208 +78,67 @@ def final_logits_by_vocab(config: ModelConfig, x_BD, table_VD):
     return jax.lax.optimization_barrier(softcap(logits_VB, config.final_softcap)).T
 
 
-def dequantize(q, scale, dtype):
-    """Integer weight times its scale. An axis where the scale is shorter than the weight (but
-    not 1) holds one scale per group of consecutive entries along it."""
-    for i, (n, m) in enumerate(zip(q.shape, scale.shape)):
-        if m not in (1, n):
-            scale = jnp.repeat(scale, n // m, axis=i)
-    return q.astype(dtype) * scale.astype(dtype)
-
-
-def _init(axes, stddev=0.02):
-    return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
-
-
-# ----------------------------------------------------------------------------- modules
-
-
-# The product each weight takes part in. gemma_jax.lora reads them to shape adapters: the
-# contracted letters of the weight are its inputs, the rest (but a stacked C) its outputs.
-EINSUMS = {
-    "q_einsum": "BTD,NDH->BTNH",
-    "kv_einsum": "BSD,CKDH->CBSKH",
-    "attn_vec_einsum": "BTNH,NHD->BTD",
-    "gating_einsum": "BTD,CFD->CBTF",
-    "linear": "BTF,FD->BTD",
-}
-
-# A pass with a KV cache over fewer tokens than this (decode steps, short prompts) multiplies a
-# stacked weight in one product, as copying out its slices would cost about as much as the
-# products; from here on the per-slice products of training are faster on XLA:CPU (prefill of
-# 8 x 64 tokens ~20% faster, of 1 x 64 ~15% slower).
-FEW_TOKENS = 256
-
-
-def _few_tokens(x_BTD, cache) -> bool:
-    """Whether a pass multiplies stacked weights in one product (Einsum.cached): see FEW_TOKENS."""
-    return cache is not None and x_BTD.shape[0] * x_BTD.shape[1] < FEW_TOKENS
-
-
-def lora_equations(eqn: str) -> tuple[str, str, str]:
-    """(x-to-rank, rank-to-output, merge) einsums of an adapter pair A, B for a weight product.
-
-    A holds the weight's contracted axes then rank R, B holds R then its output axes (both
-    led by C for a stacked weight): e.g. "BTD,NDH->BTNH" gives A "DR", B "RNH", so
-    x A B = x (A B) with A B laid out as the weight "NDH".
-    """
-    lhs, rest = eqn.split(",")
-    rhs, out = rest.split("->")
-    lead = "C" if rhs[0] == "C" else ""
-    a = lead + "".join(c for c in rhs if c in lhs) + "R"
-    b = lead + "R" + "".join(c for c in rhs if c not in lhs and c != "C")
-    mid = "".join(c for c in lhs if c not in rhs)
-    return f"{lhs},{a}->{lead}{mid}R", f"{lead}{mid}R,{b}->{out}", f"{a},{b}->{rhs}"
-
-
-class Einsum(nn.Module):
-    """One weight `w` contracted with the input by an einsum equation.
-
-    Two optional collections change the weight without changing the parameter tree: "quant"
-    holds a `scale` for an integer `w` (dequantised here, one layer at a time inside the scan),
-    and "lora" holds adapters `a`, `b` whose product x a b, times config.lora_scale, is added to
-    the output (see gemma_jax.lora).
-    """
-
-    shape: tuple[int, ...]
-    axes: tuple[str | None, ...]
-    config: ModelConfig
-    cached: bool = False  # a pass with a KV cache over few tokens (see FEW_TOKENS)
-
-    @nn.compact
-    def __call__(self, eqn: str, x):
-        c = self.config
-        w = self.param("w", _init(self.axes), self.shape, c.weight_dtype)
-        if self.has_variable("quant", "scale"):
-            w = dequantize(w, self.get_variable("quant", "scale"), c.compute_dtype)
-        w = w.astype(c.compute_dtype)
-        lhs, rest = eqn.split(",")
-        rhs, out = rest.split("->")
-        stacked = rhs[0] == "C" and out[0] == "C"  # k/v, gate/up: a tuple of products
-        if self.cached:
-            # No gradient here: one product even for a stacked weight (each slice w[c] would be a
-            # copy of the weight), and a single token per row takes forms that read the weight
-            # in place, as it is read once per token.
-            y = (self._project_in_place if x.shape[1] == 1 else self._project)(eqn, x, w)
-            y = y + self._lora(eqn, x) if self.has_variable("lora", "a") else y
-            return tuple(y[i] for i in range(w.shape[0])) if stacked else y
-        if stacked:
-            # Separate products: one einsum with the stack axis in its output is ~3x slower to
-            # differentiate on XLA:CPU.
-            single = f"{lhs},{rhs[1:]}->{out[1:]}"
-            ys = [self._project(single, x, w[i]) for i in range(w.shape[0])]
-            if self.has_variable("lora", "a"):  # per slice too, for the same reason
-                ys = [y + self._lora(single, x, i) for i, y in enumerate(ys)]
-            return tuple(ys)
-        y = self._project(eqn, x, w)
-        return y + self._lora(eqn, x) if self.has_variable("lora", "a") else y
-
-    def _lora(self, eqn, x, index=None):
-        """config.lora_scale * x a b, the adapter's share of the product (stack axis first), or
-        of slice `index` of a stacked weight (then `eqn` is the single slice's product)."""
-        c = self.config
-        a = self.get_variable("lora", "a").astype(c.compute_dtype)
-        b = self.get_variable("lora", "b").astype(c.compute_dtype)
-        if index is not None:
-            a, b = a[index], b[index]
-        if c.lora_dropout and self.has_rng("dropout"):
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - c.lora_dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - c.lora_dropout), 0).astype(x.dtype)
-        to_rank, from_rank, _ = lora_equations(eqn)
-        h = self._project(to_rank, x, a)
-        if self.cached:  # no backward pass to save anything for
-            return self._project(from_rank, h, b) * jnp.asarray(c.lora_scale, x.dtype)
-        # The adapter's full-width product is recomputed in the backward pass instead of kept:
-        # with a (size-1) batch axis it is not "saveable" under remat dots_no_batch, so a LoRA
-        # layer keeps one product per projection, the base's, as full fine-tuning does (kept
-        # apart, the two products doubled that memory). Redoing it from the rank-R input is cheap.
-        y = jax.vmap(functools.partial(self._project, from_rank))(h[None], b[None])[0]
-        return y * jnp.asarray(c.lora_scale, x.dtype)
-
-    @staticmethod
-    def _project(eqn, x, w):
-        lhs, rest = eqn.split(",")
-        out = rest.split("->")[1]
-        if lhs[:2] in ("BT", "BS") and out.startswith(lhs[:2]):
-            # Fold batch and length into one token axis: the weight gradient then contracts one
-            # axis instead of two, which XLA:CPU runs ~3x faster (the same math everywhere).
-            y = jnp.einsum("M" + eqn[2:].replace("->" + lhs[:2], "->M"), x.reshape(-1, *x.shape[2:]), w)
-            return y.reshape(*x.shape[:2], *y.shape[1:])
-        return jnp.einsum(eqn, x, w)
-
-    @staticmethod
-    def _project_in_place(eqn, x, w):
-        """The same product in forms XLA:CPU multiplies without first copying the weight.
-
-        Decoding reads every weight once per token, so a per-step transposed copy (what XLA:CPU
-        makes for a contraction inside the weight, or over two of its axes) would double the
-        cost of the step.
-        """
-        lhs, rest = eqn.split(",")
-        rhs, out = rest.split("->")
-        i = next(j for j, a in enumerate(rhs) if a in lhs)
-        k = sum(a in lhs for a in rhs)
-        if 0 < i and i + k < len(rhs) and rhs[i:i + k] == lhs[-k:]:
-            # Contraction inside the weight ([N, D, H]): its leading axes become batch axes.
-            lead, free = rhs[:i], lhs[:-k] + rhs[i + k:]
-            x = jnp.broadcast_to(x, w.shape[:i] + x.shape)
-            return jnp.einsum(f"{lead}{free}->{out}", jnp.einsum(f"{lead}{lhs},{rhs}->{lead}{free}", x, w))
-        if i == 0 and k > 1 and rhs[:k] == lhs[-k:] and out == lhs[:-k] + rhs[k:]:
-            # Contraction over the weight's leading axes ([N, H, D]): one matmul on flattened axes.
-            y = x.reshape(*x.shape[:-k], -1) @ w.reshape(-1, *w.shape[k:])
-            return y
-        return jnp.einsum(eqn, x, w)
-
-
-class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * (1 + scale) over the last axis, computed in float32."""
-
-    config: ModelConfig
-    axis: str = "embed"  # logical name of the normalised axis (QK-norm: head_dim)
-
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axis,)),
-                           (x.shape[-1],), self.config.weight_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)
-        return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
-
-
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE (base and scale of the layer's type), optional QK-norm
-    and the attention-logit soft-cap.
+    """Grouped-query attention with RoPE (base, scale and rotated share of the layer's type),
+    optional QK-norm and value norm, and the attention-logit soft-cap.
+
+    Head dim and kv heads are the layer type's (config.head_dim_of / kv_heads_of); a global layer
+    with attention_k_eq_v projects once for keys and values. A KV-shared layer (`shared`) projects
+    only queries and attends to `shared_kv`, the keys and values its producer layer handed on:
+    [B, S, K, H] arrays, or in a decode step the producer's updated cache [B, K, S, H].
 
     Without a cache, config.attention_impl may route the product to a fused kernel, which needs
     the segment ids and `local` (the sliding window) instead of the dense mask. Asking for the
     attention probabilities (mutable "intermediates") always takes the xla path: a fused kernel
-    never forms them.
+    never forms them. Returns (output, updated cache, keys and values for layers sharing them).
     """
 
     config: ModelConfig
     local: bool = False
+    shared: bool = False  # KV-shared: attends to shared_kv, no keys or values of its own
+    cache_pass: bool = False  # (shared layers, which get no cache) the pass runs with a KV cache
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, slots_BT=None, segment_ids_BT=None):
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, slots_BT=None, segment_ids_BT=None,
+                 shared_kv=None):
         c = self.config
-        n, k, g, h, d = c.num_heads, c.num_kv_heads, c.num_groups, c.head_dim, c.embed_dim
-        cached = _few_tokens(x_BTD, cache)
+        kind = "local" if self.local else "global"
+        n, k, h, d = c.num_heads, c.kv_heads_of(kind), c.head_dim_of(kind), c.embed_dim
+        g = n // k
+        cache_pass = cache is not None or self.cache_pass
+        b, t = x_BTD.shape[:2]
+        cached = cache_pass and b * t < FEW_TOKENS
         q_BTNH = Einsum((n, d, h), ("heads", "embed", "head_dim"), c, cached=cached,
                         name="q_einsum")("BTD,NDH->BTNH", x_BTD)
-        k_BSKH, v_BSKH = Einsum((2, k, d, h), (None, "kv_heads", "embed", "head_dim"), c,
-                                cached=cached, name="kv_einsum")("BSD,CKDH->CBSKH", x_BTD)
-        if c.qk_norm:  # per head, before RoPE (Gemma 3)
+        if not self.shared:
+            if c.k_eq_v(kind):  # the values are the keys before their norm and RoPE (Gemma 4)
+                k_BSKH = Einsum((k, d, h), ("kv_heads", "embed", "head_dim"), c, cached=cached,
+                                name="k_einsum")("BSD,KDH->BSKH", x_BTD)
+                v_BSKH = k_BSKH
+            else:
+                k_BSKH, v_BSKH = Einsum((2, k, d, h), (None, "kv_heads", "embed", "head_dim"), c,
+                                        cached=cached, name="kv_einsum")("BSD,CKDH->CBSKH", x_BTD)
+        if c.qk_norm:  # per head, before RoPE (Gemma 3, 4)
             q_BTNH = RMSNorm(c, axis="head_dim", name="query_norm")(q_BTNH)
-            k_BSKH = RMSNorm(c, axis="head_dim", name="key_norm")(k_BSKH)
+            if not self.shared:
+                k_BSKH = RMSNorm(c, axis="head_dim", name="key_norm")(k_BSKH)
         base, scale = c.rope(self.local)
-        q_BTNH = apply_rope(q_BTNH, positions_BT, base, scale)
-        k_BSKH = apply_rope(k_BSKH, positions_BT, base, scale)
+        fraction = c.rope_fraction(self.local)
+        q_BTNH = apply_rope(q_BTNH, positions_BT, base, scale, fraction)
+        if not self.shared:
+            if c.value_norm:
+                v_BSKH = RMSNorm(c, axis="head_dim", with_scale=False, name="value_norm")(v_BSKH)
+            k_BSKH = apply_rope(k_BSKH, positions_BT, base, scale, fraction)
+        else:
+            k_BSKH, v_BSKH = shared_kv["k"], shared_kv["v"]
         q_BTNH = q_BTNH * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q_BTNH.dtype)
-        b, t = x_BTD.shape[:2]
         q_BTKGH = q_BTNH.reshape(b, t, k, g, h)
-        if cache is not None and t == 1:
+        step = cache_pass and t == 1
+        if step and self.shared:  # the producer's cache, already holding this step's token
+            enc_BTKGH = self._attend_cache(q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
+        elif step:
             enc_BTKGH, cache = self._decode_step(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, cache, slots_BT)
-        elif (impl := self._fused(t, cache, segment_ids_BT)) != "xla":
+        elif (impl := self._fused(t, cache_pass, segment_ids_BT)) != "xla":
             enc_BTKGH = kernels.attend(
                 impl, q_BTKGH, k_BSKH, v_BSKH, segment_ids_BT, window=c.sliding_window if self.local else None,
                 softcap=c.attn_softcap).astype(v_BSKH.dtype)
@@ -274,7 +146,7 @@ class Attention(nn.Module):
             # The same forward, its float32 probabilities kept (apply(..., mutable=["intermediates"])).
             enc_BTKGH, _, _, probs_BKGTS = attention_parts(c.attn_softcap, q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
             self.sow("intermediates", "attention_probs", probs_BKGTS)
-        elif cache is None:
+        elif not cache_pass:
             # Key blocks are skipped by index distance; rows without segment ids here are branch
             # rows (Transformer's branch_BT), whose window is in positions: only the mask decides.
             window = c.sliding_window if self.local and segment_ids_BT is not None else None
@@ -284,32 +156,37 @@ class Attention(nn.Module):
         if cache is not None and t > 1:
             # A prefill chunk attends to itself (the cache is empty), then fills its slots.
             cache = {"k": _write(cache["k"], slots_BT, k_BSKH), "v": _write(cache["v"], slots_BT, v_BSKH)}
+        kv = cache if step and not self.shared else {"k": k_BSKH, "v": v_BSKH}
         enc_BTNH = enc_BTKGH.reshape(b, t, n, h)
         out_BTD = Einsum((n, h, d), ("heads", "head_dim", "embed"), c, cached=cached,
                          name="attn_vec_einsum")("BTNH,NHD->BTD", enc_BTNH)
-        return out_BTD, cache
+        return out_BTD, cache, kv
 
-    def _fused(self, t, cache, segment_ids_BT) -> str:
+    def _fused(self, t, cache_pass, segment_ids_BT) -> str:
         """The implementation of a pass without a cache; prefill and probability capture use xla."""
-        if cache is not None or segment_ids_BT is None or self.is_mutable_collection("intermediates"):
+        if cache_pass or segment_ids_BT is None or self.is_mutable_collection("intermediates"):
             return "xla"
         c = self.config
-        impl = kernels.choose(c.attention_impl, jax.default_backend(), t, c.head_dim)
+        head_dim = c.head_dim_of("local" if self.local else "global")
+        impl = kernels.choose(c.attention_impl, jax.default_backend(), t, head_dim)
         if impl != c.attention_impl and c.attention_impl != "auto" and not self.is_initializing():
             logging.warning("attention_impl=%r runs xla for length %d, head dim %d (needs a multiple of %d)",
-                            c.attention_impl, t, c.head_dim, kernels.min_block(c.attention_impl))
+                            c.attention_impl, t, head_dim, kernels.min_block(c.attention_impl))
         return impl
 
     def _decode_step(self, q_B1KGH, k_B1KH, v_B1KH, mask_B1S, cache, slots_B1):
         """One token per row: written into its slot first, then attending to the cache in place."""
-        c = self.config
         # A ring slot it overwrites held the position one window back, which the mask excludes.
         cache = {"k": _write(cache["k"], slots_B1, k_B1KH), "v": _write(cache["v"], slots_B1, v_B1KH)}
+        return self._attend_cache(q_B1KGH, cache["k"], cache["v"], mask_B1S), cache
+
+    def _attend_cache(self, q_B1KGH, k_BKSH, v_BKSH, mask_B1S):
+        """One query per row against a cache [B, K, S, H], read in place."""
         # Batch-major products (BKSH cache, BKG.. outputs): XLA:CPU reads the cache in place.
-        logits_BKG1S = attention_logits(c, q_B1KGH, cache["k"], keys="BKSH")
-        probs_BKG1S = masked_softmax(logits_BKG1S, mask_B1S).astype(v_B1KH.dtype)
-        enc_BKG1H = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKG1S, cache["v"])
-        return jnp.einsum("BKGTH->BTKGH", enc_BKG1H), cache
+        logits_BKG1S = attention_logits(self.config, q_B1KGH, k_BKSH, keys="BKSH")
+        probs_BKG1S = masked_softmax(logits_BKG1S, mask_B1S).astype(v_BKSH.dtype)
+        enc_BKG1H = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKG1S, v_BKSH)
+        return jnp.einsum("BKGTH->BTKGH", enc_BKG1H)
 
 
 def _write(cache_BKSH, slots_BT, new_BTKH):
@@ -324,33 +201,63 @@ class MLP(nn.Module):
 
     config: ModelConfig
     cached: bool = False
+    hidden: int = 0  # 0: config.hidden_dim (Gemma 4's double-wide layers: twice that)
 
     @nn.compact
     def __call__(self, x_BTD):
         c = self.config
-        gate_BTF, up_BTF = Einsum((2, c.hidden_dim, c.embed_dim), (None, "mlp", "embed"), c,
+        f = self.hidden or c.hidden_dim
+        gate_BTF, up_BTF = Einsum((2, f, c.embed_dim), (None, "mlp", "embed"), c,
                                   cached=self.cached, name="gating_einsum")("BTD,CFD->CBTF", x_BTD)
         h_BTF = jax.nn.gelu(gate_BTF, approximate=True) * up_BTF
         h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
-        return Einsum((c.hidden_dim, c.embed_dim), ("mlp", "embed"), c, cached=self.cached,
+        return Einsum((f, c.embed_dim), ("mlp", "embed"), c, cached=self.cached,
                       name="linear")("BTF,FD->BTD", h_BTF)
 
 
 class Block(nn.Module):
-    """One decoder layer with Gemma's sandwich norms."""
+    """One decoder layer with Gemma's sandwich norms; with Gemma 4's features where the config has
+    them: the experts beside the MLP (each branch normed before and after, then the sum), the
+    per-layer input (PLE) added after the feed-forward, and the learned layer scale.
+
+    Returns (x, updated cache, the layer's keys and values for KV-shared layers)."""
 
     config: ModelConfig
     local: bool = False  # sliding-window attention; the mask says so too, a fused kernel needs it here
+    shared: bool = False  # KV-shared (Gemma 4): attends to the producer's keys and values
+    cache_pass: bool = False  # (shared layers) the pass runs with a KV cache
+    hidden: int = 0  # MLP width (0: config.hidden_dim)
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, slots_BT=None, segment_ids_BT=None):
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None, slots_BT=None, segment_ids_BT=None,
+                 ple_BTP=None, shared_kv=None):
         c = self.config
-        attn_BTD, cache = Attention(c, local=self.local, name="attn")(
-            RMSNorm(c, name="pre_attention_norm")(x_BTD), positions_BT, mask_BTS, cache, slots_BT, segment_ids_BT)
+        attn_BTD, cache, kv = Attention(c, local=self.local, shared=self.shared, cache_pass=self.cache_pass,
+                                        name="attn")(
+            RMSNorm(c, name="pre_attention_norm")(x_BTD), positions_BT, mask_BTS, cache, slots_BT, segment_ids_BT,
+            shared_kv)
         x_BTD = x_BTD + RMSNorm(c, name="post_attention_norm")(attn_BTD)
-        mlp_BTD = MLP(c, cached=_few_tokens(x_BTD, cache), name="mlp")(RMSNorm(c, name="pre_ffw_norm")(x_BTD))
-        x_BTD = x_BTD + RMSNorm(c, name="post_ffw_norm")(mlp_BTD)
-        return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), cache
+        b, t, d = x_BTD.shape
+        few = (cache is not None or self.cache_pass) and b * t < FEW_TOKENS
+        ffw_BTD = MLP(c, cached=few, hidden=self.hidden, name="mlp")(RMSNorm(c, name="pre_ffw_norm")(x_BTD))
+        if c.num_experts:  # Gemma 4 26B-A4B: the router reads the residual stream, the experts its pre_moe_norm
+            ffw_BTD = RMSNorm(c, name="post_mlp_norm")(ffw_BTD)
+            moe_BTD = MoE(c, cached=few, name="moe")(x_BTD, RMSNorm(c, name="pre_moe_norm")(x_BTD))
+            ffw_BTD = ffw_BTD + RMSNorm(c, name="post_moe_norm")(moe_BTD)
+        x_BTD = x_BTD + RMSNorm(c, name="post_ffw_norm")(ffw_BTD)
+        if c.per_layer_dim:  # Gemma 4 PLE: a gate on the stream picks up this layer's per-layer input
+            p = c.per_layer_dim
+            gate_BTP = Einsum((d, p), ("embed", "per_layer"), c, cached=few,
+                              name="per_layer_input_gate")("BTD,DP->BTP", x_BTD)
+            gate_BTP = jax.nn.gelu(gate_BTP, approximate=True) * ple_BTP.astype(gate_BTP.dtype)
+            ple_BTD = Einsum((p, d), ("per_layer", "embed"), c, cached=few,
+                             name="per_layer_projection")("BTP,PD->BTD", gate_BTP)
+            x_BTD = x_BTD + RMSNorm(c, name="post_per_layer_input_norm")(ple_BTD)
+        if c.layer_scale:
+            scale_1 = self.param("layer_scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
+                                 (1,), c.weight_dtype)
+            x_BTD = x_BTD * scale_1.astype(x_BTD.dtype)
+        return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), cache, kv
 
 
 class LayerPeriod(nn.Module):
@@ -358,19 +265,27 @@ class LayerPeriod(nn.Module):
     config.block_names): the unit that is scanned.
 
     masks_BTS and slots_BT map a layer type ("local"/"global") to its mask and cache slots;
-    `cache` maps block names to their caches (decoding) or is None.
+    `cache` maps block names to their caches (decoding) or is None; ple_QBTP holds the per-layer
+    inputs of the period's Q layers; shared_kv maps a layer type to its producer's keys and values
+    (the `shared_layers` scan of Gemma 4's KV-shared layers, which keep no cache).
     """
 
     config: ModelConfig
+    shared: bool = False
+    cache_pass: bool = False
+    first: int = 0  # the first layer of the scan (the MLP width may depend on it)
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, masks_BTS, slots_BT=None, cache=None, segment_ids_BT=None):
+    def __call__(self, x_BTD, positions_BT, masks_BTS, slots_BT=None, cache=None, segment_ids_BT=None,
+                 ple_QBTP=None, shared_kv=None):
         c = self.config
         new_cache = {}
-        for name, kind in zip(c.block_names, c.attention_pattern):
-            x_BTD, new_cache[name] = Block(c, local=kind == "local", name=name)(
+        for pos, (name, kind) in enumerate(zip(c.block_names, c.attention_pattern)):
+            x_BTD, new_cache[name], _ = Block(c, local=kind == "local", shared=self.shared, cache_pass=self.cache_pass,
+                                              hidden=c.mlp_dim(self.first + pos), name=name)(
                 x_BTD, positions_BT, masks_BTS[kind], None if cache is None else cache[name],
-                None if slots_BT is None else slots_BT[kind], segment_ids_BT)
+                None if slots_BT is None else slots_BT[kind], segment_ids_BT,
+                None if ple_QBTP is None else ple_QBTP[pos], None if shared_kv is None else shared_kv[kind])
         return x_BTD, (None if cache is None else new_cache)
 
 
@@ -378,20 +293,41 @@ LayerPair = LayerPeriod  # the name of the scanned unit when it was always a loc
 
 
 class Embedder(nn.Module):
-    """Token embedding, scaled by sqrt(D), tied with the output projection."""
+    """Token embedding, scaled by sqrt(D), tied with the output projection; with Gemma 4's
+    per-layer input embeddings (PLE), the per-layer inputs of every layer."""
 
     config: ModelConfig
 
     def setup(self):
         c = self.config
         self.input_embedding = self.param(
-            "input_embedding", _init(("vocab", "embed")), (c.vocab_size, c.embed_dim), c.weight_dtype)
+            "input_embedding", init(("vocab", "embed")), (c.vocab_size, c.embed_dim), c.weight_dtype)
+        if c.per_layer_dim:
+            shape = (c.per_layer_vocab or c.vocab_size, c.num_layers, c.per_layer_dim)
+            self.per_layer_embedding = self.param("per_layer_embedding", init(("vocab", None, "per_layer")), shape,
+                                                  c.weight_dtype)
+            self.per_layer_model_projection = Einsum((c.embed_dim, c.num_layers, c.per_layer_dim),
+                                                     ("embed", None, "per_layer"), c)
+            self.per_layer_projection_norm = RMSNorm(c, axis="per_layer")
 
     def encode(self, tokens_BT):
         c = self.config
         x_BTD = jnp.take(self.input_embedding, tokens_BT, axis=0).astype(c.compute_dtype)
         # The scale is rounded to the activation dtype first (bf16: 48.0 for 2B), as in the reference.
         return x_BTD * jnp.asarray(np.sqrt(c.embed_dim), c.compute_dtype)
+
+    def per_layer_inputs(self, tokens_BT, x_BTD):
+        """[B, T, L, P]: (the normed projection of the embedded tokens x_BTD + the tokens' rows of
+        the per-layer table times sqrt(P)) / sqrt(2), as transformers' Gemma4TextModel."""
+        c = self.config
+        dt = c.compute_dtype
+        rows = c.per_layer_vocab or c.vocab_size
+        tokens_BT = jnp.where((tokens_BT >= 0) & (tokens_BT < rows), tokens_BT, 0)
+        table_BTLP = jnp.take(self.per_layer_embedding, tokens_BT, axis=0).astype(dt)
+        table_BTLP = table_BTLP * jnp.asarray(np.sqrt(c.per_layer_dim), dt)
+        proj_BTLP = self.per_layer_model_projection("BTD,DYP->BTYP", x_BTD) * jnp.asarray(c.embed_dim ** -0.5, dt)
+        proj_BTLP = self.per_layer_projection_norm(proj_BTLP)
+        return (proj_BTLP + table_BTLP) * jnp.asarray(2 ** -0.5, dt)
 
     def decode(self, x_BTD):
         return final_logits(self.config, x_BTD, self.input_embedding)
@@ -436,34 +372,58 @@ class Transformer(nn.Module):
                     slot_positions_BS, positions_BT, c.sliding_window if kind == "local" else None)
         embedder = Embedder(c, name="embedder")
         x_BTD = nn.with_logical_constraint(embedder.encode(tokens_BT), ("batch", "length", "embed"))
+        ple_BTLP = embedder.per_layer_inputs(tokens_BT, x_BTD) if c.per_layer_dim else None
 
         policy = REMAT_POLICIES[c.remat]
-        if c.scan_layers:
-            if cache is None:
-                period = LayerPeriod if c.remat == "none" else nn.remat(LayerPeriod, policy=policy, prevent_cse=False)
-                in_axes = (nn.broadcast,) * 5
-                args = (positions_BT, masks_BTS, None, None, segment_ids_BT)
-            else:  # decoding: no remat, and the per-period caches are scanned in and out
-                period = LayerPeriod
-                in_axes = (nn.broadcast,) * 3 + (0,)
-                args = (positions_BT, masks_BTS, slots_BT, cache["layers"])
-            scanned = nn.scan(
-                period, variable_axes={"params": 0, "lora": 0, "quant": 0, "intermediates": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=in_axes, length=c.num_periods,
-                metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BTD, layer_cache = scanned(c, name="layers")(x_BTD, *args)
-            if cache is not None:
-                new_cache["layers"] = layer_cache
-        block = Block if c.remat == "none" or cache is not None else nn.remat(Block, policy=policy)
-        for i in c.unscanned_layers():
-            kind = c.layer_types[i]
-            if cache is None:
-                x_BTD, _ = block(c, local=kind == "local", name=f"layer_{i}")(
-                    x_BTD, positions_BT, masks_BTS[kind], None, None, segment_ids_BT)
-            else:
-                x_BTD, new_cache[f"layer_{i}"] = block(c, local=kind == "local", name=f"layer_{i}")(
-                    x_BTD, positions_BT, masks_BTS[kind], cache[f"layer_{i}"], slots_BT[kind])
+        cache_pass = cache is not None
+        groups = c.scan_groups() if c.scan_layers else {}
+        # Scans and unrolled layers in layer order: KV-shared layers read what producers hand on.
+        steps = sorted([(first, 0, name) for name, (first, _) in groups.items()]
+                       + [(i, 1, i) for i in c.unscanned_layers()])
+        shared_kv: dict = {}
+        block = Block if c.remat == "none" or cache_pass else nn.remat(Block, policy=policy)
+        for first, is_layer, name in steps:
+            if not is_layer:
+                periods = groups[name][1]
+                shared = name == "shared_layers"
+                ple_QBTP = None
+                if ple_BTLP is not None:  # [B, T, periods * Q, P] -> [periods, Q, B, T, P]
+                    sl = ple_BTLP[:, :, first:first + periods * c.period]
+                    ple_QBTP = sl.reshape(*sl.shape[:2], periods, c.period, c.per_layer_dim).transpose(2, 3, 0, 1, 4)
+                if not cache_pass:
+                    period = (LayerPeriod if c.remat == "none" else
+                              nn.remat(LayerPeriod, policy=policy, prevent_cse=False))
+                    in_axes = (nn.broadcast,) * 5 + (0, nn.broadcast)
+                    args = (positions_BT, masks_BTS, None, None, segment_ids_BT, ple_QBTP, shared_kv or None)
+                elif shared:  # decoding: KV-shared layers keep no cache
+                    period = LayerPeriod
+                    in_axes = (nn.broadcast,) * 5 + (0, nn.broadcast)
+                    args = (positions_BT, masks_BTS, slots_BT, None, None, ple_QBTP, shared_kv)
+                else:  # decoding: no remat, and the per-period caches are scanned in and out
+                    period = LayerPeriod
+                    in_axes = (nn.broadcast,) * 3 + (0, nn.broadcast, 0, nn.broadcast)
+                    args = (positions_BT, masks_BTS, slots_BT, cache["layers"], None, ple_QBTP, None)
+                scanned = nn.scan(
+                    period, variable_axes={"params": 0, "lora": 0, "quant": 0, "intermediates": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=in_axes, length=periods,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+                x_BTD, layer_cache = scanned(c, shared=shared, cache_pass=cache_pass, first=first, name=name)(
+                    x_BTD, *args)
+                if cache_pass and not shared:
+                    new_cache[name] = layer_cache
+                continue
+            i, kind = name, c.layer_types[name]
+            shared = c.kv_shared(i)
+            x_BTD, layer_cache, kv = block(c, local=kind == "local", shared=shared, cache_pass=cache_pass,
+                                           hidden=c.mlp_dim(i), name=f"layer_{i}")(
+                x_BTD, positions_BT, masks_BTS[kind], None if shared or not cache_pass else cache[f"layer_{i}"],
+                slots_BT[kind] if cache_pass else None, segment_ids_BT,
+                None if ple_BTLP is None else ple_BTLP[:, :, i], shared_kv.get(kind) if shared else None)
+            if cache_pass and not shared:
+                new_cache[f"layer_{i}"] = layer_cache
+            if c.num_kv_shared_layers and not shared and i == c.kv_producer(kind):
+                shared_kv[kind] = kv
 
         x_BTD = RMSNorm(c, name="final_norm")(x_BTD)
         out = x_BTD if return_hidden else embedder.decode(x_BTD)
@@ -508,21 +468,22 @@ def logits(config: ModelConfig, params: Params, tokens, *, segment_ids=None, pos
 
 # ----------------------------------------------------------------------------- layer tree surgery
 # Checkpoints on disk (official, HF) name every layer separately, while the scanned model wants
-# one array per leaf with a leading layer axis: layer j * period + p goes to slot j of block
-# config.block_names[p], and the layers after the last whole period stay outside the scan.
+# one array per leaf with a leading layer axis: layer first + j * period + p of a scan goes to
+# slot j of its block config.block_names[p], and the layers outside the scans stay `layer_{i}`.
 
 
 def stack_layers(config: ModelConfig, params: Params, stack=None) -> Params:
-    """Unrolled tree (layer_0, layer_1, ...) -> scanned tree (layers/<block name>, layer_{i} tail)."""
+    """Unrolled tree (layer_0, layer_1, ...) -> scanned tree (layers/<block name>, [shared_layers/...],
+    layer_{i} outside the scans)."""
     stack = stack or (lambda xs: jnp.stack(xs))
     scanned = config.replace(scan_layers=True)
     out = {k: v for k, v in params.items() if not k.startswith("layer_")}
-    template = params["layer_0"]
-    out["layers"] = {
-        # A model shorter than one period scans over nothing: empty stacks shaped like a layer.
-        name: (jax.tree.map(lambda *xs: stack(xs), *[params[f"layer_{i}"] for i in layers]) if layers else
-               jax.tree.map(lambda x: jnp.zeros((0, *x.shape), x.dtype), template))
-        for name, layers in scanned.scanned_layers().items()}
+    for group, blocks in scanned.scanned_groups().items():
+        out[group] = {
+            # A model shorter than one period scans over nothing: empty stacks shaped like a layer.
+            name: (jax.tree.map(lambda *xs: stack(xs), *[params[f"layer_{i}"] for i in layers]) if layers else
+                   jax.tree.map(lambda x: jnp.zeros((0, *x.shape), x.dtype), params["layer_0"]))
+            for name, layers in blocks.items()}
     for i in scanned.unscanned_layers():
         out[f"layer_{i}"] = params[f"layer_{i}"]
     return out
@@ -530,8 +491,10 @@ def stack_layers(config: ModelConfig, params: Params, stack=None) -> Params:
 
 def unstack_layers(config: ModelConfig, params: Params) -> Params:
     """Scanned tree -> unrolled tree with one `layer_{i}` entry per layer."""
-    out = {k: v for k, v in params.items() if k != "layers"}
-    for name, layers in config.replace(scan_layers=True).scanned_layers().items():
-        for j, i in enumerate(layers):
-            out[f"layer_{i}"] = jax.tree.map(lambda x, j=j: x[j], params["layers"][name])
+    groups = config.replace(scan_layers=True).scanned_groups()
+    out = {k: v for k, v in params.items() if k not in groups}
+    for group, blocks in groups.items():
+        for name, layers in blocks.items():
+            for j, i in enumerate(layers):
+                out[f"layer_{i}"] = jax.tree.map(lambda x, j=j: x[j], params[group][name])
     return out

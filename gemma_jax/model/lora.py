@@ -95,7 +95,7 @@ def init(params: Params, rank: int, targets: str, rng, dtype=jnp.float32) -> Par
         w, a, b, _ = _letters(path, len(shape))
         size = dict(zip(w, shape), R=rank)
         a_shape = tuple(size[c] for c in a)
-        fan_in = int(np.prod([size[c] for c in a if c not in "LMOPCR"]))
+        fan_in = int(np.prod([size[c] for c in model_lib.contracted_axes(_weight_eqn(path))]))
         key = jax.random.fold_in(rng, i)
         _set(out, path[:-1] + ("a",), (jax.random.normal(key, a_shape, jnp.float32) / np.sqrt(fan_in)).astype(dtype))
         _set(out, path[:-1] + ("b",), jnp.zeros(tuple(size[c] for c in b), dtype))
@@ -159,8 +159,8 @@ def quantize(params: Params, bits: str, targets: str = ".") -> tuple[Params, Par
     for path, w in _leaves(params):
         if path in chosen:
             letters, _, _, _ = _letters(path, w.ndim)
-            lhs = _weight_eqn(path).split(",")[0]
-            contracted = [i for i, c in enumerate(letters) if c in lhs]
+            summed = model_lib.contracted_axes(_weight_eqn(path))
+            contracted = [i for i, c in enumerate(letters) if c in summed]
             group = 0
             if bits == "int4":  # group along the longest contracted axis that divides evenly
                 axis = max(contracted, key=lambda i: (w.shape[i] % INT4_GROUP == 0, w.shape[i]))

@@ -8,7 +8,7 @@ from gemma_jax.model import lora
 from gemma_jax.model.config import ModelConfig
 from gemma_jax.tokenizer import Tokenizer
 
-_FAMILY_NAMES = {"gemma2": "Gemma 2", "gemma3": "Gemma 3"}
+_FAMILY_NAMES = {"gemma2": "Gemma 2", "gemma3": "Gemma 3", "gemma4": "Gemma 4"}
 _DIMS = ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim",
          "vocab_size", "sliding_window", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
 

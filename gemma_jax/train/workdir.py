@@ -44,7 +44,7 @@ FORMAT = 1
 # how the model computes (dtypes, remat, layer scan, attention kernel) and LoRA's run-time scale
 # and dropout (lora.alpha is identity on its own). Every other field, present or added later
 # (Gemma 3/4 layer patterns, QK-norm, RoPE variants, ...), is part of the run's identity.
-RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "lora_scale",
+RUNTIME_MODEL_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "moe_impl", "lora_scale",
                         "lora_dropout")
 # Config keys whose change alters the optimisation of a resumed run: allowed with train.allow_changes.
 OPTIMISATION_PREFIXES = ("opt.", "dpo.", "orpo.", "simpo.", "grpo.", "data.", "train.batch_size", "train.grad_accum",

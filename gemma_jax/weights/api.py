@@ -1,4 +1,4 @@
-"""Load and save Gemma 2 / Gemma 3 weights in any supported format: detection, dispatch, LoRA merging.
+"""Load and save Gemma 2 / 3 / 4 weights in any supported format: detection, dispatch, LoRA merging.
 
 Formats: `hf` (hf.py), `official` (official.py: the Kaggle / Google Flax-Orbax layout), `keras`
 (keras.py, optional extra), `gguf` (gguf.py: llama.cpp's single-file format, optional extra),
@@ -42,7 +42,8 @@ def _resolve(path) -> tuple[str, Path, dict]:
     """(format, directory to read, extras such as the workdir step)."""
     p = paths.Path(path) if paths.is_remote(path) else Path(path).expanduser()
     looked_for = (
-        "a Hugging Face dir (config.json with model_type gemma2, gemma3_text or gemma3 + model.safetensors or "
+        "a Hugging Face dir (config.json with model_type gemma2, gemma3_text, gemma3, gemma4_text or gemma4 + "
+        "model.safetensors or "
         "model.safetensors.index.json), a KerasHub preset (config.json + model.weights.h5), a "
         "gemma_jax checkpoint (model.json + params/), a training workdir (model.json + "
         "checkpoints/), an official Flax/Orbax checkpoint dir (_METADATA / checkpoint / "
@@ -67,7 +68,8 @@ def _resolve(path) -> tuple[str, Path, dict]:
         has_weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
         if model_type not in hf.MODEL_TYPES and (has_weights or any(p.glob("*.safetensors"))):
             raise ValueError(f"{p}: config.json has model_type={model_type!r}; the Hugging Face checkpoints read "
-                             f"are {', '.join(hf.MODEL_TYPES)} (Gemma 2, Gemma 3 text, Gemma 3 multimodal)")
+                             f"are {', '.join(hf.MODEL_TYPES)} (Gemma 2, Gemma 3 / 4 text, Gemma 3 / 4 "
+                             "multimodal)")
         if model_type in hf.MODEL_TYPES:
             if not has_weights:
                 raise ValueError(f"{p}: Hugging Face config.json but no model.safetensors or "

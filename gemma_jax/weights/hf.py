@@ -1,9 +1,11 @@
-"""Hugging Face Gemma 2 / Gemma 3 safetensors directories, read and written without torch.
+"""Hugging Face Gemma 2 / 3 / 4 safetensors directories, read and written without torch.
 
-Read: `Gemma2ForCausalLM` (model_type gemma2), `Gemma3ForCausalLM` (gemma3_text) and the text
-model of `Gemma3ForConditionalGeneration` (gemma3: text_config, weights under
-model.language_model.* or language_model.model.*; the vision tower is skipped). Written:
-Gemma2ForCausalLM, or Gemma3ForCausalLM for a config of family gemma3.
+Read: `Gemma2ForCausalLM` (model_type gemma2), `Gemma3ForCausalLM` (gemma3_text),
+`Gemma4ForCausalLM` (gemma4_text) and the text model of `Gemma3ForConditionalGeneration` /
+`Gemma4ForConditionalGeneration` (gemma3 / gemma4: text_config, weights under
+model.language_model.* or language_model.model.*; the vision and audio towers are skipped).
+Written: Gemma2ForCausalLM, or Gemma3ForCausalLM / Gemma4ForCausalLM for a config of family
+gemma3 / gemma4.
 
 Safetensors is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
 data_offsets}} and the raw row-major tensor bytes. Reading parses the header and memory-maps
@@ -11,13 +13,7 @@ each tensor, so BF16 works through ml_dtypes and a sharded load touches only the
 device needs. Writing streams one tensor at a time (the header is computed from the config
 first), so exporting never holds more than one tensor on the host.
 
-Tree surgery: torch Linear weights are [out, in]; the model's einsum weights put heads first:
-  q_einsum (N,D,H)   <- q_proj (N*H, D) viewed (N,H,D), axes swapped
-  kv_einsum (2,K,D,H) <- k_proj, v_proj (K*H, D) likewise, k first
-  attn_vec_einsum (N,H,D) <- o_proj (D, N*H) viewed (D,N,H), D moved last
-  gating_einsum (2,F,D) <- gate_proj, up_proj (F, D) as is, gate first
-  linear (F,D) <- down_proj (D, F) transposed
-Both formats store the zero-centred RMSNorm scale, so norms copy unchanged; lm_head is tied.
+The tensor names and the tree surgery of each family are in hf_tensors.py.
 """
 
 from __future__ import annotations
@@ -35,12 +31,13 @@ from absl import logging
 
 from gemma_jax import paths
 from gemma_jax.model.config import ModelConfig
-from gemma_jax.tokenizer import CHAT_TEMPLATE, CHAT_TEMPLATE_GEMMA3, END_OF_TURN, START_OF_TURN
-from gemma_jax.weights import layout
+from gemma_jax.tokenizer import CHAT_TEMPLATE, TURN_MARKERS, chat_template
+from gemma_jax.weights import hf_tensors, layout
 # The config.json side, re-exported here where callers have always found it.
 from gemma_jax.weights.hf_config import (GEMMA2_DEFAULTS, GEMMA3_DEFAULTS, GEMMA3_SPECIAL, GEMMA3_VOCABS,  # noqa: F401
-                                         GEMMA_SPECIAL, MODEL_TYPES, check_exportable, default_special, hf_config,
-                                         layer_pattern, rope_fields, text_config)
+                                         GEMMA4_SPECIAL, GEMMA_SPECIAL, MODEL_TYPES, check_exportable, default_special,
+                                         gemma4_config, hf_config, layer_pattern, rope_fields, text_config)
+from gemma_jax.weights.hf_tensors import NORMS, QK_NORMS  # noqa: F401
 
 DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
           "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -50,9 +47,6 @@ CODES = {v: k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 HF_VOCAB, OFFICIAL_VOCAB = 256000, 256128
-NORMS = {"pre_attention_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-         "pre_ffw_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
-QK_NORMS = {"query_norm": "q_norm", "key_norm": "k_norm"}  # Gemma 3, under attn/ and self_attn.
 
 
 class SafetensorsFile:
@@ -162,14 +156,16 @@ def _get(hf: dict, key: str, default):
 # language_model.model.*; a bare Gemma*Model without prefix.
 TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")
 # Top-level modules of a multimodal checkpoint that the text model does not use.
-_VISION_PARTS = ("vision_tower", "multi_modal_projector")
+_VISION_PARTS = ("vision_tower", "multi_modal_projector", "embed_vision", "audio_tower", "embed_audio")
 
 
 def config_from_hf(hf: dict, ck: HFCheckpoint, prefix: str) -> ModelConfig:
-    """ModelConfig of a Gemma 2 / Gemma 3 config.json (text_config of a multimodal one), checked
+    """ModelConfig of a Gemma 2 / 3 / 4 config.json (text_config of a multimodal one), checked
     against the shapes of the stored weights."""
     where = f"{ck.dir / 'config.json'}"
     text, family = text_config(hf, where)
+    if family == "gemma4":
+        return _gemma4_from_hf(text, hf, ck, prefix, where)
     defaults = GEMMA3_DEFAULTS if family == "gemma3" else GEMMA2_DEFAULTS
     act = text.get("hidden_activation") or text.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
@@ -243,6 +239,67 @@ def config_from_hf(hf: dict, ck: HFCheckpoint, prefix: str) -> ModelConfig:
         param_dtype=layout.dtype_name(ck.dtype(emb_key)))
 
 
+def _gemma4_from_hf(text: dict, hf: dict, ck: HFCheckpoint, prefix: str, where: str) -> ModelConfig:
+    """ModelConfig of a Gemma 4 text config, its shapes checked against every stored tensor."""
+    act = text.get("hidden_activation") or text.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"{where}: hidden_activation={act!r}; Gemma uses gelu_pytorch_tanh")
+    if text.get("tie_word_embeddings", hf.get("tie_word_embeddings")) is False:
+        raise ValueError(f"{where}: tie_word_embeddings=false; untied output embeddings are not supported")
+    emb_key = f"{prefix}embed_tokens.weight"
+    rows, cols = ck.shape(emb_key)
+    fields = gemma4_config(text, where)
+    n_layers = fields["num_layers"]
+    found = sorted({int(m.group(1)) for key in ck.where if (m := re.match(rf"^{re.escape(prefix)}layers\.(\d+)\.", key))})
+    if found != list(range(n_layers)):
+        shown = f"layers {found[0]}..{found[-1]}" if found else "no layers"
+        raise ValueError(f"config/weights disagree: {where} says num_hidden_layers={n_layers} but the "
+                         f"weights have {len(found)} layers ({shown})")
+    if cols != fields["embed_dim"]:
+        raise ValueError(f"config/weights disagree: hidden_size={fields['embed_dim']} in {where} but {emb_key} has "
+                         f"shape {(rows, cols)}")
+    vocab = int(text.get("vocab_size") or 262144)
+    if rows != vocab:
+        raise ValueError(f"config/weights disagree: vocab_size={vocab} in {where} but {emb_key} has {rows} rows")
+    if fields["per_layer_vocab"] == rows:
+        fields["per_layer_vocab"] = 0  # as the presets say it: the token table's rows
+    try:
+        config = ModelConfig(**fields, vocab_size=rows, param_dtype=layout.dtype_name(ck.dtype(emb_key)))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+    def check(name, shape):  # every tensor the model reads, its shape as the config implies
+        found = ck.shape(name)
+        if tuple(found) != tuple(shape):
+            raise ValueError(f"config/weights disagree: {where} implies shape {tuple(shape)} for {name}, "
+                             f"which has {tuple(found)}")
+        return _Shape(shape)
+
+    hf_tensors.read_embedder(config, lambda n, s: check(prefix + n, s), rows)
+    for i in range(n_layers):
+        hf_tensors.read_layer(config, i, lambda n, s, i=i: check(f"{prefix}layers.{i}.{n}", s))
+    return config
+
+
+class _Shape:
+    """Stands in for a tensor while only shapes are checked (reshape / transpose / T follow numpy)."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def reshape(self, *shape):
+        return _Shape(shape)
+
+    def transpose(self, *axes):
+        return _Shape(tuple(self.shape[a] for a in axes))
+
+    @property
+    def T(self):  # noqa: N802
+        return _Shape(self.shape[::-1])
+
+
 def text_prefix(ck: HFCheckpoint) -> str:
     """The key prefix of the text model's weights (see TEXT_PREFIXES); logs once that the
     vision tower of a multimodal checkpoint is skipped."""
@@ -261,37 +318,16 @@ def text_prefix(ck: HFCheckpoint) -> str:
 
 
 def read(directory) -> tuple[ModelConfig, dict]:
-    """(config, unrolled tree of lazy memory-mapped views) of a HF Gemma 2 / Gemma 3 directory."""
+    """(config, unrolled tree of lazy memory-mapped views) of a HF Gemma 2 / 3 / 4 directory."""
     ck = HFCheckpoint(directory)
     prefix = text_prefix(ck)
     c = config_from_hf(ck.config, ck, prefix)
-    d, f, n, k, h = c.embed_dim, c.hidden_dim, c.num_heads, c.num_kv_heads, c.head_dim
-    unrolled = {"embedder": {"input_embedding": ck.tensor(f"{prefix}embed_tokens.weight", (c.vocab_size, d))},
-                "final_norm": {"scale": ck.tensor(f"{prefix}norm.weight", (d,))}}
+    unrolled = {"embedder": hf_tensors.read_embedder(c, lambda name, shape: ck.tensor(prefix + name, shape),
+                                                     c.vocab_size),
+                "final_norm": {"scale": ck.tensor(f"{prefix}norm.weight", (c.embed_dim,))}}
     for i in range(c.num_layers):
-        p = f"{prefix}layers.{i}."
-        t = lambda name, shape: ck.tensor(p + name, shape)  # noqa: E731
-        heads_first = lambda w, heads: w.reshape(heads, h, d).transpose(0, 2, 1)  # noqa: E731
-        layer = {
-            "attn": {
-                "q_einsum": {"w": heads_first(t("self_attn.q_proj.weight", (n * h, d)), n)},
-                "kv_einsum": {"w": layout.Stacked([
-                    heads_first(t("self_attn.k_proj.weight", (k * h, d)), k),
-                    heads_first(t("self_attn.v_proj.weight", (k * h, d)), k)])},
-                "attn_vec_einsum": {"w": t("self_attn.o_proj.weight", (d, n * h)).reshape(d, n, h).transpose(1, 2, 0)},
-            },
-            "mlp": {
-                "gating_einsum": {"w": layout.Stacked([t("mlp.gate_proj.weight", (f, d)),
-                                                           t("mlp.up_proj.weight", (f, d))])},
-                "linear": {"w": t("mlp.down_proj.weight", (d, f)).T},
-            },
-        }
-        for ours, theirs in NORMS.items():
-            layer[ours] = {"scale": t(f"{theirs}.weight", (d,))}
-        if c.qk_norm:
-            for ours, theirs in QK_NORMS.items():
-                layer["attn"][ours] = {"scale": t(f"self_attn.{theirs}.weight", (h,))}
-        unrolled[f"layer_{i}"] = layer
+        unrolled[f"layer_{i}"] = hf_tensors.read_layer(
+            c, i, lambda name, shape, i=i: ck.tensor(f"{prefix}layers.{i}.{name}", shape))
     return c, unrolled
 
 
@@ -316,7 +352,7 @@ def write_safetensors(path, entries, metadata=None) -> None:
 def write(path, config: ModelConfig, params, *, max_shard_bytes: int = 5 * 10**9, dtype=None,
           tokenizer=None) -> None:
     """Writes config.json, generation_config.json and model.safetensors (or shards + index) for
-    Gemma2ForCausalLM (Gemma3ForCausalLM for family gemma3); with `tokenizer` (a tokenizer.model)
+    Gemma2ForCausalLM (Gemma3ForCausalLM / Gemma4ForCausalLM for families gemma3 / gemma4); with `tokenizer` (a tokenizer.model)
     also the transformers tokenizer files."""
     import jax
 
@@ -324,33 +360,18 @@ def write(path, config: ModelConfig, params, *, max_shard_bytes: int = 5 * 10**9
     config = config.replace(param_dtype=dtype.name)
     check_exportable(config)
     src = layout.unrolled_view(config, params, dtype=dtype, host=True)
-    d, f, n, k, h, v = (config.embed_dim, config.hidden_dim, config.num_heads, config.num_kv_heads,
-                        config.head_dim, config.vocab_size)
+    d, v = config.embed_dim, config.vocab_size
     # HF Gemma 2 has exactly the tokenizer's 256000 rows; the official files pad to 256128 so the
     # table shards evenly on TPUs. The padding rows are never produced by the tokenizer, so
     # dropping them leaves every real token's logit unchanged.
     rows = HF_VOCAB if v == OFFICIAL_VOCAB else v
-    entries = [("model.embed_tokens.weight", (rows, d), lambda: src["embedder"]["input_embedding"]()[:rows])]
+    entries = [("model." + name, shape, fn) for name, shape, fn in hf_tensors.write_embedder(config, src["embedder"], rows)]
+    entries = entries[:1]  # the token table first, as before; the per-layer tables after the layers
     for i in range(config.num_layers):
-        L, p = src[f"layer_{i}"], f"model.layers.{i}."
-        entries += [
-            (p + "self_attn.q_proj.weight", (n * h, d),
-             lambda L=L: L["attn"]["q_einsum"]["w"]().transpose(0, 2, 1).reshape(n * h, d)),
-            (p + "self_attn.k_proj.weight", (k * h, d),
-             lambda L=L: L["attn"]["kv_einsum"]["w"]()[0].transpose(0, 2, 1).reshape(k * h, d)),
-            (p + "self_attn.v_proj.weight", (k * h, d),
-             lambda L=L: L["attn"]["kv_einsum"]["w"]()[1].transpose(0, 2, 1).reshape(k * h, d)),
-            (p + "self_attn.o_proj.weight", (d, n * h),
-             lambda L=L: L["attn"]["attn_vec_einsum"]["w"]().transpose(2, 0, 1).reshape(d, n * h)),
-            (p + "mlp.gate_proj.weight", (f, d), lambda L=L: L["mlp"]["gating_einsum"]["w"]()[0]),
-            (p + "mlp.up_proj.weight", (f, d), lambda L=L: L["mlp"]["gating_einsum"]["w"]()[1]),
-            (p + "mlp.down_proj.weight", (d, f), lambda L=L: L["mlp"]["linear"]["w"]().T),
-        ]
-        entries += [(f"{p}{theirs}.weight", (d,), lambda L=L, o=ours: L[o]["scale"]())
-                    for ours, theirs in NORMS.items()]
-        if config.qk_norm:
-            entries += [(f"{p}self_attn.{theirs}.weight", (h,), lambda L=L, o=ours: L["attn"][o]["scale"]())
-                        for ours, theirs in QK_NORMS.items()]
+        entries += [(f"model.layers.{i}.{name}", shape, fn)
+                    for name, shape, fn in hf_tensors.write_layer(config, i, src[f"layer_{i}"])]
+    entries += [("model." + name, shape, fn) for name, shape, fn in
+                hf_tensors.write_embedder(config, src["embedder"], rows)[1:]]
     entries.append(("model.norm.weight", (d,), lambda: src["final_norm"]["scale"]()))
     entries = [(name, shape, dtype, fn) for name, shape, fn in entries]
 
@@ -422,7 +443,9 @@ def special_tokens(model_file, name=None) -> dict:
     for name, i in (("pad", sp.pad_id()), ("eos", sp.eos_id()), ("bos", sp.bos_id()), ("unk", sp.unk_id())):
         if i >= 0:
             found[name] = (i, sp.id_to_piece(i))
-    for name, piece in (("start_of_turn", START_OF_TURN), ("end_of_turn", END_OF_TURN), ("mask", "<mask>")):
+    # Gemma 2/3's turn markers, else Gemma 4's (<|turn>, <turn|>).
+    markers = next((m for m in TURN_MARKERS if all(sp.id_to_piece(sp.piece_to_id(p)) == p for p in m)), TURN_MARKERS[0])
+    for name, piece in (("start_of_turn", markers[0]), ("end_of_turn", markers[1]), ("mask", "<mask>")):
         i = sp.piece_to_id(piece)
         if sp.id_to_piece(i) == piece:
             found[name] = (i, piece)
@@ -443,6 +466,8 @@ def write_tokenizer_files(out: Path, tokenizer, max_length: int, family: str = "
         logging.warning("%s; the export has tokenizer.model but no tokenizer_config.json", e)
         return None
     token = {k: special[k][1] if k in special else None for k in ("bos", "eos", "pad", "unk", "mask")}
+    markers = (special["start_of_turn"][1], special["end_of_turn"][1]) if (
+        "start_of_turn" in special and "end_of_turn" in special) else TURN_MARKERS[0]
     extra = [special[k][1] for k in ("start_of_turn", "end_of_turn") if k in special]
     decoder = {str(i): {"content": piece, "lstrip": False, "normalized": not is_special and "\u2581" in piece,
                         "rstrip": False, "single_word": False, "special": is_special}
@@ -456,7 +481,8 @@ def write_tokenizer_files(out: Path, tokenizer, max_length: int, family: str = "
         # Decoding must give back the text exactly (no " ." -> "." clean-up, no spaces inserted).
         "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False,
         "model_max_length": max_length, "padding_side": "left",
-        "chat_template": CHAT_TEMPLATE_GEMMA3 if family == "gemma3" else CHAT_TEMPLATE,
+        # Gemma 3 and 4 also take content as a list of text parts; the markers are the tokenizer's.
+        "chat_template": CHAT_TEMPLATE if family == "gemma2" else chat_template(*markers),
     }
     (out / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
     tokens_map = {f"{k}_token": v for k, v in token.items() if v is not None}

@@ -55,10 +55,11 @@ def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
 
 def layer_sources(config: ModelConfig, path: tuple[str, ...]) -> tuple[list[tuple[str, ...]], bool]:
     """Unrolled paths feeding one scanned leaf, and whether they are stacked on a layer axis."""
-    if path[0] == "layers":
+    groups = config.replace(scan_layers=True).scanned_groups()
+    if path[0] in groups:
         # Scanned periods: block `name` stacks the layers at its position of every period (see
-        # ModelConfig.scanned_layers and model.stack_layers).
-        layers = config.replace(scan_layers=True).scanned_layers()
+        # ModelConfig.scanned_groups and model.stack_layers).
+        layers = groups[path[0]]
         if path[1] not in layers:
             raise ValueError(f"parameter {'/'.join(path)}: no block {path[1]!r} in the scanned layers of this "
                              f"config (blocks {list(layers)})")
@@ -167,8 +168,9 @@ def unrolled_view(config: ModelConfig, params, *, dtype=None, host: bool = True)
         return np.asarray(jax.device_get(y))
 
     out = {}
+    scanned = "layers" in params
     for path in expected:
-        sources, stacked = layer_sources(config, path) if path[0] == "layers" else ([path], False)
+        sources, stacked = layer_sources(config, path) if scanned else ([path], False)
         for i, src in enumerate(sources):
             out[src] = (lambda x=flat[path], i=(i if stacked else None): fetch(x, i))
     return unflatten(out)

@@ -1,4 +1,4 @@
-"""Official Gemma 2 / Gemma 3 Flax checkpoints: the Kaggle / GCS release and the `gemma` library's own saves.
+"""Official Gemma 2 / 3 / 4 Flax checkpoints: the Kaggle / GCS release and the `gemma` library's own saves.
 
 Two tree layouts hold the same leaves (an Orbax PyTree either way):
   FLAT (Kaggle `google/gemma-2/flax`): top-level keys are slash-joined module paths,
@@ -19,7 +19,8 @@ The files carry no hyperparameters. Shapes give the dimensions; the query scale,
 come from the matching published size, or from the gemma_jax_config.json beside the arrays
 (`write` leaves one), or from the caller (`load(config=...)`). A shape of no published size with
 neither is refused rather than guessed: a wrong query scale or window still runs, just wrongly.
-The family is told by the weights themselves: QK-norm scales mean Gemma 3.
+The family is told by the weights themselves: QK-norm scales mean Gemma 3, a per-layer
+skip_scale Gemma 4 (whose names and extra fields are in official_gemma4.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from absl import logging
 from gemma_jax.errors import UserError
 from gemma_jax.model import layers as model
 from gemma_jax.model.config import FAMILY_DEFAULTS, ModelConfig
-from gemma_jax.weights import layout
+from gemma_jax.weights import layout, official_gemma4 as g4
 
 SIDECAR = "gemma_jax_config.json"
 HF_VOCAB, OFFICIAL_VOCAB = 256000, 256128
@@ -49,13 +50,14 @@ _SHAPE_FIELDS = ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_h
 REQUIRED_HPARAMS = ("query_pre_attn_scalar", "sliding_window", "attn_softcap", "final_softcap")
 REQUIRED_HPARAMS_GEMMA3 = ("query_pre_attn_scalar", "sliding_window", "rope_scale")
 PRESETS = {"gemma2": ("gemma2_2b", "gemma2_9b", "gemma2_27b"),
-           "gemma3": ("gemma3_270m", "gemma3_1b", "gemma3_4b", "gemma3_12b", "gemma3_27b")}
+           "gemma3": ("gemma3_270m", "gemma3_1b", "gemma3_4b", "gemma3_12b", "gemma3_27b"),
+           "gemma4": g4.PRESETS}
 # The official names of the QK-norm modules, and the image side of multimodal checkpoints.
 _QK_NORMS = {"_query_norm": "query_norm", "_key_norm": "key_norm"}
 _IMAGE_SIDE = re.compile(r"^(SigLiPFromPatches_0|vision_encoder)/|^embedder/mm_")
 # Keys above the model's own tree: the library's "transformer" scope, a Kauldron state's "params".
 _WRAPPERS = ("params", "transformer")
-_BARE_MLP = re.compile(r"^layer_\d+/mlp/(gating_einsum|linear)$")
+_BARE_MLP = re.compile(r"^layer_\d+/mlp2?/(gating_einsum|linear)$")  # mlp2: Gemma 4's dense FFW beside experts
 
 
 class Stored(NamedTuple):
@@ -153,11 +155,15 @@ def _missing_hparams_error(directory: Path, dims: dict, missing: list[str], fami
     if family == "gemma3":
         example = json.dumps({"query_pre_attn_scalar": dims["head_dim"], "sliding_window": 1024, "rope_scale": 8.0})
         what = "Gemma 3 size (270m, 1b, 4b, 12b, 27b)"
+    elif family == "gemma4":
+        example = json.dumps({"attention_pattern": ["local"] * 5 + ["global"], "sliding_window": 1024,
+                              "num_kv_shared_layers": 0})
+        what = "Gemma 4 size (e2b, e4b, 31b, 26b_a4b)"
     else:
         example = json.dumps({"query_pre_attn_scalar": dims["head_dim"], "sliding_window": 4096,
                               "attn_softcap": 50.0, "final_softcap": 30.0})
         what = "Gemma 2 size (2b, 9b, 27b)"
-    name = "Gemma 3" if family == "gemma3" else "Gemma 2"
+    name = {"gemma3": "Gemma 3", "gemma4": "Gemma 4"}.get(family, "Gemma 2")
     return UserError(
         f"official checkpoint {directory}: its shapes ({shape}) match no published {what} "
         f"and official checkpoints store no hyperparameters, so {', '.join(missing)} "
@@ -192,7 +198,10 @@ def infer_config(directory, meta: dict[str, Stored], gating_layout: str | None =
                          "heads) is a Gemma 1 layout; Gemma 2 checkpoints have q_einsum and kv_einsum")
     n, d_q, h = shape("layer_0/attn/q_einsum/w")
     _, k, _, _ = shape("layer_0/attn/kv_einsum/w")
-    two, a, b = shape("layer_0/mlp/gating_einsum/w")
+    family = ("gemma4" if g4.FAMILY_MARKER in meta else "gemma3" if "layer_0/attn/query_norm/scale" in meta
+              else "gemma2")
+    moe = family == "gemma4" and "layer_0/mlp/router_logits/w" in meta
+    two, a, b = shape(f"layer_0/{'mlp2' if moe else 'mlp'}/gating_einsum/w")
     if d_q != d:
         raise ValueError(f"{directory}: {_display(meta, 'layer_0/attn/q_einsum/w')} has shape {(n, d_q, h)} "
                          f"but the embedding has D={d}")
@@ -205,7 +214,6 @@ def infer_config(directory, meta: dict[str, Stored], gating_layout: str | None =
         raise ValueError(f"{directory}: {_display(meta, 'layer_0/mlp/gating_einsum/w')} has shape {(two, a, b)}, "
                          f"which is neither (2, D, F) nor (2, F, D) with D={d}")
     dims = dict(num_layers=len(layers), embed_dim=d, hidden_dim=f, num_heads=n, num_kv_heads=k, head_dim=h)
-    family = "gemma3" if "layer_0/attn/query_norm/scale" in meta else "gemma2"
 
     given, sources = {}, []
     sidecar = directory / SIDECAR
@@ -219,21 +227,27 @@ def infer_config(directory, meta: dict[str, Stored], gating_layout: str | None =
         given.pop(key, None)  # the stored arrays decide these
     where = " / ".join(sources)
     if given.get("family", family) != family:
+        why = {"gemma4": "with per-layer skip_scale", "gemma3": "with QK-norm scales"}.get(family, "without QK-norm scales")
         raise ValueError(f"config/weights disagree: {where} says family={given['family']} but the weights of "
-                         f"{directory} are {family} ({'with' if family == 'gemma3' else 'without'} QK-norm scales)")
+                         f"{directory} are {family} ({why})")
     for field, value in dims.items():
         if field in given and given[field] != value:
             raise ValueError(f"config/weights disagree: {where} says {field}={given[field]} "
                              f"but the weights of {directory} imply {value}")
     base = _matching_preset(dims, family)
     if base is None:
-        required = REQUIRED_HPARAMS_GEMMA3 if family == "gemma3" else REQUIRED_HPARAMS
+        required = {"gemma3": REQUIRED_HPARAMS_GEMMA3, "gemma4": g4.REQUIRED_HPARAMS}.get(family, REQUIRED_HPARAMS)
+        if moe:
+            required += ("experts_per_token",)
         missing = [k for k in required if k not in given]
         if missing:
             raise _missing_hparams_error(directory, dims, missing, family)
     start = base.to_dict() if base else {**FAMILY_DEFAULTS[family], "family": family}
     try:
-        merged = ModelConfig.from_dict({**start, **given, **dims, "qk_norm": family == "gemma3"})
+        merged = ModelConfig.from_dict({**start, **given, **dims, "qk_norm": family != "gemma2"})
+        if family == "gemma4":  # the rest of the shapes, given the pattern and the KV sharing
+            shapes = {name: stored.shape for name, stored in meta.items()}
+            merged = merged.replace(vocab_size=v, **g4.derived_fields(merged.replace(vocab_size=v), shapes))
     except (TypeError, ValueError) as e:
         raise UserError(f"hyperparameters for {directory} ({where}): {e}") from None
     param_dtype = layout.dtype_name(meta["embedder/input_embedding"].dtype)
@@ -268,13 +282,16 @@ def load(directory, *, dtype=None, mesh=None, rules=None, gating_layout=None, co
         per_layer = sds.shape[1:] if stacked else sds.shape
         target = shardings[path]
         layer_sharding = _drop_leading(target) if stacked else target
-        transpose = path[-2:] == ("gating_einsum", "w") and gating == "DF"
-        if transpose:  # stored (2, D, F): restore in that layout, swap on device
-            per_layer = (per_layer[0], per_layer[2], per_layer[1])
-            layer_sharding = _permute(layer_sharding, (0, 2, 1))
+        perm = official_name(config, sources[0])[1] if sources else None
+        if path[-2:] == ("gating_einsum", "w") and gating == "DF":
+            perm = (0, 2, 1)  # stored (2, D, F)
+        if perm:  # restore in the stored layout, permute on device
+            inverse = tuple(perm.index(i) for i in range(len(perm)))
+            per_layer = tuple(per_layer[j] for j in inverse)
+            layer_sharding = _permute(layer_sharding, inverse)
         stored_paths = []
         for src in sources:
-            name = _name(src)
+            name = official_name(config, src)[0]
             if name not in meta:
                 raise ValueError(f"missing {_display(meta, name)} in official checkpoint {directory}")
             found = meta[name].shape
@@ -286,15 +303,15 @@ def load(directory, *, dtype=None, mesh=None, rules=None, gating_layout=None, co
             _put(restore_args, stored, ocp.ArrayRestoreArgs(sharding=layer_sharding, dtype=target_dtype,
                                                             global_shape=per_layer))
             stored_paths.append(stored)
-        plan.append((path, stored_paths, stacked, transpose))
+        plan.append((path, stored_paths, stacked, perm))
     restored = ocp.PyTreeCheckpointer().restore(
         directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
 
     out = {}
-    for path, stored_paths, stacked, transpose in plan:
+    for path, stored_paths, stacked, perm in plan:
         arrays = [_pop(restored, s) for s in stored_paths]
-        if stacked or transpose:
-            out[path] = _stacker(stacked, transpose, shardings[path])(*arrays)
+        if stacked or perm:
+            out[path] = _stacker(stacked, perm, shardings[path])(*arrays)
             for a in arrays:
                 a.delete()  # frees each layer as soon as its stacked copy exists
         else:
@@ -314,9 +331,17 @@ def _pop(tree: dict, path: tuple[str, ...]):
     return tree.pop(path[-1])
 
 
-def _stacker(stacked: bool, transpose: bool, out_sharding):
+def official_name(config: ModelConfig, path: tuple[str, ...]) -> tuple[str, tuple[int, ...] | None]:
+    """(canonical official name, permutation from the stored axes to the model's or None) of an
+    unrolled leaf path."""
+    if config.family == "gemma4":
+        return g4.official_name(config, path)
+    return _name(path), None
+
+
+def _stacker(stacked: bool, perm, out_sharding):
     def fn(*xs):
-        xs = [jnp.swapaxes(x, 1, 2) if transpose else x for x in xs]
+        xs = [jnp.transpose(x, perm) if perm else x for x in xs]
         return jnp.stack(xs) if stacked else xs[0]
 
     return jax.jit(fn, out_shardings=out_sharding)
@@ -354,26 +379,41 @@ def write(path, config: ModelConfig, params, *, gating_layout: str | None = None
     "nested" the gemma library's own (gm.ckpts.save_params: nested modules, bare MLP arrays)."""
     import orbax.checkpoint as ocp
 
-    gating = gating_layout or default_gating_layout(config.embed_dim)
+    gating = gating_layout or ("FD" if config.family == "gemma4" else default_gating_layout(config.embed_dim))
     if gating not in ("DF", "FD"):
         raise ValueError(f"gating_layout must be 'DF' or 'FD', got {gating!r}")
     if tree not in TREE_LAYOUTS:
         raise ValueError(f"official tree layout {tree!r}; choose one of {list(TREE_LAYOUTS)}")
     official_names = {ours: theirs for theirs, ours in _QK_NORMS.items()}
     src = layout.flatten(layout.unrolled_view(config, params, dtype=dtype, host=False))
+    gemma4 = config.family == "gemma4"
     out: dict = {}
+    leaves = []
     for p, get in src.items():
         x = get()
+        name, perm = official_name(config, p)
+        if perm:
+            x = jnp.transpose(x, tuple(perm.index(i) for i in range(len(perm))))  # back to the stored axes
         if p[-2:] == ("gating_einsum", "w") and gating == "DF":
             x = jnp.swapaxes(x, 1, 2)
         if p == ("embedder", "input_embedding") and x.shape[0] == HF_VOCAB:
             # The official table has 128 zero padding rows after the 256000 pieces.
             x = jnp.pad(x, ((0, OFFICIAL_VOCAB - HF_VOCAB), (0, 0)))
-        p = tuple(official_names.get(part, part) if j == 2 and p[1] == "attn" else part for j, part in enumerate(p))
+        if not gemma4:  # Gemma 3's QK-norms are _query_norm / _key_norm; Gemma 4's keep the plain names
+            name = "/".join(official_names.get(part, part) if j == 2 and p[1] == "attn" else part
+                            for j, part in enumerate(p))
+        leaves.append((name, x))
+    if gemma4:  # weights the library declares in KV-shared layers but never reads
+        wdtype = jnp.dtype(layout.dtype_name(dtype) or config.param_dtype)
+        leaves += [(name, jnp.full(shape, fill, wdtype)) for i in range(config.num_layers)
+                   for name, (shape, fill) in g4.placeholders(config, i).items()]
+    for name, x in leaves:
+        p = tuple(name.split("/"))
         if tree == "flat":
             out.setdefault("transformer/" + "/".join(p[:-1]), {})[p[-1]] = x
         else:
-            _put(out, p[:-1] if p[-3:-1] in (("mlp", "gating_einsum"), ("mlp", "linear")) else p, x)
+            bare = g4.bare(config, name) if gemma4 else p[-3:-1] in (("mlp", "gating_einsum"), ("mlp", "linear"))
+            _put(out, p[:-1] if bare else p, x)
     ocp.PyTreeCheckpointer().save(path, out)
     if jax.process_index() == 0:
         # The official files hold no hyperparameters; keep ours so a reload is exact.
