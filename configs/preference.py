@@ -39,6 +39,9 @@ def get_config(arg: str = "tiny"):
         c.opt.lr, c.opt.warmup_steps = 5e-4, 5
         c.train.export_format = ""
         c.checkpoint.every_steps = 30
+    elif arg == "gemma3_270m":  # LoRA DPO on the real 270M GGUF, CPU: experiment()'s steps and warmup
+        c.opt.lr = 1e-4
+        c.train.export_format = ""
     else:
         c.opt.lr = 5e-5 if c.lora.rank else 5e-6
         c.opt.warmup_steps = 50
