@@ -1,6 +1,7 @@
 """Code: write small Python functions from a description.
 
   python -m gemma_jax.train --config=configs/code.py:tiny --workdir=/tmp/code_tiny
+  python -m gemma_jax.train --config=configs/code.py:gemma3_270m --workdir=/tmp/code_270m  # real 270M, CPU
   python -m gemma_jax.train --config=configs/code.py:2b --workdir=gs://BUCKET/code_2b
   python -m gemma_jax.train --config=configs/code.py:27b_qlora --workdir=gs://BUCKET/code_27b_qlora
 
@@ -11,8 +12,9 @@ Its columns are text (the task), code and test_list.
 LoRA variants (rank 16, adapters only; `:27b_qlora` freezes the base in int8) are sized for one
 TPU v5e-8 host (8 chips x 16 GiB, batch 16 x 2048, splash attention). GiB per chip from
 `python -m gemma_jax.memory --config=configs/code.py:VARIANT --device=tpu-v5e --no_compile`:
-2b_lora 8.1, 9b_lora 4.6, 27b_lora 10.3, 27b_qlora 7.2; full fine-tuning `:2b` 11.5 fits, while
-`:9b` (26.2) and `:27b` (61.9) need a larger slice (tests/test_cli.py checks these figures).
+2b_lora 8.1, 9b_lora 4.6, 27b_lora 10.3, 27b_qlora 7.2, gemma3_1b_lora 5.3, gemma3_4b_lora 3.4; full
+fine-tuning `:2b` 11.5 fits, while `:9b` (26.2) and `:27b` (61.9) need a larger slice (tests/test_cli.py
+checks these figures).
 """
 
 from gemma_jax.config import experiment

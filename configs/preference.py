@@ -63,6 +63,9 @@ def get_config(arg: str = "tiny"):
         c.eval.max_new_tokens = 64
         c.train.export_format = ""
         c.checkpoint.every_steps = 50
+    elif arg == "gemma3_270m":  # LoRA DPO on the real 270M GGUF, CPU: experiment()'s steps and warmup
+        c.opt.lr = 1e-4
+        c.train.export_format = ""
     else:
         c.opt.lr = 5e-5 if c.lora.rank else 5e-6
         c.opt.warmup_steps = 50

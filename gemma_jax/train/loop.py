@@ -274,10 +274,8 @@ def setup(cfg, workdir: str) -> Run:
     # Before the tokenizer lookup: a missing checkpoint also means no tokenizer beside it, and
     # "weights not downloaded" is the error the user needs to see.
     if cfg.model.init_checkpoint and not resuming and not paths.exists(cfg.model.init_checkpoint):
-        raise FileNotFoundError(
-            f"model.init_checkpoint={cfg.model.init_checkpoint!r} does not exist. Download Gemma 2 "
-            "weights first: Kaggle google/gemma-2/flax (official) or Hugging Face google/gemma-2-2b "
-            "(safetensors; accept the license, then `hf download google/gemma-2-2b`).")
+        raise FileNotFoundError(f"model.init_checkpoint={cfg.model.init_checkpoint!r} does not exist. "
+                                + model_setup.where_to_get(cfg.model.init_checkpoint, cfg.model.preset))
     tokenizer = model_setup.find_tokenizer(cfg, workdir)
     mesh, rules = sharding.mesh_from_config(cfg.mesh), sharding.rules_from_config(cfg.mesh)
     use_lora = model_setup.lora_enabled(cfg)

