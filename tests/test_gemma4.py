@@ -545,3 +545,53 @@ def test_lora_training_moves_the_expert_adapters_and_the_planner_counts_active_p
     assert config.num_active_params() < config.num_params()
     plan = memory.plan(cfg, config, sharding.make_mesh(1, 8, 1), mode="full", compile=True)
     assert abs(plan.estimate / plan.compiled["peak"] - 1) < 0.25
+
+
+@pytest.mark.parametrize("preset", ["gemma4_e_test", "gemma4_moe_test"])
+def test_grpo_with_lora_on_a_mesh_equals_one_device(tmp_path, preset):
+    """GRPO on Gemma 4 (LoRA with adapters on the experts and K=V projections; the reference is the
+    base): rollouts from the sampler (KV-shared layers read their producer's cache; experts split
+    over the mesh), rewards, the reference pass and two steps on the 2x2x2 mesh give what one device
+    gives, and the adapters move while the base does not."""
+    from gemma_jax import train
+    from gemma_jax.train import rollout
+    from test_grpo import run_config
+    from test_train import assert_trees_close, leaves, one_device_mesh, random_params, tokenizer
+
+    out = {}
+    for name, mesh in (("1", one_device_mesh()), ("8", sharding.make_mesh(2, 2, 2, devices=jax.devices()))):
+        cfg = run_config(tmp_path, beta=0.1)
+        m = cfg.model
+        m.preset = preset
+        for k in ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim",
+                  "query_pre_attn_scalar", "sliding_window"):
+            m[k] = None
+        cfg.lora.rank, cfg.lora.alpha, cfg.lora.base_dtype = 4, 8.0, "float32"
+        cfg.lora.targets = GEMMA4_LORA_TARGETS
+        cfg.opt.warmup_steps = 0  # the first step moves the adapters: the second one's KL is > 0
+        # Adam's first steps move a weight by ~lr whatever its gradient's size: an eps well above the
+        # near-zero gradients (A's, while B is still ~0) keeps summation-order noise from being scaled up.
+        cfg.opt.eps = 1e-3
+        config = train.lora_model_config(cfg, train.model_config(cfg, tokenizer()))
+        trainer = train.Trainer.create(cfg, config, mesh)
+        state = trainer.init_state(jax.device_put(random_params(config, seed=5, scale=0.5)))
+        frozen, before = leaves(trainer.frozen), leaves(state["params"])
+        ro = rollout.build(cfg, tokenizer(), trainer, str(tmp_path / name)).train
+        metrics = []
+        for _ in range(2):
+            state, m_ = ro.step(state)
+            metrics.append({k: float(v) for k, v in jax.device_get(m_).items() if not k.endswith("per_second")})
+        after = leaves(state["params"])
+        for k, v in leaves(trainer.frozen).items():
+            np.testing.assert_array_equal(v, frozen[k], err_msg=k)
+        moved = {k for k, v in after.items() if not np.array_equal(v, before[k])}
+        assert moved and all(k.endswith(("['a']", "['b']")) for k in after), sorted(after)[:5]  # adapters only
+        if preset == "gemma4_moe_test":
+            assert any("expert" in k for k in moved)
+        out[name] = metrics, jax.device_get(state["params"])
+    for a, b in zip(out["8"][0], out["1"][0]):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert out["1"][0][-1]["kl"] > 0 and out["1"][0][0]["reward_std"] > 0
+    assert_trees_close(out["8"][1], out["1"][1], rtol=1e-3, atol=1e-5, what="params")

@@ -149,6 +149,11 @@ class Trainer:
             if params is None:
                 params = jax.jit(lambda: model_lib.init_params(self.config, jax.random.key(int(self.cfg.train.seed))),
                                  out_shardings=sh["params"])()
+            else:
+                # A tree placed otherwise (one device, another mesh) moves to the base's shardings
+                # first (a no-op when it is there already): the cast below donates its input, and
+                # XLA can only alias a buffer whose shard shape the output keeps.
+                params = jax.device_put(params, sh["params"])
             if lo.quantize == "none":
                 dtype = self.config.weight_dtype
                 self.frozen = {"params": jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
