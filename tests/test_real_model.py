@@ -45,8 +45,11 @@ def workdir(real, tmp_path_factory):
     wd = tmp_path_factory.mktemp("real") / "run"
     # A process of its own on one CPU device, as a user's command runs (the suite's 8 virtual
     # devices would shard a 2-row batch).
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", ""))
+    # (XLA reads a blank XLA_FLAGS as a file name: drop the variable when no other flag is left.)
+    env = dict(os.environ)
+    flags = [f for f in env.pop("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     proc = subprocess.run([
         sys.executable, "-m", "gemma_jax.train", f"--config={REPO}/configs/legal.py:gemma3_270m", f"--workdir={wd}",
         f"--config.model.init_checkpoint={real}", "--config.data.tokenizer=",
