@@ -6,6 +6,8 @@
   python -m gemma_jax.train --config=configs/rl.py:gemma3_270m --workdir=/tmp/rl_270m
   python -m gemma_jax.train --config=configs/rl.py:2b_lora --workdir=gs://BUCKET/gsm8k_2b
   python -m gemma_jax.train --config=configs/rl.py:9b_lora --workdir=gs://BUCKET/gsm8k_9b
+  python -m gemma_jax.train --config=configs/rl.py:gemma4_e2b_lora --workdir=gs://BUCKET/gsm8k_g4_e2b
+  python -m gemma_jax.train --config=configs/rl.py:gemma4_26b_a4b_lora --workdir=gs://BUCKET/gsm8k_g4_26b
 
 `tiny` is a task a tiny model can learn in minutes on a CPU: single-digit sums (data/rl/, written
 by data/rl/make_rl.py). `tiny_sft` first teaches a 4-layer model the answer format from noisy
@@ -25,12 +27,14 @@ JSON lines (the readers read files, TFDS and hf: specs):
              .to_json(f'data/gsm8k/{s}.jsonl') for s in ('train', 'test')]"
 
 They start from instruction-tuned weights (weights/gemma-3-270m-it: Hugging Face
-google/gemma-3-270m-it; weights/gemma2-SIZE-it as the other configs), with TRL's GRPO defaults
-(group of 8, temperature 1.0, clip 0.2, loss dapo, beta 0) and LoRA on the Gemma 2 sizes (the
-KL reference, when grpo.beta > 0, is then the base with adapters off).
+google/gemma-3-270m-it; weights/gemma2-SIZE-it as the other configs; weights/gemma-4-e2b-it and
+weights/gemma-4-26b-a4b-it: google/gemma-4-E2B-it, google/gemma-4-26B-A4B-it), with TRL's GRPO
+defaults (group of 8, temperature 1.0, clip 0.2, loss dapo, beta 0) and LoRA on the Gemma 2 and 4
+sizes (Gemma 4: adapters on the K=V projections and the experts too; the KL reference, when
+grpo.beta > 0, is then the base with adapters off).
 """
 
-from gemma_jax.config import DEFAULT_LORA_TARGETS, base_config, lock
+from gemma_jax.config import DEFAULT_LORA_TARGETS, GEMMA4_LORA_TARGETS, base_config, lock
 
 REWARDS = "data/rl/rewards.py"
 _LARGE = {
@@ -38,6 +42,8 @@ _LARGE = {
     "gemma3_270m": ("gemma3_270m", "weights/gemma-3-270m-it", 0, 1e-6, 64, 1, "none"),
     "2b_lora": ("gemma2_2b", "weights/gemma2-2b-it", 16, 2e-5, 64, 2, "dots_no_batch"),
     "9b_lora": ("gemma2_9b", "weights/gemma2-9b-it", 16, 1e-5, 64, 4, "full"),
+    "gemma4_e2b_lora": ("gemma4_e2b", "weights/gemma-4-e2b-it", 16, 2e-5, 64, 2, "full"),
+    "gemma4_26b_a4b_lora": ("gemma4_26b_a4b", "weights/gemma-4-26b-a4b-it", 16, 1e-5, 64, 4, "full"),
 }
 
 
@@ -83,7 +89,8 @@ def get_config(arg: str = "tiny"):
         c.grpo.group_size, c.grpo.max_new_tokens = 8, 512
         c.checkpoint.every_steps = 100
         if rank:
-            c.lora.rank, c.lora.alpha, c.lora.targets = rank, 2.0 * rank, DEFAULT_LORA_TARGETS
+            targets = GEMMA4_LORA_TARGETS if preset.startswith("gemma4") else DEFAULT_LORA_TARGETS
+            c.lora.rank, c.lora.alpha, c.lora.targets = rank, 2.0 * rank, targets
             c.train.loss_chunk = 256
     else:
         raise ValueError(f"unknown variant {arg!r} of configs/rl.py; choose tiny_sft, tiny, {', '.join(_LARGE)}")
