@@ -407,7 +407,7 @@ def _real_model_on_cpu(c, train: str, eval_: str) -> None:
 # Gemma 4 variants (weights: the Hugging Face download, e.g. google/gemma-4-E2B-it, in
 # weights/gemma-4-e2b-it). LoRA targets include K=V projections and the experts. GiB per v5e
 # chip on one v5e-8 host (`python -m gemma_jax.memory --config=configs/legal.py:VARIANT
-# --device=tpu-v5e --no_compile`, docs/incoming/gemma4.md): gemma4_e2b_lora 3.3, gemma4_e4b_lora
+# --device=tpu-v5e --no_compile`, docs/models.md#gemma-4-memory): gemma4_e2b_lora 3.3, gemma4_e4b_lora
 # 4.6, gemma4_31b_lora 11.4, gemma4_26b_a4b_lora 8.9; full fine-tuning gemma4_e2b needs 20.3 (its
 # 262144 x 35 x 256 per-layer table's float32 gradient among it): a 32 GiB chip (v6e) or more.
 # gemma4_tiny trains a tiny Gemma 4 mixture of experts from scratch on the shipped sample data (CPU).
