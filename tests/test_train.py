@@ -707,3 +707,29 @@ def test_decay_mask_excludes_norms_and_embeddings():
             np.testing.assert_array_equal(new[k], old[k], err_msg=k)
         else:
             np.testing.assert_allclose(new[k], old[k] * (1 - 0.1 * 0.5), rtol=1e-6, err_msg=k)
+
+
+def test_mfu_counts_the_output_projection_for_scored_tokens_and_lora_without_frozen_gradients(tmp_path):
+    """A chat SFT step scores a fraction of its positions: the 262k-row output projection counts for
+    those only, so a Gemma 3 270M step is not credited with work the loss never needs; LoRA's frozen
+    weights get no gradients (2/3 of full training's FLOPs); a record's MFU uses its own steps' tokens."""
+    from gemma_jax.model import ModelConfig
+    from gemma_jax.train import log
+
+    config = ModelConfig.from_preset("gemma3_270m")
+    kw = dict(config=config, seq_len=256, batch_size=4, total_steps=4, start_step=0, progress=False)
+    full, lora = log.Logger(str(tmp_path / "full"), **kw), log.Logger(str(tmp_path / "lora"), lora=True, **kw)
+    positions, per_token = 4 * 256, config.flops_per_token(256)
+    head = 2 * 640 * 262144 * 3
+    assert full.step_flops() == pytest.approx(per_token * positions)
+    assert full.step_flops(300) == pytest.approx((per_token - head) * positions + head * 300)
+    assert full.step_flops(0) < 0.45 * full.step_flops()  # the projection is most of a 270M's FLOPs
+    assert lora.step_flops(300) == pytest.approx(full.step_flops(300) * 2 / 3)
+    full.peak = lora.peak = 1e12
+    metrics = dict(loss=1.0, accuracy=0.5, learning_rate=1e-3, grad_norm=1.0, tokens=300.0)
+    for step in (1, 2):
+        full.step(step, {k: jnp.float32(v) for k, v in metrics.items()}, log=False)
+    full.step(3, {k: jnp.float32(v) for k, v in metrics.items()}, log=True)
+    assert full.last["mfu"] == pytest.approx(full.step_flops(300) / full.last["step_time"] / 1e12, rel=1e-6)
+    for lg in (full, lora):
+        lg.close()

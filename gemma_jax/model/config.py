@@ -444,6 +444,11 @@ class ModelConfig:
             forward += 2 * d * self.num_layers * self.per_layer_dim
         return forward * (3 if training else 1)
 
+    def unembed_flops_per_token(self, *, training: bool = True) -> float:
+        """The output projection's share of flops_per_token (2 D V a position, 3x in training): a
+        position the loss does not score needs none of it, and the loss skips it where it can."""
+        return 2 * self.embed_dim * self.vocab_size * (3 if training else 1)
+
 
 # ----------------------------------------------------------------------------- primitives
 

@@ -127,13 +127,18 @@ class Logger:
     """
 
     def __init__(self, workdir, *, config, seq_len, batch_size, total_steps, start_step, progress=True, stats=None,
-                 stream=None, objective=None):
+                 stream=None, objective=None, lora=False):
         self.main = jax.process_index() == 0
         self.workdir, self.total, self.start = workdir, total_steps, start_step
         self.done = start_step >= total_steps
         self.stream = stream or sys.stdout
         self.objective = objective
         self.flops_per_token = config.flops_per_token(seq_len)
+        # Model FLOPs of a step count the output projection for the scored positions only (see
+        # mfu), and for LoRA no gradients of the frozen weights: a frozen matmul costs its forward
+        # and the gradient of its input, 2/3 of what full training spends on it.
+        self.unembed_flops = config.unembed_flops_per_token()
+        self.trained_share = 2 / 3 if lora else 1.0
         self.positions_per_step = batch_size * seq_len
         if objective is not None and objective.name != "grpo":  # (grpo: one completion per row)
             # A batch of pairs is two sequences each; DPO's live reference adds one forward of both.
@@ -240,7 +245,8 @@ class Logger:
         tokens = sum(float(m["tokens"]) for m in fetched)
         m = {k: float(v) for k, v in fetched[-1].items()}
         # Trained tokens per second (loss-masked tokens are what the update learns from); the
-        # FLOP rate counts every position of every row, which is what the hardware computes.
+        # FLOP rate counts every position through the layers and the scored ones through the
+        # output projection (step_flops).
         record = dict(step=step, loss=m["loss"], perplexity=float(np.exp(min(m["loss"], 50.0))),
                       accuracy=m.get("accuracy", float("nan")), learning_rate=m["learning_rate"],
                       grad_norm=m["grad_norm"],
@@ -250,7 +256,7 @@ class Logger:
             del record["perplexity"]
         if "accuracy" not in m:  # grpo: no token accuracy; the reward is its figure
             del record["accuracy"]
-        record["mfu"] = self.mfu(record["step_time"])
+        record["mfu"] = self.mfu(record["step_time"], tokens / steps)
         # Objective-specific metrics (preference: rewards/chosen, ...) and the loop's own (nonfinite).
         record.update({k: v for k, v in m.items() if k not in record and k != "tokens"})
         if "nonfinite" in m:  # steps skipped since the last log line, not just the last one
@@ -300,11 +306,20 @@ class Logger:
         self.t_plain = now
         self._print(f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) eta {_duration(eta)}")
 
-    def mfu(self, step_time: float) -> float:
+    def step_flops(self, scored_tokens: float | None = None) -> float:
+        """Model FLOPs of one step: every position through the layers, the output projection only
+        for the `scored_tokens` the loss takes (all positions when not given). A chat SFT step
+        with a 262k vocabulary scores a fraction of its rows, and counting the projection for
+        every position would claim work the loss never needs (MFU near 100% on a laptop CPU)."""
+        scored = self.positions_per_step if scored_tokens is None else min(scored_tokens, self.positions_per_step)
+        body = (self.flops_per_token - self.unembed_flops) * self.positions_per_step
+        return (body + self.unembed_flops * scored) * self.trained_share
+
+    def mfu(self, step_time: float, scored_tokens: float | None = None) -> float:
         """Model FLOPs utilisation of a step that took step_time seconds."""
         if not self.peak:
             return 0.0
-        return self.flops_per_token * self.positions_per_step / step_time / self.peak
+        return self.step_flops(scored_tokens) / step_time / self.peak
 
     def eval(self, step: int, metrics: dict[str, float]):
         """Writes eval metrics (nothing when there are none: a run without eval data)."""

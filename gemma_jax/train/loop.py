@@ -88,7 +88,8 @@ def _run(cfg, workdir: str, stop_after: int | None, started: list) -> dict[str, 
                             "train.allow_changes=True, to continue)", workdir, start, last)
         logger = log.Logger(workdir, config=r.config, seq_len=int(cfg.data.seq_len),
                             batch_size=int(cfg.train.batch_size), total_steps=last, start_step=start,
-                            progress=bool(cfg.train.progress), stats=r.data.stats, objective=r.trainer.objective)
+                            progress=bool(cfg.train.progress), stats=r.data.stats, objective=r.trainer.objective,
+                            lora=bool(int(cfg.lora.rank)))
         watch = divergence.Watch(int(cfg.train.max_nonfinite_steps), r.config.vocab_size,
                                  warn=getattr(logger, "warn", logging.warning))
         eval_every, log_every = int(cfg.train.eval_every), max(int(cfg.train.log_every), 1)
