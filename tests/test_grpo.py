@@ -502,6 +502,15 @@ def test_bad_reward_fails_before_anything_is_written(tmp_path, capsys):
         "relative to the directory the command runs in)"], err
 
 
+def test_multi_host_grpo_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """The sampler and rewards read rollouts on the host: a multi-process run stops in one line first."""
+    cfg = run_config(tmp_path)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(UserError, match="train.objective=grpo runs on one host.*2 processes"):
+        train.run(cfg, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()
+
+
 def test_sharded_rollouts_and_steps_equal_one_device(tmp_path):
     """Sampling on the 2x2x2 mesh, rewards, advantages, the reference pass and three GRPO steps (with
     micro-batches) give what one device gives."""

@@ -25,7 +25,7 @@ from absl import logging
 
 from gemma_jax import config as config_lib, data as data_lib, paths, sharding, weights
 from gemma_jax.data import preference
-from gemma_jax.errors import WorkdirError
+from gemma_jax.errors import UserError, WorkdirError
 from gemma_jax.eval import report as report_lib, tasks
 from gemma_jax.model import lora as lora_lib
 from gemma_jax.model.config import ModelConfig
@@ -63,6 +63,10 @@ def check_config(cfg, workdir: str) -> None:
     config_lib.validate(cfg)
     objectives.check_start(cfg)
     if cfg.train.objective == "grpo":  # a bad reward file fails now, before any weights load
+        if jax.process_count() > 1:
+            raise UserError(f"train.objective=grpo runs on one host: its sampler and reward functions read the "
+                            f"rollouts on the host, and this run has {jax.process_count()} processes; use one host "
+                            "(any mesh of its devices) for GRPO")
         rewards.parse_weights(cfg.grpo.reward_weights, len(rewards.load(cfg.grpo.rewards, cfg.grpo)))
     init = cfg.model.init_checkpoint
     if init and paths.absolute(init).rstrip("/") == workdir.rstrip("/"):
