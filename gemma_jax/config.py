@@ -421,6 +421,19 @@ _GEMMA4 = {
 }
 
 
+def _public_dataset(c, full: dict) -> None:
+    """The full-size variants' data keys (`full`: the public dataset's, with `epochs` over its
+    `examples` turned into train.steps at the variant's batch size) and their log/eval/save cadence."""
+    full = dict(full)
+    epochs, examples = full.pop("epochs", 2), full.pop("examples", 0)
+    for k, v in full.items():
+        c.data[k] = v
+    if examples:
+        c.train.steps = max(1, epochs * examples // c.train.batch_size)
+    c.train.log_every, c.train.eval_every, c.train.eval_batches = 10, 500, 50
+    c.checkpoint.every_steps = 500
+
+
 def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: dict,
                task: str = "lm", metric: str = "loss") -> ml_collections.ConfigDict:
     """An experiment config for variant `arg`: "tiny" (shipped sample data, CPU), "gemma3_270m" (the
@@ -452,14 +465,7 @@ def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: 
         c.model.preset, c.model.init_checkpoint, c.model.remat = g["preset"], f"weights/{g['weights']}", g["remat"]
         c.data.seq_len, c.train.batch_size = 2048, 16
         c.opt.lr, c.opt.warmup_steps = g["lr"], 100
-        full = dict(full)
-        epochs, examples = full.pop("epochs", 2), full.pop("examples", 0)
-        for k, v in full.items():
-            c.data[k] = v
-        if examples:
-            c.train.steps = max(1, epochs * examples // c.train.batch_size)
-        c.train.log_every, c.train.eval_every, c.train.eval_batches = 10, 500, 50
-        c.checkpoint.every_steps = 500
+        _public_dataset(c, full)
         c.lora.targets = GEMMA4_LORA_TARGETS
         # Micro-batches and 256-token loss chunks: a 262144-row vocabulary makes [chunk, V] logits large.
         c.train.grad_accum, c.train.loss_chunk = g["accum"], 256
@@ -477,14 +483,7 @@ def experiment(arg: str, *, domain: str, tiny_train: str, tiny_eval: str, full: 
         c.data.seq_len = s["seq_len"]
         c.train.batch_size = s["batch_size"]
         c.opt.lr, c.opt.warmup_steps = s["lr"], 100
-        full = dict(full)
-        epochs, examples = full.pop("epochs", 2), full.pop("examples", 0)
-        for k, v in full.items():
-            c.data[k] = v
-        if examples:
-            c.train.steps = max(1, epochs * examples // c.train.batch_size)
-        c.train.log_every, c.train.eval_every, c.train.eval_batches = 10, 500, 50
-        c.checkpoint.every_steps = 500
+        _public_dataset(c, full)
         if lo:
             c.lora.rank, c.lora.alpha, c.lora.quantize = lo["rank"], 2.0 * lo["rank"], lo["quantize"]
             c.opt.lr, c.opt.weight_decay, c.model.remat = lo["lr"], 0.0, lo["remat"]
