@@ -23,10 +23,11 @@ os.environ.setdefault("GEMMA_JAX_DATA_CACHE", os.path.join(tempfile.gettempdir()
 # The longest files first: pytest-xdist (--dist loadfile) hands files to the two workers in
 # collection order, so a long file collected last leaves one worker idle while the other
 # finishes it. Longest-first keeps both busy to the end (seconds: a cold run on 2 cores).
-_LONGEST_FIRST = ["test_gguf.py", "test_multiprocess.py", "test_gemma3.py", "test_train.py", "test_dpo.py",
-                  "test_gemma4.py", "test_grpo.py", "test_reliability.py", "test_harness.py", "test_cli.py",
-                  "test_train_lora.py", "test_checkpoint.py", "test_model.py", "test_data_cache.py", "test_evaluate.py",
-                  "test_readme.py", "test_sample.py", "test_data.py", "test_flash_gpu.py"]
+_LONGEST_FIRST = ["test_gemma4.py", "test_real_model.py", "test_dpo.py", "test_gguf.py", "test_grpo.py",
+                  "test_train.py", "test_multiprocess.py", "test_gemma3.py", "test_reliability.py", "test_harness.py",
+                  "test_cli.py", "test_train_lora.py", "test_checkpoint.py", "test_model.py", "test_data_cache.py",
+                  "test_evaluate.py", "test_readme.py", "test_dpo_quality.py", "test_sample.py", "test_data.py",
+                  "test_flash_gpu.py"]
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -547,12 +547,11 @@ def test_lora_training_moves_the_expert_adapters_and_the_planner_counts_active_p
     assert abs(plan.estimate / plan.compiled["peak"] - 1) < 0.25
 
 
-@pytest.mark.parametrize("preset", ["gemma4_e_test", "gemma4_moe_test"])
-def test_grpo_with_lora_on_a_mesh_equals_one_device(tmp_path, preset):
-    """GRPO on Gemma 4 (LoRA with adapters on the experts and K=V projections; the reference is the
-    base): rollouts from the sampler (KV-shared layers read their producer's cache; experts split
-    over the mesh), rewards, the reference pass and two steps on the 2x2x2 mesh give what one device
-    gives, and the adapters move while the base does not."""
+def test_grpo_with_lora_on_a_mesh_equals_one_device(tmp_path):
+    """GRPO on a Gemma 4 with PLE, KV sharing, experts and K = V at once (LoRA with adapters on the
+    experts and the K=V projections; the reference is the base): rollouts from the sampler (KV-shared
+    layers read their producer's cache, experts split over the mesh), rewards, the reference pass and
+    two steps on the 2x2x2 mesh give what one device gives; the adapters move, the base does not."""
     from gemma_jax import train
     from gemma_jax.train import rollout
     from test_grpo import run_config
@@ -562,7 +561,7 @@ def test_grpo_with_lora_on_a_mesh_equals_one_device(tmp_path, preset):
     for name, mesh in (("1", one_device_mesh()), ("8", sharding.make_mesh(2, 2, 2, devices=jax.devices()))):
         cfg = run_config(tmp_path, beta=0.1)
         m = cfg.model
-        m.preset = preset
+        m.preset = "gemma4_e_test"
         for k in ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim",
                   "query_pre_attn_scalar", "sliding_window"):
             m[k] = None
@@ -572,10 +571,15 @@ def test_grpo_with_lora_on_a_mesh_equals_one_device(tmp_path, preset):
         # Adam's first steps move a weight by ~lr whatever its gradient's size: an eps well above the
         # near-zero gradients (A's, while B is still ~0) keeps summation-order noise from being scaled up.
         cfg.opt.eps = 1e-3
-        config = train.lora_model_config(cfg, train.model_config(cfg, tokenizer()))
+        # 6 layers (local, global): 0-3 compute their KV (2, 3 hand it on), 4-5 reuse it.
+        config = train.model_config(cfg, tokenizer()).replace(
+            num_layers=6, attention_pattern=("local", "global"), num_kv_shared_layers=2, num_experts=8,
+            experts_per_token=2, expert_dim=16, attention_k_eq_v=True)
+        config = train.lora_model_config(cfg, config)
         trainer = train.Trainer.create(cfg, config, mesh)
         state = trainer.init_state(jax.device_put(random_params(config, seed=5, scale=0.5)))
         frozen, before = leaves(trainer.frozen), leaves(state["params"])
+        assert any("shared" in k or "per_layer" in k for k in frozen) and any("expert" in k for k in before)
         ro = rollout.build(cfg, tokenizer(), trainer, str(tmp_path / name)).train
         metrics = []
         for _ in range(2):
@@ -585,9 +589,8 @@ def test_grpo_with_lora_on_a_mesh_equals_one_device(tmp_path, preset):
         for k, v in leaves(trainer.frozen).items():
             np.testing.assert_array_equal(v, frozen[k], err_msg=k)
         moved = {k for k, v in after.items() if not np.array_equal(v, before[k])}
-        assert moved and all(k.endswith(("['a']", "['b']")) for k in after), sorted(after)[:5]  # adapters only
-        if preset == "gemma4_moe_test":
-            assert any("expert" in k for k in moved)
+        assert all(k.endswith(("['a']", "['b']")) for k in after), sorted(after)[:5]  # adapters only
+        assert any("expert" in k for k in moved) and any("k_einsum" in k for k in moved), sorted(moved)
         out[name] = metrics, jax.device_get(state["params"])
     for a, b in zip(out["8"][0], out["1"][0]):
         assert a.keys() == b.keys()
