@@ -31,12 +31,11 @@ import numpy as np
 from absl import logging
 
 from gemma_jax.data.pipeline import Data, check_lost, eval_batches, holdout, train_iterator
-from gemma_jax.data.readers import records, sources
+from gemma_jax.data.readers import converted
 from gemma_jax.data.schema import FIELDS, DataError, to_example
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 _PACK_WINDOW = 128  # as packing.py: first fit over the last rows only
-_LOGGED_SKIPS = 10
 
 
 @dataclasses.dataclass
@@ -150,19 +149,10 @@ def read_pairs(spec: str, *, field_map="", skip_invalid: bool = False, text_spli
                tfds_data_dir: str = "") -> tuple[list[Pair], collections.Counter]:
     """Every record of spec as a Pair; returns them and the skipped counts by reason."""
     fmap = parse_pair_field_map(field_map)
-    pairs, skipped = [], collections.Counter()
-    for source in sources(spec):
-        for where, rec in records(source, text_split, tfds_data_dir):
-            try:
-                if isinstance(rec, DataError):
-                    raise rec
-                pairs.append(to_pair(rec, where, fmap))
-            except DataError as e:
-                if not skip_invalid:
-                    raise
-                skipped[e.reason] += 1
-                if sum(skipped.values()) <= _LOGGED_SKIPS:
-                    logging.warning("skipping invalid pair: %s", e)
+    skipped = collections.Counter()
+    pairs = [pair for _, pair in converted(spec, lambda rec, where: to_pair(rec, where, fmap), what="pair",
+                                           counted="pairs", text_split=text_split, skip_invalid=skip_invalid,
+                                           tfds_data_dir=tfds_data_dir, skipped=skipped)]
     if not pairs:
         raise DataError(f"{spec}: no valid preference pairs (skipped: {dict(skipped)})")
     return pairs, skipped

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from gemma_jax.data.readers import records, sources
-from gemma_jax.data.schema import LOGGED_SKIPS, DataError, to_example
+from gemma_jax.data.readers import converted
+from gemma_jax.data.schema import DataError, to_example
 
 PROMPT_FIELDS = ("prompt", "messages")
 LOSS_WARN_FRACTION = 0.02  # as the SFT pipeline: warn when more prompts than this are cut or dropped
@@ -105,19 +105,10 @@ def read_prompts(spec: str, *, field_map="", skip_invalid: bool = False, text_sp
                  tfds_data_dir: str = "") -> tuple[list[Prompt], collections.Counter]:
     """Every record of spec as a Prompt; returns them and the skipped counts by reason."""
     fmap = parse_prompt_field_map(field_map)
-    out, skipped = [], collections.Counter()
-    for source in sources(spec):
-        for where, rec in records(source, text_split, tfds_data_dir):
-            try:
-                if isinstance(rec, DataError):
-                    raise rec
-                out.append(to_prompt(rec, where, fmap))
-            except DataError as e:
-                if not skip_invalid:
-                    raise
-                skipped[e.reason] += 1
-                if sum(skipped.values()) <= LOGGED_SKIPS:
-                    logging.warning("skipping invalid prompt: %s", e)
+    skipped = collections.Counter()
+    out = [prompt for _, prompt in converted(spec, lambda rec, where: to_prompt(rec, where, fmap), what="prompt",
+                                             counted="prompts", text_split=text_split, skip_invalid=skip_invalid,
+                                             tfds_data_dir=tfds_data_dir, skipped=skipped)]
     if not out:
         raise DataError(f"{spec}: no valid RL prompts (skipped: {dict(skipped)})")
     return out, skipped

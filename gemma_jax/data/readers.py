@@ -319,13 +319,14 @@ def records(source, text_split, tfds_data_dir):
     return _read_txt(source, text_split)
 
 
-def examples(spec, *, field_map=None, default_instruction="", text_split="line", skip_invalid=False,
-             tfds_data_dir="", skipped=None):
-    """Streams (source, Example) of every valid record of spec, in order; counts skips by reason
-    into `skipped` (a Counter) when skip_invalid, else raises the first DataError."""
+def converted(spec, convert, *, what: str = "record", counted: str = "examples", text_split="line",
+              skip_invalid=False, tfds_data_dir="", skipped=None):
+    """Streams (source, convert(record, where)) for every valid record of spec, in order. A record
+    the reader or `convert` rejects raises its DataError, or with skip_invalid is counted by reason
+    into `skipped` (a Counter) and logged as an invalid `what` (the first LOGGED_SKIPS of them).
+    SFT examples, preference pairs and RL prompts all read through here."""
     if text_split not in ("line", "paragraph"):
         raise DataError(f"text_split: expected 'line' or 'paragraph', got {text_split!r}")
-    fmap = parse_field_map(field_map)
     skipped = collections.Counter() if skipped is None else skipped
     for source in sources(spec):
         n, s0 = 0, sum(skipped.values())
@@ -333,17 +334,26 @@ def examples(spec, *, field_map=None, default_instruction="", text_split="line",
             try:
                 if isinstance(rec, DataError):
                     raise rec
-                ex = to_example(rec, where, fmap, default_instruction)
+                item = convert(rec, where)
             except DataError as e:
                 if not skip_invalid:
                     raise
                 skipped[e.reason] += 1
                 if sum(skipped.values()) <= LOGGED_SKIPS:
-                    logging.warning("skipping invalid record: %s", e)
+                    logging.warning("skipping invalid %s: %s", what, e)
                 continue
             n += 1
-            yield source, ex
-        logging.info("%s: %d examples, %d invalid skipped", source, n, sum(skipped.values()) - s0)
+            yield source, item
+        logging.info("%s: %d %s, %d invalid skipped", source, n, counted, sum(skipped.values()) - s0)
+
+
+def examples(spec, *, field_map=None, default_instruction="", text_split="line", skip_invalid=False,
+             tfds_data_dir="", skipped=None):
+    """Streams (source, Example) of every valid record of spec, in order; counts skips by reason
+    into `skipped` (a Counter) when skip_invalid, else raises the first DataError."""
+    fmap = parse_field_map(field_map)
+    return converted(spec, lambda rec, where: to_example(rec, where, fmap, default_instruction),
+                     text_split=text_split, skip_invalid=skip_invalid, tfds_data_dir=tfds_data_dir, skipped=skipped)
 
 
 def read_examples(spec: str, *, field_map="", default_instruction: str = "",
