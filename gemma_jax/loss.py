@@ -129,21 +129,29 @@ def _fused_ce_bwd(config, chunk, table_grad, residuals, cotangents):
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
-def batch_loss(params, batch, frozen=None, *, config: ModelConfig, chunk: int, rng=None):
-    """(sum of token losses, (target tokens, correct tokens)) of one batch.
+def final_hidden(params, batch, frozen=None, *, config: ModelConfig, rng=None, adapters: bool = True):
+    """(final hidden states [B, T, D], the embedding table [V, D] that projects them to logits).
 
     `params` are the trained weights: the whole model, or with `frozen` (a LoRA run: {"params":
-    base, optionally "quant": scales}) the adapters alone. `rng` drives adapter dropout.
+    base, optionally "quant": scales}) the adapters alone; `adapters=False` runs the frozen base
+    alone (LoRA switched off), and then `params` is unused. `rng` drives adapter dropout.
     """
     if frozen:
-        variables = dict(frozen, lora=params)
+        variables = dict(frozen, lora=params) if adapters else dict(frozen)
         table_VD = frozen["params"]["embedder"]["input_embedding"]
     else:
         variables = {"params": params}
         table_VD = params["embedder"]["input_embedding"]
-    rngs = {"dropout": rng} if rng is not None and config.lora_dropout else None
+    rngs = {"dropout": rng} if rng is not None and config.lora_dropout and adapters else None
     hidden_BTD = Transformer(config).apply(
         variables, batch["inputs"], batch["positions"], batch["segment_ids"], return_hidden=True, rngs=rngs)
+    return hidden_BTD, table_VD
+
+
+def batch_loss(params, batch, frozen=None, *, config: ModelConfig, chunk: int, rng=None):
+    """(sum of token losses, (target tokens, correct tokens)) of one batch; `params`, `frozen` and
+    `rng` as in final_hidden."""
+    hidden_BTD, table_VD = final_hidden(params, batch, frozen, config=config, rng=rng)
     loss_sum, correct = chunked_cross_entropy(
         config, hidden_BTD, table_VD, batch["targets"], batch["loss_mask"], chunk, table_grad=not frozen)
     return loss_sum, (jnp.sum(batch["loss_mask"]), correct)
@@ -256,18 +264,9 @@ def sequence_logps(params, batch, frozen=None, *, config: ModelConfig, chunk: in
     """(summed target log-probs [B, S], target-token counts [B, S]) per packed segment of each row.
 
     Index s holds segment id s (0 is padding, so [:, 0] is zero), S = length + 1 bounds the
-    segments a row can hold. `params` and `frozen` as in batch_loss; `adapters=False` runs the
-    frozen base alone (LoRA switched off), and then `params` is unused.
+    segments a row can hold. `params`, `frozen`, `rng` and `adapters` as in final_hidden.
     """
-    if frozen:
-        variables = dict(frozen, lora=params) if adapters else dict(frozen)
-        table_VD = frozen["params"]["embedder"]["input_embedding"]
-    else:
-        variables = {"params": params}
-        table_VD = params["embedder"]["input_embedding"]
-    rngs = {"dropout": rng} if rng is not None and config.lora_dropout and adapters else None
-    hidden_BTD = Transformer(config).apply(
-        variables, batch["inputs"], batch["positions"], batch["segment_ids"], return_hidden=True, rngs=rngs)
+    hidden_BTD, table_VD = final_hidden(params, batch, frozen, config=config, rng=rng, adapters=adapters)
     logp_BT = token_logps(config, hidden_BTD, table_VD, batch["targets"], chunk, table_grad=not frozen)
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     return segment_sums(logp_BT * mask_BT, batch["segment_ids"]), segment_sums(mask_BT, batch["segment_ids"])

@@ -35,7 +35,6 @@ import numpy as np
 
 from gemma_jax import loss as loss_lib
 from gemma_jax.model.config import ModelConfig
-from gemma_jax.model.layers import Transformer
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -164,15 +163,7 @@ def token_logps(params, rows, frozen=None, *, config: ModelConfig, chunk: int, r
     """Log-probabilities [R, T] of each row's targets under softmax(logits / temperature), the
     distribution the rollouts were sampled from (as TRL scores them): the policy (LoRA: the
     adapters on `frozen`), or with adapters=False the frozen base alone."""
-    if frozen:
-        variables = dict(frozen, lora=params) if adapters else dict(frozen)
-        table_VD = frozen["params"]["embedder"]["input_embedding"]
-    else:
-        variables = {"params": params}
-        table_VD = params["embedder"]["input_embedding"]
-    rngs = {"dropout": rng} if rng is not None and config.lora_dropout and adapters else None
-    hidden_BTD = Transformer(config).apply(
-        variables, rows["inputs"], rows["positions"], rows["segment_ids"], return_hidden=True, rngs=rngs)
+    hidden_BTD, table_VD = loss_lib.final_hidden(params, rows, frozen, config=config, rng=rng, adapters=adapters)
     return loss_lib.token_logps(config, hidden_BTD, table_VD, rows["targets"], chunk, table_grad=not frozen,
                                 temperature=temperature)
 
@@ -227,18 +218,9 @@ def grpo_step(state, batch, frozen=None, reference=None, *, config: ModelConfig,
         (_, sums), grads = grad_fn(params, mb, rng)
         return sums, grads
 
-    if accum == 1:
-        sums, grads = grads_of(batch, 0)
-    else:
-        def micro(carry, xs):
-            sums, grads = grads_of(*xs)
-            g_acc, s_acc = carry
-            return (jax.tree.map(jnp.add, g_acc, grads), jax.tree.map(jnp.add, s_acc, sums)), None
+    from gemma_jax.train.step import accumulate  # (here: step imports objectives, which imports this module)
 
-        micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        sum_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grads_of(batch, 0)[0]))
-        (grads, sums), _ = jax.lax.scan(micro, (zeros, sum_zeros), (micro_batches, jnp.arange(accum)))
+    sums, grads = accumulate(grads_of, batch, params, accum)
 
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     new_state, grad_norm, nonfinite = update(state, grads, sums["loss"], tx)

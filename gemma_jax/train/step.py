@@ -13,6 +13,31 @@ from gemma_jax.model.config import ModelConfig
 from gemma_jax.train import objectives
 
 
+def accumulate(grads_of, batch, params, accum: int, aux_zeros=None):
+    """(summed aux, summed gradients) of `grads_of(micro_batch, i) -> (aux, grads)` over `accum`
+    micro-batches of `batch`; gradients accumulate in float32, aux (a pytree of sums) from
+    `aux_zeros` (default: zeros shaped like one micro-batch's aux).
+
+    Rows i, i+accum, ... form micro-batch i, so each stays spread over the batch shards. With
+    accum 1 there is no accumulator: zero-filling a float32 copy of the model costs a pass over it.
+    """
+    if accum == 1:
+        return grads_of(batch, 0)
+    micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+    if aux_zeros is None:
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        aux_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grads_of(first, 0)[0]))
+
+    def micro(carry, xs):
+        aux, grads = grads_of(*xs)
+        g_acc, a_acc = carry
+        return (jax.tree.map(jnp.add, g_acc, grads), jax.tree.map(jnp.add, a_acc, aux)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (grads, aux), _ = jax.lax.scan(micro, (zeros, aux_zeros), (micro_batches, jnp.arange(accum)))
+    return aux, grads
+
+
 def train_step(state, batch, frozen=None, *, config: ModelConfig, tx, chunk: int, accum: int, schedule):
     """One optimizer step over `accum` micro-batches, weighted by their target-token counts.
 
@@ -29,19 +54,8 @@ def train_step(state, batch, frozen=None, *, config: ModelConfig, tx, chunk: int
     def grads_of(mb, i):
         return grad_fn(params, mb, frozen, rng=None if step_rng is None else jax.random.fold_in(step_rng, i))
 
-    def micro(carry, xs):
-        (loss_sum, (tokens, correct)), grads = grads_of(*xs)
-        g_acc, l_acc, t_acc, c_acc = carry
-        return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss_sum, t_acc + tokens, c_acc + correct), None
-
-    if accum == 1:  # no accumulator: zero-filling a float32 copy of the model costs a pass over it
-        (loss_sum, (tokens, correct)), grads = grads_of(batch, 0)
-    else:
-        # Rows i, i+accum, ... form micro-batch i, so each stays spread over the batch shards.
-        micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-        (grads, loss_sum, tokens, correct), _ = jax.lax.scan(micro, init, (micro_batches, jnp.arange(accum)))
+    f32 = jnp.float32(0)
+    (loss_sum, (tokens, correct)), grads = accumulate(grads_of, batch, params, accum, (f32, (f32, f32)))
 
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denom).astype(p.dtype), grads, params)
@@ -99,18 +113,7 @@ def preference_step(state, batch, frozen=None, reference=None, *, config: ModelC
         (_, scores), grads = grad_fn(params, rows, ref, rng)
         return scores, grads
 
-    if accum == 1:
-        scores, grads = grads_of(batch, 0)
-    else:
-        def micro(carry, xs):
-            scores, grads = grads_of(*xs)
-            g_acc, s_acc = carry
-            return (jax.tree.map(jnp.add, g_acc, grads), jax.tree.map(jnp.add, s_acc, scores)), None
-
-        micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        score_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grads_of(batch, 0)[0]))
-        (grads, scores), _ = jax.lax.scan(micro, (zeros, score_zeros), (micro_batches, jnp.arange(accum)))
+    scores, grads = accumulate(grads_of, batch, params, accum)
 
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     metrics = objectives.scores_to_metrics(scores, objective)
