@@ -117,11 +117,7 @@ def fingerprint(source: str, tfds_data_dir: str = "") -> dict:
 
 def tokenizer_sha256(path: str) -> str:
     """sha256 of a tokenizer file: part of every cache key and of a workdir's identity."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return fingerprint_lib.full_sha256(path)
 
 
 def cache_key(spec: str, tokenizer, options: dict) -> tuple[str, dict]:
@@ -191,7 +187,7 @@ def _shard_inputs(spec, options, skipped, per_source):
 
 
 def _file_record(path) -> dict:
-    return dict(size=os.path.getsize(path), sha256=fingerprint_lib.sha256_file(path))
+    return dict(size=os.path.getsize(path), sha256=fingerprint_lib.full_sha256(path))
 
 
 def _write_shard(out_dir, k, items):

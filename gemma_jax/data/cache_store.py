@@ -183,7 +183,7 @@ class Cache:
         size = os.path.getsize(local)
         if size != rec["size"]:
             raise CacheDamaged(self._path(name), f"{size} bytes, the manifest records {rec['size']}")
-        if full and fingerprint.sha256_file(local) != rec["sha256"]:
+        if full and fingerprint.full_sha256(local) != rec["sha256"]:
             raise CacheDamaged(self._path(name), "its sha256 differs from the manifest's (changed bytes)")
 
     def __len__(self):

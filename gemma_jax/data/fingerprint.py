@@ -115,18 +115,10 @@ def quick_digest(path: str) -> str:
 
 
 def full_sha256(path: str) -> str:
-    """sha256 of every byte of a file (local or remote)."""
+    """sha256 of every byte of a file (local or remote): data.verify_cache=full's sources, the
+    cache's own files against its manifest, tokenizers."""
     h = hashlib.sha256()
     with paths.Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_file(path: str) -> str:
-    """sha256 of a local file, not memoized (the cache's own files, checked against its manifest)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()

@@ -171,29 +171,8 @@ def clean_failed_start(workdir: str, created: str | None) -> None:
 
 # --------------------------------------------------------------------------------- fingerprints
 
-def file_digest(path: str, *, whole_below: int = 8 << 20, edge: int = 1 << 20) -> str:
-    """sha256 of a file; of its size and first and last MiB when it is larger than `whole_below`
-    (a resumed run must not read a large corpus just to recognise it)."""
-    h = hashlib.sha256()
-    with paths.Path(path).open("rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(0)
-        if size <= whole_below:
-            h.update(f.read())
-        else:
-            h.update(f.read(edge))
-            f.seek(size - edge)
-            h.update(f.read())
-    h.update(str(size).encode())
-    return h.hexdigest()
-
-
-MAX_DIGESTED_FILES = 64  # beyond this many files a spec's fingerprint is their names and the first 64
-
-
 def data_fingerprint(spec: str) -> str:
-    """One checksum over a data spec's sources: file contents (see file_digest), dataset names."""
+    """One checksum over a data spec's sources: file contents (fingerprint.quick_digest), dataset names."""
     if not spec or not spec.strip():
         return ""
     h = hashlib.sha256()
@@ -201,9 +180,9 @@ def data_fingerprint(spec: str) -> str:
     sources = [src for part, _ in pipeline.parse_mixture(spec) for src in readers.sources(part)]
     for source in sources:
         h.update(source.encode())
-        if not source.startswith(("tfds:", "hf:")) and files < MAX_DIGESTED_FILES and not paths.Path(source).is_dir():
+        if not source.startswith(("tfds:", "hf:")) and files < fingerprint.MAX_DIGESTED_FILES and not paths.Path(source).is_dir():
             files += 1
-            h.update(fingerprint.quick_digest(source).encode())  # file_digest, as the data cache records it
+            h.update(fingerprint.quick_digest(source).encode())  # as the data cache records it
     return h.hexdigest()[:16]
 
 
@@ -326,7 +305,7 @@ def settings(cfg) -> dict[str, Any]:
     out["data (fingerprint)"] = data_fingerprint(str(cfg.data.train))
     if cfg.train.objective == "grpo":  # an edited reward file changes the optimisation like edited data
         files = [e.rpartition(":")[0] for e in str(cfg.grpo.rewards).split(",") if e.rpartition(":")[0].endswith(".py")]
-        out["grpo.rewards (sha256)"] = ",".join(file_digest(f)[:16] for f in files if paths.exists(f))
+        out["grpo.rewards (sha256)"] = ",".join(fingerprint.quick_digest(f)[:16] for f in files if paths.exists(f))
     return out
 
 
