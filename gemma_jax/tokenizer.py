@@ -155,7 +155,9 @@ class Tokenizer:
         self.turn_markers = next((m for m in TURN_MARKERS if all(self._has(p) for p in m)), TURN_MARKERS[0])
         self.start_of_turn_id = self._special(self.turn_markers[0])
         self.end_of_turn_id = self._special(self.turn_markers[1])
-        self._dropped = {self.pad_id, self.bos_id, self.eos_id}
+        # decode leaves out what transformers' skip_special_tokens=True leaves out of generated
+        # text; SentencePiece alone would render <unk> as " ⁇ ".
+        self._dropped = {self.pad_id, self.bos_id, self.eos_id, self.unk_id}
 
     def _has(self, piece: str) -> bool:
         return self._sp.id_to_piece(self._sp.piece_to_id(piece)) == piece
@@ -176,7 +178,7 @@ class Tokenizer:
         return self._sp.encode(text, add_bos=add_bos, add_eos=add_eos)
 
     def decode(self, ids) -> str:
-        """Ids (list or 1-D array) -> text, dropping pad/bos/eos."""
+        """Ids (list or 1-D array) -> text, dropping pad/bos/eos/unk."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim != 1:
             raise ValueError(f"decode expects a 1-D sequence of ids, got shape {ids.shape}")

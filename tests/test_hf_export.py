@@ -95,6 +95,10 @@ def test_auto_tokenizer_encodes_like_ours(export, hf_tok):
                                                                                 tok.end_of_turn_id]
     # Marked special, so pipelines strip them from generated text.
     assert hf_tok.decode([tok.end_of_turn_id] + tok.encode("x", add_bos=False), skip_special_tokens=True) == "x"
+    # Generated text leaves out the specials as transformers' pipelines do (<unk> too, which
+    # SentencePiece alone would show as " ⁇ ").
+    ids = tok.encode("the court", add_bos=False) + [tok.unk_id, tok.pad_id] + tok.encode(" shall", add_bos=False)
+    assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True) == "the court shall"
 
 
 @pytest.mark.parametrize("chat", range(len(CHATS)))
