@@ -45,16 +45,7 @@ def make_hf_model(config, path=None, *, scale: float = 1.0, seed: int = 0, dtype
     import torch
     import transformers
 
-    torch.manual_seed(seed)
-    model = transformers.Gemma2ForCausalLM(hf_config(config)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.normal_(0.0, 0.3)
-            elif "embed_tokens" in name:
-                p.normal_(0.0, scale)
-            else:
-                p.normal_(0.0, scale / np.sqrt(p.shape[1]))
+    model = randomize(transformers.Gemma2ForCausalLM(hf_config(config)).eval(), scale=scale, seed=seed)
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
     if path is not None:
