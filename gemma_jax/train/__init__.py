@@ -3,6 +3,7 @@
   model_setup.py  the run's tokenizer and ModelConfig (from the config and any init checkpoint)
   optimizer.py    AdamW, warmup + schedule, decay mask, clipping
   step.py         the pure train step (micro-batches, one update, metrics), SFT or preference pairs
+  micro_batches.py  gradient accumulation over micro-batches, shared by every objective's step
   objectives.py   DPO / IPO / cDPO, ORPO, SimPO losses on summed response log-probs, pair metrics
   reference.py    dpo.precompute_reference: the reference log-probs in one pass, stored in the workdir
   grpo.py         GRPO (train.objective=grpo): advantages, the clipped policy loss per loss type, the step

@@ -35,6 +35,7 @@ import numpy as np
 
 from gemma_jax import loss as loss_lib
 from gemma_jax.model.config import ModelConfig
+from gemma_jax.train.micro_batches import accumulate
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -217,8 +218,6 @@ def grpo_step(state, batch, frozen=None, reference=None, *, config: ModelConfig,
         rng = None if step_rng is None else jax.random.fold_in(step_rng, i)
         (_, sums), grads = grad_fn(params, mb, rng)
         return sums, grads
-
-    from gemma_jax.train.step import accumulate  # (here: step imports objectives, which imports this module)
 
     sums, grads = accumulate(grads_of, batch, params, accum)
 
