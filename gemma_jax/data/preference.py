@@ -32,7 +32,7 @@ from absl import logging
 
 from gemma_jax.data.pipeline import Data, check_lost, eval_batches, holdout, train_iterator
 from gemma_jax.data.readers import converted
-from gemma_jax.data.schema import FIELDS, DataError, to_example
+from gemma_jax.data.schema import FIELDS, DataError, parse_fields_map, to_example
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 _PACK_WINDOW = 128  # as packing.py: first fit over the last rows only
@@ -53,17 +53,7 @@ def _err(where, field, message, reason="invalid"):
 
 def parse_pair_field_map(field_map) -> dict[str, str]:
     """'chosen=col,rejected=col,prompt=col' (or a dict) -> validated dict canonical -> column."""
-    if not field_map:
-        return {}
-    items = (field_map.items() if hasattr(field_map, "items")
-             else [tuple(s.strip() for s in part.split("=", 1)) for part in str(field_map).split(",") if part.strip()])
-    out = {}
-    for item in items:
-        if len(item) != 2 or item[0] not in PAIR_FIELDS or not item[1]:
-            raise DataError(f"data.field_map: entry {'='.join(map(str, item))!r} is not one of "
-                            f"{'|'.join(PAIR_FIELDS)}=column (e.g. 'chosen=response_a,rejected=response_b')")
-        out[item[0]] = item[1]
-    return out
+    return parse_fields_map(field_map, PAIR_FIELDS, " (e.g. 'chosen=response_a,rejected=response_b')")
 
 
 def _messages(v, where, name):

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from gemma_jax.data.readers import converted
-from gemma_jax.data.schema import DataError, to_example
+from gemma_jax.data.schema import DataError, parse_fields_map, to_example
 
 PROMPT_FIELDS = ("prompt", "messages")
 LOSS_WARN_FRACTION = 0.02  # as the SFT pipeline: warn when more prompts than this are cut or dropped
@@ -51,17 +51,7 @@ class Prompt:
 
 def parse_prompt_field_map(field_map) -> dict[str, str]:
     """'prompt=question' (or a dict) -> validated dict canonical -> column."""
-    if not field_map:
-        return {}
-    items = (field_map.items() if hasattr(field_map, "items")
-             else [tuple(s.strip() for s in part.split("=", 1)) for part in str(field_map).split(",") if part.strip()])
-    out = {}
-    for item in items:
-        if len(item) != 2 or item[0] not in PROMPT_FIELDS or not item[1]:
-            raise DataError(f"data.field_map: entry {'='.join(map(str, item))!r} is not one of "
-                            f"{'|'.join(PROMPT_FIELDS)}=column for RL prompts (e.g. 'prompt=question')")
-        out[item[0]] = item[1]
-    return out
+    return parse_fields_map(field_map, PROMPT_FIELDS, " for RL prompts (e.g. 'prompt=question')")
 
 
 def _err(where, field, message, reason="invalid"):

@@ -73,6 +73,22 @@ def parse_field_map(field_map, key: str = "field_map") -> dict[str, str]:
     return dict(items)
 
 
+def parse_fields_map(field_map, fields, hint: str) -> dict[str, str]:
+    """'field=column,...' (or a dict) -> validated dict for data whose own fields are `fields`
+    (preference pairs, RL prompts); `hint` ends the error line (what the fields are for, an example)."""
+    if not field_map:
+        return {}
+    items = (field_map.items() if hasattr(field_map, "items")
+             else [tuple(s.strip() for s in part.split("=", 1)) for part in str(field_map).split(",") if part.strip()])
+    out = {}
+    for item in items:
+        if len(item) != 2 or item[0] not in fields or not item[1]:
+            raise DataError(f"data.field_map: entry {'='.join(map(str, item))!r} is not one of "
+                            f"{'|'.join(fields)}=column{hint}")
+        out[item[0]] = item[1]
+    return out
+
+
 # ---------------------------------------------------------------------------------- records
 
 
